@@ -1,0 +1,143 @@
+"""The `echoshot` command: upscale a local file, check the environment."""
+
+import argparse
+import logging
+import shutil
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from echoshot_ai_server.config import Settings
+from echoshot_ai_server.environment import check_environment
+from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError
+from echoshot_ai_server.tasks.upscale_task import output_key, upscale_video, validate_scale
+from echoshot_ai_server.upscaler import load_upscaler, resolve_device
+from echoshot_ai_server.video import EncoderSettings
+from echoshot_ai_server.workspace import job_workspace
+
+log = logging.getLogger(__name__)
+RULE = "=" * 70
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s [%(levelname)s] %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+    )
+
+
+def _print_block(title: str, lines: list[str]) -> None:
+    print(RULE)
+    print(title)
+    print(RULE)
+    for line in lines:
+        print(line)
+    print(RULE, flush=True)
+
+
+def check_env(settings: Settings) -> bool:
+    report = check_environment(settings)
+    _print_block("환경 검증 중...", report.lines)
+    return report.ok
+
+
+def upscale(args: argparse.Namespace, settings: Settings) -> None:
+    source = Path(args.input)
+    validate_scale(args.scale)
+    if not source.is_file():
+        raise PermanentError(ErrorCode.INPUT_NOT_FOUND, f"input file not found: {source}")
+    if not args.no_validation and not check_env(settings):
+        raise PermanentError(ErrorCode.TOOL_MISSING, "environment check failed (see the report above)")
+
+    output_dir = Path(args.output)
+    job_id = f"test_{datetime.now():%Y%m%d_%H%M%S}"
+    _print_block(
+        "업스케일 테스트 시작",
+        [f"입력 파일: {source}", f"출력 디렉토리: {output_dir}", f"스케일: {args.scale}x", f"디바이스: {args.device.upper()}"],
+    )
+
+    def get_upscaler():
+        device = resolve_device(args.device)
+        return load_upscaler(settings.weights_path, device, settings.device_profile(device), settings.pre_pad)
+
+    encoder = EncoderSettings(settings.x264_preset, settings.x264_crf, settings.audio_bitrate, settings.ffmpeg_bin)
+    bars = []
+
+    def on_progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="frame", desc="업스케일", dynamic_ncols=True, file=sys.stderr))
+        bars[0].update(done - bars[0].n)
+
+    with job_workspace(settings.work_dir, job_id) as workspace, logging_redirect_tqdm():
+        try:
+            result = upscale_video(
+                source,
+                workspace / "output.mp4",
+                scale=args.scale,
+                device=args.device,
+                get_upscaler=get_upscaler,
+                encoder=encoder,
+                ffprobe=settings.ffprobe_bin,
+                on_progress=on_progress,
+            )
+        finally:
+            for bar in bars:
+                bar.close()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        final = output_dir / f"{job_id}_{source.stem}_upscaled.mp4"
+        shutil.move(workspace / "output.mp4", final)
+    log.info("✅ 업스케일 완료! 결과 파일: %s", final)
+
+    lines = [
+        "✅ 업스케일 성공!",
+        f"Job ID: {job_id}",
+        f"출력 키: {output_key(job_id, source.name)}",
+        f"결과 파일: {final}",
+        f"처리 시간: {result.elapsed_s:.1f}s",
+        "메타데이터:",
+    ] + [f"  - {key}: {value}" for key, value in result.metadata().items()]
+    print()
+    _print_block(lines[0], lines[1:])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="echoshot", description="EchoShotX video upscaling worker")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("upscale", help="upscale a local video file")
+    up.add_argument("--input", required=True, help="video file to upscale")
+    up.add_argument("--scale", type=int, choices=(2, 4), default=2, help="output scale (default 2)")
+    up.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="device (default cpu)")
+    up.add_argument("--output", default="output_upscaled", help="output directory (default output_upscaled/)")
+    up.add_argument("--no-validation", action="store_true", help="skip the environment report")
+
+    commands.add_parser("check-env", help="report PyTorch, CUDA, GPU, ffmpeg and the model weights")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings()
+        configure_logging(settings.log_level)
+        if args.command == "check-env":
+            return 0 if check_env(settings) else 1
+        upscale(args, settings)
+        return 0
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the CLI's promise: one line, no traceback
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""All configuration, read once from the environment (names as in the system guide)."""
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["gpu", "cpu"]
+
+WEIGHTS_FILE = "RealESRGAN_x4plus.pth"
+WEIGHTS_URL = "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth"
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """How the upscaler runs on one kind of device."""
+
+    tile: int
+    tile_pad: int
+    fallback_tile: int
+    half: bool
+    batch_frames: int
+
+
+class Settings(BaseSettings):
+    """Every setting of the worker. Environment variable = field name in upper case."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+
+    # Model
+    weights_dir: Path = Path("weights")
+    pre_pad: int = Field(0, ge=0)
+    gpu_tile: int = Field(256, ge=0)
+    gpu_tile_pad: int = Field(10, ge=0)
+    gpu_tile_fallback: int = Field(128, ge=0)
+    gpu_batch_frames: int = Field(4, ge=1)
+    cpu_tile: int = Field(128, ge=0)
+    cpu_tile_pad: int = Field(5, ge=0)
+    cpu_tile_fallback: int = Field(64, ge=0)
+    cpu_batch_frames: int = Field(1, ge=1)
+
+    # Video tools and encoding
+    ffmpeg_bin: str = "ffmpeg"
+    ffprobe_bin: str = "ffprobe"
+    x264_preset: str = "medium"
+    x264_crf: int = Field(23, ge=0, le=51)
+    audio_bitrate: str = "128k"
+
+    # Files
+    work_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "echoshotx")
+
+    log_level: str = "INFO"
+
+    @property
+    def weights_path(self) -> Path:
+        return self.weights_dir / WEIGHTS_FILE
+
+    def device_profile(self, device: Device) -> DeviceProfile:
+        if device == "gpu":
+            return DeviceProfile(self.gpu_tile, self.gpu_tile_pad, self.gpu_tile_fallback, True, self.gpu_batch_frames)
+        return DeviceProfile(self.cpu_tile, self.cpu_tile_pad, self.cpu_tile_fallback, False, self.cpu_batch_frames)

@@ -1,0 +1,260 @@
+"""The video tools: ffprobe for facts, OpenCV for decoding, one ffmpeg process for encoding.
+
+`probe()` returns a typed VideoInfo. `FrameReader` yields batches of decoded frames.
+`FrameWriter` streams frames into a single ffmpeg process that encodes H.264 and maps the
+source's audio in the same pass: no intermediate video file, no second encode.
+"""
+
+import json
+import logging
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from echoshot_ai_server.errors import ErrorCode, PermanentError, RetryableError
+
+log = logging.getLogger(__name__)
+
+STDERR_TAIL_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    stream_index: int
+    codec: str
+    duration_s: float | None
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    width: int
+    height: int
+    fps: Fraction
+    frame_count: int
+    duration_s: float
+    codec: str
+    audio: AudioInfo | None
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio is not None
+
+
+def _run_tool(args: list[str], what: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise PermanentError(ErrorCode.TOOL_MISSING, f"{args[0]} not found: install ffmpeg ({what})") from exc
+
+
+def _fraction(text: str | None) -> Fraction | None:
+    try:
+        value = Fraction(text)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    return value if value > 0 else None
+
+
+def _float(text) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def probe(path: Path, ffprobe: str = "ffprobe") -> VideoInfo:
+    """Size, frame rate, frame count, duration and audio of a video file, as ffprobe reads them."""
+    if not path.is_file():
+        raise PermanentError(ErrorCode.INPUT_NOT_FOUND, f"input file not found: {path}")
+    result = _run_tool(
+        [ffprobe, "-v", "error", "-print_format", "json", "-show_format", "-show_streams", str(path)], "probe"
+    )
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unreadable"
+        raise PermanentError(ErrorCode.INVALID_VIDEO, f"{path.name} is not a readable video: {reason}")
+    data = json.loads(result.stdout or "{}")
+    streams = data.get("streams", [])
+    video = next(
+        (s for s in streams if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")),
+        None,
+    )
+    if video is None:
+        raise PermanentError(ErrorCode.INVALID_VIDEO, f"{path.name} has no video stream")
+    width, height = int(video.get("width") or 0), int(video.get("height") or 0)
+    fps = _fraction(video.get("avg_frame_rate")) or _fraction(video.get("r_frame_rate"))
+    if width <= 0 or height <= 0 or fps is None:
+        raise PermanentError(ErrorCode.INVALID_VIDEO, f"{path.name}: video stream has no usable size or frame rate")
+    duration = _float(data.get("format", {}).get("duration")) or _float(video.get("duration")) or 0.0
+    frame_count = int(video.get("nb_frames") or 0) or _count_frames(path, ffprobe)
+    audio_stream = next((s for s in streams if s.get("codec_type") == "audio"), None)
+    audio = None
+    if audio_stream is not None:
+        audio = AudioInfo(
+            stream_index=int(audio_stream["index"]),
+            codec=audio_stream.get("codec_name", "unknown"),
+            duration_s=_float(audio_stream.get("duration")),
+        )
+    return VideoInfo(width, height, fps, frame_count, duration, video.get("codec_name", "unknown"), audio)
+
+
+def _count_frames(path: Path, ffprobe: str) -> int:
+    # Containers such as mkv and webm do not store a frame count: count the packets instead.
+    result = _run_tool(
+        [ffprobe, "-v", "error", "-select_streams", "v:0", "-count_packets",
+         "-show_entries", "stream=nb_read_packets", "-of", "csv=p=0", str(path)],
+        "count frames",
+    )
+    try:
+        return int(result.stdout.strip().split(",")[0])
+    except ValueError:
+        return 0
+
+
+def audio_problem(path: Path, ffmpeg: str = "ffmpeg") -> str | None:
+    """None when the first audio stream decodes, else why it cannot be used."""
+    result = _run_tool(
+        [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-f", "null", "-"], "audio check"
+    )
+    if result.returncode == 0:
+        return None
+    return result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"ffmpeg exit {result.returncode}"
+
+
+def ffmpeg_version(ffmpeg: str = "ffmpeg") -> str:
+    return _run_tool([ffmpeg, "-version"], "version").stdout.splitlines()[0]
+
+
+class FrameReader:
+    """Decoded frames of a video, in batches of uint8 BGR arrays (N, H, W, 3)."""
+
+    def __init__(self, path: Path, width: int, height: int):
+        self.path = path
+        self.width = width
+        self.height = height
+        self.frames_read = 0
+        self._capture = None
+
+    def __enter__(self) -> "FrameReader":
+        self._capture = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
+        if not self._capture.isOpened():
+            raise PermanentError(ErrorCode.DECODE_FAILED, f"cannot decode {self.path.name}")
+        # Frames are kept as stored, at the size ffprobe reports.
+        self._capture.set(cv2.CAP_PROP_ORIENTATION_AUTO, 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._capture.release()
+
+    def batches(self, size: int) -> Iterator[np.ndarray]:
+        batch = []
+        while True:
+            ok, frame = self._capture.read()
+            if not ok:
+                break
+            if frame.shape != (self.height, self.width, 3):
+                raise PermanentError(
+                    ErrorCode.DECODE_FAILED,
+                    f"frame {self.frames_read} decodes as {frame.shape[1]}x{frame.shape[0]}, "
+                    f"expected {self.width}x{self.height}",
+                )
+            self.frames_read += 1
+            batch.append(frame)
+            if len(batch) == size:
+                yield np.stack(batch)
+                batch = []
+        if batch:
+            yield np.stack(batch)
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    preset: str = "medium"
+    crf: int = 23
+    audio_bitrate: str = "128k"
+    ffmpeg: str = "ffmpeg"
+
+
+class FrameWriter:
+    """One ffmpeg process: raw BGR frames on stdin -> H.264 (+ the source's audio as AAC) in an MP4."""
+
+    def __init__(
+        self,
+        output: Path,
+        *,
+        width: int,
+        height: int,
+        fps: Fraction,
+        encoder: EncoderSettings,
+        audio_source: Path | None = None,
+        duration_s: float | None = None,
+    ):
+        self.output = output
+        self.frame_shape = (height, width, 3)
+        self.frames_written = 0
+        self.args = [
+            encoder.ffmpeg, "-hide_banner", "-loglevel", "error", "-y",
+            "-f", "rawvideo", "-pix_fmt", "bgr24", "-video_size", f"{width}x{height}",
+            "-framerate", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0",
+        ]
+        if audio_source is not None:
+            # Reading the audio input only as long as the video lasts trims the audio to the
+            # video's length; unlike -shortest this never drops frames when the audio is shorter.
+            if duration_s:
+                self.args += ["-t", f"{duration_s:.6f}"]
+            self.args += ["-i", str(audio_source)]
+        self.args += ["-map", "0:v:0"]
+        if audio_source is not None:
+            self.args += ["-map", "1:a:0", "-c:a", "aac", "-b:a", encoder.audio_bitrate]
+        self.args += [
+            "-c:v", "libx264", "-preset", encoder.preset, "-crf", str(encoder.crf), "-pix_fmt", "yuv420p",
+            "-movflags", "+faststart", "-f", "mp4", str(output),
+        ]
+        self._process = None
+        self._stderr = None
+
+    def __enter__(self) -> "FrameWriter":
+        self._stderr = tempfile.TemporaryFile()
+        try:
+            self._process = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
+        except FileNotFoundError as exc:
+            self._stderr.close()
+            raise PermanentError(ErrorCode.TOOL_MISSING, f"{self.args[0]} not found: install ffmpeg") from exc
+        return self
+
+    def write(self, frames: np.ndarray) -> None:
+        if frames.shape[1:] != self.frame_shape or frames.dtype != np.uint8:
+            raise ValueError(f"expected uint8 frames (N, {self.frame_shape}), got {frames.dtype} {frames.shape}")
+        try:
+            self._process.stdin.write(np.ascontiguousarray(frames).data)
+        except BrokenPipeError:
+            self._process.wait()
+            raise self._failure() from None
+        self.frames_written += len(frames)
+
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is not None:
+                self._process.kill()
+                self._process.wait()
+                return
+            try:
+                self._process.stdin.close()
+            except BrokenPipeError:
+                pass
+            if self._process.wait() != 0:
+                raise self._failure()
+        finally:
+            self._stderr.close()
+
+    def _failure(self) -> RetryableError:
+        self._stderr.seek(0)
+        tail = self._stderr.read().decode(errors="replace").strip()[-STDERR_TAIL_CHARS:]
+        return RetryableError(
+            ErrorCode.ENCODE_FAILED, f"ffmpeg exited with {self._process.returncode}: {tail or 'no message'}"
+        )

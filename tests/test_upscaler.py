@@ -1,0 +1,184 @@
+"""The upscaler computes Real-ESRGAN's pixels, falls back on OOM and refuses what it cannot do."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_SPEC, make_tiny_model, reference_enhancer, tiny_upscaler
+from echoshot_ai_server.errors import ErrorCode, PermanentError, RetryableError
+from echoshot_ai_server.upscaler import (
+    X4PLUS, Upscaler, load_model, load_upscaler, read_state_dict, resolve_device, tile_windows,
+)
+from echoshot_ai_server.config import Settings
+
+
+def random_frames(n: int, h: int, w: int, seed: int = 1) -> np.ndarray:
+    """Smooth-ish random content: noise plus gradients, like a real frame rather than pure noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], axis=-1)
+    frames = base[None] + rng.normal(0, 30, size=(n, h, w, 3))
+    return np.clip(frames, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("h, w, tile, pad", [(37, 29, 16, 5), (48, 64, 32, 4), (20, 20, 0, 10), (50, 33, 128, 5)])
+def test_tile_windows_cover_the_output_exactly_once(h, w, tile, pad):
+    coverage = np.zeros((h * 4, w * 4), np.int32)
+    for win in tile_windows(h, w, tile, pad, 4):
+        coverage[win.out_y0:win.out_y1, win.out_x0:win.out_x1] += 1
+        assert 0 <= win.in_y0 and win.in_y1 <= h and 0 <= win.in_x0 and win.in_x1 <= w
+        # the core of each padded tile is what lands in the output
+        assert win.crop_y0 + (win.out_y1 - win.out_y0) <= (win.in_y1 - win.in_y0) * 4
+    assert (coverage == 1).all()
+
+
+@pytest.mark.parametrize("outscale", [4, 2])
+@pytest.mark.parametrize("pre_pad", [0, 3])
+def test_frames_equal_realesrganer_enhance(tiny_checkpoint, outscale, pre_pad):
+    # Given three frames of a size that is no multiple of 8 and several tiles per frame
+    frames = random_frames(3, 37, 45)
+    ours = Upscaler(
+        load_model(tiny_checkpoint, TINY_SPEC), device="cpu", half=False, tile=16, tile_pad=5,
+        fallback_tile=8, pre_pad=pre_pad,
+    )
+    reference = reference_enhancer(tiny_checkpoint, TINY_SPEC, tile=16, tile_pad=5, pre_pad=pre_pad)
+
+    # When our upscaler takes them as one batch
+    out = ours.upscale(frames, outscale)
+
+    # Then each frame is what RealESRGANer.enhance gives for it, within float rounding
+    assert out.shape == (3, 37 * outscale, 45 * outscale, 3) and out.dtype == np.uint8
+    for i, frame in enumerate(frames):
+        expected, _ = reference.enhance(frame, outscale=outscale)
+        diff = np.abs(out[i].astype(int) - expected.astype(int))
+        assert diff.max() <= 1, f"frame {i}: max difference {diff.max()}"
+        assert (diff == 0).mean() > 0.99
+
+
+def test_official_weights_equal_realesrganer(shared_weights_dir):
+    # The production model, CPU profile (tile 128, pad 5, fp32), on a frame that needs two tiles
+    settings = Settings(weights_dir=shared_weights_dir)
+    profile = settings.device_profile("cpu")
+    frames = random_frames(1, 40, 150, seed=7)
+    ours = load_upscaler(settings.weights_path, "cpu", profile)
+    reference = reference_enhancer(settings.weights_path, X4PLUS, tile=profile.tile, tile_pad=profile.tile_pad)
+
+    expected, _ = reference.enhance(frames[0], outscale=2)
+    out = ours.upscale(frames, 2)[0]
+
+    diff = np.abs(out.astype(int) - expected.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+
+
+@pytest.mark.parametrize("key", ["params_ema", "params", None])
+def test_checkpoint_formats(tmp_path, key):
+    state = make_tiny_model(seed=3).state_dict()
+    path = tmp_path / "w.pth"
+    torch.save({key: state} if key else state, path)
+
+    loaded = read_state_dict(path)
+
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_missing_weights_name_the_path_and_how_to_get_them(tmp_path):
+    with pytest.raises(PermanentError) as err:
+        load_model(tmp_path / "weights" / "RealESRGAN_x4plus.pth")
+    assert err.value.code == ErrorCode.WEIGHTS_MISSING
+    assert str(tmp_path / "weights" / "RealESRGAN_x4plus.pth") in err.value.message
+    assert "releases/download/v0.1.0/RealESRGAN_x4plus.pth" in err.value.message
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", None])
+def test_unreadable_or_mismatched_weights(tmp_path, content):
+    path = tmp_path / "RealESRGAN_x4plus.pth"
+    if content is None:  # a valid checkpoint of another architecture
+        torch.save({"params_ema": make_tiny_model().state_dict()}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(PermanentError) as err:
+        load_model(path, X4PLUS)
+    assert err.value.code == ErrorCode.WEIGHTS_INVALID
+    assert str(path) in err.value.message
+
+
+@pytest.mark.parametrize("scale", [1, 3, 8])
+def test_unsupported_scale_is_a_clear_error(scale):
+    with pytest.raises(PermanentError) as err:
+        tiny_upscaler().upscale(random_frames(1, 8, 8), scale)
+    assert err.value.code == ErrorCode.INVALID_PARAMETERS
+    assert "scale must be 2 or 4" in err.value.message
+
+
+class RunsOutOfMemoryAbove(torch.nn.Module):
+    """Wraps a model; raises CUDA's OOM error for tiles larger than `limit` pixels on a side."""
+
+    def __init__(self, model: torch.nn.Module, limit: int):
+        super().__init__()
+        self.model = model
+        self.limit = limit
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if max(x.shape[-2:]) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.model(x)
+
+
+def test_out_of_memory_retries_the_frame_with_the_fallback_tile(caplog):
+    frames = random_frames(2, 40, 40)
+    expected = tiny_upscaler(tile=16, tile_pad=4).upscale(frames, 4)
+    flaky = Upscaler(
+        RunsOutOfMemoryAbove(make_tiny_model(), limit=16 + 2 * 4), device="cpu", half=False,
+        tile=32, tile_pad=4, fallback_tile=16,
+    )
+
+    out = flaky.upscale(frames, 4)
+
+    np.testing.assert_array_equal(out, expected)
+    assert any("32 → 16" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    assert flaky.tile == 32  # the next batch tries the normal tile size again
+
+
+def test_out_of_memory_even_with_the_fallback_tile_is_retryable():
+    flaky = Upscaler(
+        RunsOutOfMemoryAbove(make_tiny_model(), limit=4), device="cpu", half=False,
+        tile=32, tile_pad=4, fallback_tile=16,
+    )
+    with pytest.raises(RetryableError) as err:
+        flaky.upscale(random_frames(1, 40, 40), 4)
+    assert err.value.code == ErrorCode.OUT_OF_MEMORY
+
+
+def test_other_model_errors_are_not_mistaken_for_out_of_memory():
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("Given groups=1, weight of size [64, 3, 3, 3], expected input to have 3 channels")
+
+    upscaler = Upscaler(Broken(), device="cpu", half=False, tile=16, tile_pad=2, fallback_tile=8)
+    with pytest.raises(RuntimeError, match="expected input"):
+        upscaler.upscale(random_frames(1, 20, 20), 4)
+
+
+def test_gpu_requested_without_cuda_falls_back_to_cpu_with_the_guides_warning(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    assert resolve_device("gpu") == "cpu"
+    assert "GPU가 요청되었지만 사용 불가능합니다. CPU로 대체합니다." in caplog.text
+
+
+def test_device_profiles_follow_the_guide():
+    settings = Settings()
+    gpu, cpu = settings.device_profile("gpu"), settings.device_profile("cpu")
+    assert (gpu.tile, gpu.tile_pad, gpu.fallback_tile, gpu.half) == (256, 10, 128, True)
+    assert (cpu.tile, cpu.tile_pad, cpu.fallback_tile, cpu.half) == (128, 5, 64, False)
+
+
+def test_cpu_upscaler_never_runs_in_half_precision(tiny_checkpoint):
+    upscaler = Upscaler(load_model(tiny_checkpoint, TINY_SPEC), device="cpu", half=True, tile=16, tile_pad=2, fallback_tile=8)
+    assert upscaler.half is False
+    assert next(upscaler.model.parameters()).dtype == torch.float32
