@@ -7,6 +7,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from pydantic import ValidationError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -128,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if check_env(settings) else 1
         upscale(args, settings)
         return 0
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]).upper() if first["loc"] else "?"
+        print(f"error: invalid setting {name}: {first['msg']}", file=sys.stderr)
+        return 1
     except JobError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

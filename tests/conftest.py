@@ -64,17 +64,18 @@ def make_clip(tmp_path):
         audio_s: float | None = None,
         vcodec: list[str] | None = None,
         acodec: list[str] | None = None,
+        pattern: str = "testsrc2",  # testsrc2 rounds odd sizes down; testsrc keeps them (in RGB)
     ) -> Path:
         path = tmp_path / name
-        duration = float(frames / Fraction(fps))
-        args = ["-f", "lavfi", "-i", f"testsrc2=size={size[0]}x{size[1]}:rate={fps}"]
+        # Half a frame short of the next frame, so that the source yields exactly `frames` frames.
+        video_s = float((frames - Fraction(1, 2)) / Fraction(fps))
+        args = ["-f", "lavfi", "-i", f"{pattern}=size={size[0]}x{size[1]}:rate={fps}:duration={video_s:.6f}"]
         if audio_s is not None:
             args += ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=44100:duration={audio_s}"]
-        args += ["-frames:v", str(frames)]
         args += vcodec if vcodec is not None else ["-c:v", "libx264", "-pix_fmt", "yuv420p"]
         if audio_s is not None:
             args += acodec if acodec is not None else ["-c:a", "aac"]
-        args += ["-t", f"{max(duration, audio_s or 0):.3f}", str(path)]
+        args.append(str(path))
         ffmpeg(*args)
         return path
 
