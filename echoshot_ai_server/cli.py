@@ -1,9 +1,11 @@
 """The `echoshot` command: upscale a local file, check the environment."""
 
 import argparse
+import json
 import logging
 import shutil
 import sys
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -14,6 +16,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from echoshot_ai_server.config import Settings
 from echoshot_ai_server.environment import check_environment
 from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError
+from echoshot_ai_server.job import job_message_body
+from echoshot_ai_server.job_queue import JobQueue
+from echoshot_ai_server.logs import configure_logging, job_context
+from echoshot_ai_server.main import build_worker
 from echoshot_ai_server.tasks.upscale_task import output_key, upscale_video, validate_scale
 from echoshot_ai_server.upscaler import load_upscaler, resolve_device
 from echoshot_ai_server.video import EncoderSettings
@@ -21,14 +27,6 @@ from echoshot_ai_server.workspace import job_workspace
 
 log = logging.getLogger(__name__)
 RULE = "=" * 70
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s [%(levelname)s] %(name)s: %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-    )
 
 
 def _print_block(title: str, lines: list[str]) -> None:
@@ -73,7 +71,7 @@ def upscale(args: argparse.Namespace, settings: Settings) -> None:
             bars.append(tqdm(total=total, unit="frame", desc="업스케일", dynamic_ncols=True, file=sys.stderr))
         bars[0].update(done - bars[0].n)
 
-    with job_workspace(settings.work_dir, job_id) as workspace, logging_redirect_tqdm():
+    with job_context(job_id), job_workspace(settings.work_dir, job_id) as workspace, logging_redirect_tqdm():
         try:
             result = upscale_video(
                 source,
@@ -91,7 +89,7 @@ def upscale(args: argparse.Namespace, settings: Settings) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         final = output_dir / f"{job_id}_{source.stem}_upscaled.mp4"
         shutil.move(workspace / "output.mp4", final)
-    log.info("✅ 업스케일 완료! 결과 파일: %s", final)
+        log.info("✅ 업스케일 완료! 결과 파일: %s", final)
 
     lines = [
         "✅ 업스케일 성공!",
@@ -117,7 +115,28 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-validation", action="store_true", help="skip the environment report")
 
     commands.add_parser("check-env", help="report PyTorch, CUDA, GPU, ffmpeg and the model weights")
+
+    commands.add_parser("worker", help="run the worker daemon (SQS -> upscale -> S3 -> Spring callback)")
+
+    enq = commands.add_parser("enqueue", help="send a job to the queue exactly as Spring does")
+    enq.add_argument("--source", required=True, help="S3 key of the source video in S3_BUCKET_NAME")
+    enq.add_argument("--scale", type=int, required=True, help="scale_factor (2 or 4)")
+    enq.add_argument("--device", required=True, help="device (gpu or cpu)")
+    enq.add_argument("--job-id", default=None, help="job id (default: a new UUID)")
+    enq.add_argument("--user-id", default=None, help="user id")
+    enq.add_argument("--queue-url", default=None, help="queue (default: SQS_QUEUE_URL)")
     return parser
+
+
+def enqueue(args: argparse.Namespace, settings: Settings) -> None:
+    queue_url = args.queue_url or settings.sqs_queue_url
+    if not queue_url:
+        raise PermanentError(ErrorCode.INVALID_PARAMETERS, "no queue: pass --queue-url or set SQS_QUEUE_URL")
+    job_id = args.job_id or str(uuid.uuid4())
+    body = job_message_body(job_id, args.source, scale=args.scale, device=args.device, user_id=args.user_id)
+    job_queue = JobQueue(queue_url, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
+    message_id = job_queue.send(body, group_id=args.user_id or job_id, dedup_id=job_id)
+    print(json.dumps({"jobId": job_id, "messageId": message_id, "queueUrl": queue_url}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.log_level)
         if args.command == "check-env":
             return 0 if check_env(settings) else 1
-        upscale(args, settings)
+        if args.command == "worker":
+            build_worker(settings).run()
+        elif args.command == "enqueue":
+            enqueue(args, settings)
+        else:
+            upscale(args, settings)
         return 0
     except ValidationError as exc:
         first = exc.errors()[0]

@@ -5,10 +5,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["gpu", "cpu"]
+WorkerDevice = Literal["auto", "gpu", "cpu"]
 
 WEIGHTS_FILE = "RealESRGAN_x4plus.pth"
 WEIGHTS_URL = "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth"
@@ -51,6 +52,33 @@ class Settings(BaseSettings):
 
     # Files
     work_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "echoshotx")
+
+    # AWS (S3 and SQS). AWS_ENDPOINT_URL points both at an S3/SQS-compatible server.
+    aws_region: str = "ap-northeast-2"
+    aws_endpoint_url: str | None = None
+    sqs_queue_url: str | None = None
+    s3_bucket_name: str | None = None
+
+    # The worker
+    worker_device: WorkerDevice = "auto"
+    gpu_worker_count: int = Field(1, ge=1)
+    cpu_worker_count: int = Field(2, ge=1)
+    poll_wait_s: int = Field(20, ge=0, le=20)
+    visibility_timeout_s: int = Field(300, ge=10, le=43200)
+    visibility_extend_every_s: float = Field(60, gt=0)
+    shutdown_grace_s: float = Field(60, ge=0)
+    max_receive_count: int = Field(5, ge=1)
+    retry_base_delay_s: int = Field(10, ge=0)
+    retry_max_delay_s: int = Field(900, ge=0, le=43200)
+
+    # The Spring callback
+    spring_callback_url: str | None = None
+    spring_callback_token: SecretStr | None = None
+    callback_timeout_s: float = Field(10, gt=0)
+    callback_max_attempts: int = Field(6, ge=1)
+    callback_backoff_base_s: float = Field(1, ge=0)
+    callback_backoff_max_s: float = Field(30, ge=0)
+    progress_callback_interval_s: float = Field(10, ge=0)
 
     log_level: str = "INFO"
 

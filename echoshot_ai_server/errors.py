@@ -12,7 +12,10 @@ from enum import Enum
 
 
 class ErrorCode(str, Enum):
+    INVALID_MESSAGE = "INVALID_MESSAGE"
+    UNSUPPORTED_TASK = "UNSUPPORTED_TASK"
     INVALID_PARAMETERS = "INVALID_PARAMETERS"
+    SOURCE_NOT_FOUND = "SOURCE_NOT_FOUND"
     INPUT_NOT_FOUND = "INPUT_NOT_FOUND"
     INVALID_VIDEO = "INVALID_VIDEO"
     NO_FRAMES = "NO_FRAMES"
@@ -23,6 +26,11 @@ class ErrorCode(str, Enum):
     WEIGHTS_INVALID = "WEIGHTS_INVALID"
     TOOL_MISSING = "TOOL_MISSING"
     OUT_OF_MEMORY = "OUT_OF_MEMORY"
+    STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
+    QUEUE_UNAVAILABLE = "QUEUE_UNAVAILABLE"
+    CALLBACK_FAILED = "CALLBACK_FAILED"
+    CALLBACK_REJECTED = "CALLBACK_REJECTED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
 class JobError(Exception):
@@ -43,3 +51,7 @@ class PermanentError(JobError):
 
 class RetryableError(JobError):
     retryable = True
+
+
+class JobCancelled(Exception):
+    """The worker is shutting down: stop the job and hand its message back to the queue."""

@@ -122,15 +122,19 @@ def read_state_dict(path: Path) -> dict:
     return checkpoint
 
 
-def load_model(path: Path, spec: ModelSpec = X4PLUS) -> nn.Module:
+def load_model(path: Path, spec: ModelSpec = X4PLUS, state_dict: dict | None = None) -> nn.Module:
     model = build_model(spec)
     try:
-        model.load_state_dict(read_state_dict(path), strict=True)
+        model.load_state_dict(read_state_dict(path) if state_dict is None else state_dict, strict=True)
     except RuntimeError as exc:
         raise PermanentError(
             ErrorCode.WEIGHTS_INVALID, f"{path} does not match RRDBNet{spec}: {str(exc).splitlines()[0]}"
         ) from exc
     return model
+
+
+def torch_cuda_available() -> bool:
+    return torch.cuda.is_available()
 
 
 def resolve_device(requested: Device) -> Device:
@@ -244,20 +248,27 @@ class Upscaler:
         return out.flip(1).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+def load_upscalers(weights_path: Path, device: Device, profile: DeviceProfile, pre_pad: int = 0, count: int = 1) -> list[Upscaler]:
+    """`count` production upscalers (one per worker slot): RealESRGAN_x4plus on `device`, as `profile` says."""
+    state_dict = read_state_dict(weights_path)
+    return [
+        Upscaler(
+            load_model(weights_path, X4PLUS, state_dict),
+            device=device,
+            half=profile.half,
+            tile=profile.tile,
+            tile_pad=profile.tile_pad,
+            fallback_tile=profile.fallback_tile,
+            pre_pad=pre_pad,
+            batch_frames=profile.batch_frames,
+            model_scale=X4PLUS.scale,
+        )
+        for _ in range(count)
+    ]
+
+
 def load_upscaler(weights_path: Path, device: Device, profile: DeviceProfile, pre_pad: int = 0) -> Upscaler:
-    """The production upscaler: RealESRGAN_x4plus on `device` (see resolve_device) as `profile` says."""
-    model = load_model(weights_path, X4PLUS)
-    return Upscaler(
-        model,
-        device=device,
-        half=profile.half,
-        tile=profile.tile,
-        tile_pad=profile.tile_pad,
-        fallback_tile=profile.fallback_tile,
-        pre_pad=pre_pad,
-        batch_frames=profile.batch_frames,
-        model_scale=X4PLUS.scale,
-    )
+    return load_upscalers(weights_path, device, profile, pre_pad)[0]
 
 
 def torch_runtime() -> dict:

@@ -1,20 +1,25 @@
-"""The frame pipeline of one job: probe -> upscaler -> audio -> frames -> one encode -> check.
+"""One upscaling job.
 
-It works on local files only; where they come from and go to (a CLI argument, S3) is the
-caller's business.
+`upscale_video` is the frame pipeline on local files: probe -> upscaler -> audio -> frames ->
+one encode -> check. `UpscaleTask` wraps it for a queued job: S3 in, S3 out, Spring told.
 """
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
+from echoshot_ai_server.callback import SpringCallback
 from echoshot_ai_server.config import Device
-from echoshot_ai_server.errors import ErrorCode, PermanentError
+from echoshot_ai_server.errors import ErrorCode, JobCancelled, JobError, PermanentError
+from echoshot_ai_server.job import CallbackPayload, JobMessage, JobStatus, ResultMetadata
+from echoshot_ai_server.storage import Storage
 from echoshot_ai_server.upscaler import SUPPORTED_SCALES, Upscaler
 from echoshot_ai_server.video import EncoderSettings, FrameReader, FrameWriter, audio_problem, probe
+from echoshot_ai_server.workspace import job_workspace
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +83,12 @@ def upscale_video(
     encoder: EncoderSettings,
     ffprobe: str = "ffprobe",
     on_progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> UpscaleResult:
-    """Upscale `source` into an H.264 MP4 at `output`, keeping its audio. Raises JobError."""
+    """Upscale `source` into an H.264 MP4 at `output`, keeping its audio.
+
+    Raises JobError, or JobCancelled when `should_stop()` turns true between two batches.
+    """
     started = time.monotonic()
     validate_scale(scale)
     log.info("업스케일 작업 시작 - Scale: %dx, Device: %s", scale, device.upper())
@@ -116,6 +125,8 @@ def upscale_video(
         duration_s=float(info.frame_count / info.fps),
     ) as writer:
         for batch in reader.batches(upscaler.batch_frames):
+            if should_stop():
+                raise JobCancelled()
             writer.write(upscaler.upscale(batch, scale))
             progress.update(reader.frames_read)
             if on_progress:
@@ -143,3 +154,90 @@ def upscale_video(
         has_audio=result_info.has_audio,
         elapsed_s=time.monotonic() - started,
     )
+
+
+class _ProgressCallbacks:
+    """PROCESSING callbacks with percent and ETA, at most one per interval; never fails the job."""
+
+    def __init__(self, callback: SpringCallback, job_id: str, interval_s: float):
+        self.callback = callback
+        self.job_id = job_id
+        self.interval_s = interval_s
+        self.started = time.monotonic()
+        self.last_sent = float("-inf")
+
+    def send(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last_sent < self.interval_s and done < total:
+            return
+        self.last_sent = now
+        eta = (now - self.started) / done * (total - done) if done else None
+        payload = CallbackPayload(
+            job_id=self.job_id, status=JobStatus.PROCESSING,
+            progress=round(100.0 * done / max(total, 1), 1), eta_seconds=None if eta is None else round(eta, 1),
+        )
+        try:
+            self.callback.notify(payload, attempts=1)
+        except JobError as exc:
+            log.warning("progress callback not delivered: %s", exc)
+
+
+class UpscaleTask:
+    """One job from the queue: S3 download -> upscale -> S3 upload -> Spring callback -> cleanup."""
+
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        callback: SpringCallback,
+        work_dir: Path,
+        encoder: EncoderSettings,
+        ffprobe: str = "ffprobe",
+        progress_interval_s: float = 10,
+    ):
+        self.storage = storage
+        self.callback = callback
+        self.work_dir = work_dir
+        self.encoder = encoder
+        self.ffprobe = ffprobe
+        self.progress_interval_s = progress_interval_s
+
+    def run(self, job: JobMessage, upscaler: Upscaler, cancel: threading.Event) -> None:
+        """Do the job and send COMPLETED. Raises JobError or JobCancelled; the caller settles the message."""
+        key = output_key(job.job_id, job.source_s3_key)
+        existing = self.storage.metadata(key)
+        if existing is not None:
+            log.info("result already in %s: not recomputed, COMPLETED sent again", self.storage.url(key))
+            self._completed(job, key, ResultMetadata.model_validate(existing), cancel)
+            return
+
+        progress = _ProgressCallbacks(self.callback, job.job_id, self.progress_interval_s)
+        progress.send(0, 1)
+        with job_workspace(self.work_dir, job.job_id) as workspace:
+            # The source's own name never reaches the file system: only its extension.
+            source = workspace / f"source{Path(job.source_s3_key).suffix[:10]}"
+            size = self.storage.download(job.source_s3_key, source)
+            log.info("source downloaded: %s (%.1f MB)", self.storage.url(job.source_s3_key), size / 1e6)
+            result = upscale_video(
+                source,
+                workspace / "output.mp4",
+                scale=job.parameters.scale_factor,
+                device=job.parameters.device,
+                get_upscaler=lambda: upscaler,
+                encoder=self.encoder,
+                ffprobe=self.ffprobe,
+                on_progress=progress.send,
+                should_stop=cancel.is_set,
+            )
+            metadata = ResultMetadata.model_validate(result.metadata())
+            self.storage.upload(
+                workspace / "output.mp4", key, content_type="video/mp4",
+                metadata={k: str(v) for k, v in metadata.model_dump().items()},
+            )
+        log.info("result uploaded: %s (%.1fs)", self.storage.url(key), result.elapsed_s)
+        self._completed(job, key, metadata, cancel)
+
+    def _completed(self, job: JobMessage, key: str, metadata: ResultMetadata, cancel: threading.Event) -> None:
+        payload = CallbackPayload(job_id=job.job_id, status=JobStatus.COMPLETED, output_s3_key=key, metadata=metadata)
+        self.callback.notify(payload, stop=cancel)
+        log.info("COMPLETED callback delivered")

@@ -1,0 +1,132 @@
+"""The contract with Spring: the job message we read and the callback we send (docs/job-contract.md)."""
+
+import json
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError
+
+UPSCALE = "UPSCALE"
+
+
+def _id_to_str(value: Any) -> Any:
+    # Spring's ids are often Longs: accept 123 as "123", but never floats, lists or booleans.
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+class JobParameters(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    device: Annotated[Literal["gpu", "cpu"], BeforeValidator(_lower)]
+    scale_factor: int = Field(description="2 or 4; an integer or a numeric string")
+
+    @field_validator("scale_factor", mode="before")
+    @classmethod
+    def _numeric_string(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("must be an integer or a numeric string")
+        return value
+
+    @field_validator("scale_factor")
+    @classmethod
+    def _supported(cls, value: int) -> int:
+        if value not in (2, 4):
+            raise ValueError(f"must be 2 or 4, got {value}")
+        return value
+
+
+class JobMessage(BaseModel):
+    """One SQS message body, as Spring enqueues it. Unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    job_id: Annotated[str, BeforeValidator(_id_to_str), Field(alias="jobId", min_length=1, max_length=128)]
+    user_id: Annotated[str | None, BeforeValidator(_id_to_str), Field(alias="userId")] = None
+    task_type: str = Field(alias="taskType", description='only "UPSCALE" is handled by this worker')
+    source_s3_key: str = Field(alias="sourceS3Key", min_length=1, max_length=1024)
+    parameters: JobParameters
+
+
+def job_message_body(job_id: str, source_s3_key: str, *, scale: int, device: str, user_id: str | None = None) -> str:
+    """A message body exactly as Spring enqueues it."""
+    return json.dumps({
+        "jobId": job_id,
+        "userId": user_id,
+        "taskType": UPSCALE,
+        "sourceS3Key": source_s3_key,
+        "parameters": {"device": device, "scale_factor": scale},
+    })
+
+
+def read_job_id(body: str) -> str | None:
+    """The jobId of a message, if one can be read at all (to report a message that is otherwise invalid)."""
+    try:
+        data = json.loads(body)
+    except (TypeError, ValueError):
+        return None
+    job_id = _id_to_str(data.get("jobId")) if isinstance(data, dict) else None
+    return job_id if isinstance(job_id, str) and 0 < len(job_id) <= 128 else None
+
+
+def parse_job(body: str) -> JobMessage:
+    """The validated job, or a PermanentError saying what is wrong with the message."""
+    try:
+        data = json.loads(body)
+    except (TypeError, ValueError) as exc:
+        raise PermanentError(ErrorCode.INVALID_MESSAGE, f"message body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PermanentError(ErrorCode.INVALID_MESSAGE, "message body is not a JSON object")
+    if "taskType" in data and data["taskType"] != UPSCALE:
+        raise PermanentError(ErrorCode.UNSUPPORTED_TASK, f"unknown taskType {data['taskType']!r}; this worker handles UPSCALE")
+    try:
+        return JobMessage.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'message'}: {err['msg']}" for err in errors)
+        only_parameters = all(err["loc"][:1] == ("parameters",) and len(err["loc"]) > 1 for err in errors)
+        code = ErrorCode.INVALID_PARAMETERS if only_parameters else ErrorCode.INVALID_MESSAGE
+        raise PermanentError(code, f"message does not match the job contract: {problems}") from None
+
+
+class JobStatus(str, Enum):
+    PROCESSING = "PROCESSING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+class ResultMetadata(BaseModel):
+    width: int
+    height: int
+    fps: float
+    frame_count: int
+    duration: float
+
+
+class CallbackPayload(BaseModel):
+    """What the worker POSTs to SPRING_CALLBACK_URL."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    job_id: str = Field(alias="jobId")
+    status: JobStatus
+    output_s3_key: str | None = Field(None, alias="outputS3Key")
+    metadata: ResultMetadata | None = None
+    error_code: str | None = Field(None, alias="errorCode")
+    error_message: str | None = Field(None, alias="errorMessage")
+    progress: float | None = Field(None, description="percent of frames done, PROCESSING only")
+    eta_seconds: float | None = Field(None, alias="etaSeconds", description="PROCESSING only")
+
+    @classmethod
+    def failed(cls, job_id: str, error: JobError) -> "CallbackPayload":
+        return cls(job_id=job_id, status=JobStatus.FAILED, error_code=error.code.value, error_message=error.message)
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)

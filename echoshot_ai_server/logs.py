@@ -1,0 +1,37 @@
+"""Logging set-up: every line of a job carries its job id."""
+
+import contextvars
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+_job_id = contextvars.ContextVar("job_id", default="-")
+_base_factory = logging.getLogRecordFactory()
+
+
+def _record_with_job_id(*args, **kwargs) -> logging.LogRecord:
+    record = _base_factory(*args, **kwargs)
+    record.job_id = _job_id.get()
+    return record
+
+
+def configure_logging(level: str) -> None:
+    logging.setLogRecordFactory(_record_with_job_id)
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s [%(levelname)s] %(name)s [job=%(job_id)s]: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        force=True,
+    )
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextmanager
+def job_context(job_id: str) -> Iterator[None]:
+    """Within this block (in this thread) log lines carry `job_id`."""
+    token = _job_id.set(job_id)
+    try:
+        yield
+    finally:
+        _job_id.reset(token)

@@ -1,0 +1,82 @@
+"""The worker daemon: `python echoshot_ai_server/main.py` (the guide's ExecStart) or `echoshot worker`."""
+
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the package importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from echoshot_ai_server.callback import SpringCallback  # noqa: E402
+from echoshot_ai_server.config import Settings  # noqa: E402
+from echoshot_ai_server.errors import ErrorCode, PermanentError  # noqa: E402
+from echoshot_ai_server.job_queue import JobQueue  # noqa: E402
+from echoshot_ai_server.storage import Storage  # noqa: E402
+from echoshot_ai_server.tasks.upscale_task import UpscaleTask  # noqa: E402
+from echoshot_ai_server.upscaler import load_upscalers, resolve_device, torch_cuda_available  # noqa: E402
+from echoshot_ai_server.video import EncoderSettings  # noqa: E402
+from echoshot_ai_server.worker import Worker  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def required(settings: Settings, *names: str) -> None:
+    missing = [name.upper() for name in names if not getattr(settings, name)]
+    if missing:
+        raise PermanentError(ErrorCode.INVALID_PARAMETERS, f"required setting(s) not set: {', '.join(missing)}")
+
+
+def build_worker(settings: Settings) -> Worker:
+    required(settings, "sqs_queue_url", "s3_bucket_name", "spring_callback_url")
+    requested = settings.worker_device
+    if requested == "auto":
+        requested = "gpu" if torch_cuda_available() else "cpu"
+    device = resolve_device(requested)
+    slots = settings.gpu_worker_count if device == "gpu" else settings.cpu_worker_count
+
+    job_queue = JobQueue(settings.sqs_queue_url, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
+    redrive_max = job_queue.max_receive_count()
+    if redrive_max is None:
+        log.warning("queue has no redrive policy: failed jobs are dropped after %d attempts", settings.max_receive_count)
+    callback = SpringCallback(
+        settings.spring_callback_url,
+        token=settings.spring_callback_token.get_secret_value() if settings.spring_callback_token else None,
+        timeout_s=settings.callback_timeout_s,
+        max_attempts=settings.callback_max_attempts,
+        backoff_base_s=settings.callback_backoff_base_s,
+        backoff_max_s=settings.callback_backoff_max_s,
+    )
+    task = UpscaleTask(
+        storage=Storage(settings.s3_bucket_name, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url),
+        callback=callback,
+        work_dir=settings.work_dir,
+        encoder=EncoderSettings(settings.x264_preset, settings.x264_crf, settings.audio_bitrate, settings.ffmpeg_bin),
+        ffprobe=settings.ffprobe_bin,
+        progress_interval_s=settings.progress_callback_interval_s,
+    )
+    upscalers = load_upscalers(settings.weights_path, device, settings.device_profile(device), settings.pre_pad, slots)
+    log.info("업스케일러 초기화 완료 - %s, slots: %d", upscalers[0].describe(), slots)
+    return Worker(
+        job_queue=job_queue,
+        task=task,
+        callback=callback,
+        upscalers=upscalers,
+        max_receive_count=redrive_max or settings.max_receive_count,
+        dead_letter_queue=redrive_max is not None,
+        poll_wait_s=settings.poll_wait_s,
+        visibility_timeout_s=settings.visibility_timeout_s,
+        visibility_extend_every_s=min(settings.visibility_extend_every_s, settings.visibility_timeout_s / 3),
+        shutdown_grace_s=settings.shutdown_grace_s,
+        retry_base_delay_s=settings.retry_base_delay_s,
+        retry_max_delay_s=settings.retry_max_delay_s,
+    )
+
+
+def main() -> int:
+    from echoshot_ai_server.cli import main as cli_main
+
+    return cli_main(["worker"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
