@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     gpu_worker_count: int = Field(1, ge=1)
     cpu_worker_count: int = Field(2, ge=1)
     poll_wait_s: int = Field(20, ge=0, le=20)
-    visibility_timeout_s: int = Field(300, ge=10, le=43200)
+    visibility_timeout_s: int = Field(300, ge=1, le=43200)
     visibility_extend_every_s: float = Field(60, gt=0)
     shutdown_grace_s: float = Field(60, ge=0)
     max_receive_count: int = Field(5, ge=1)

@@ -15,13 +15,15 @@ def _record_with_job_id(*args, **kwargs) -> logging.LogRecord:
     return record
 
 
+# Installed on import, so that every record (in tests too) has a job_id attribute.
+logging.setLogRecordFactory(_record_with_job_id)
+
+
 def configure_logging(level: str) -> None:
-    logging.setLogRecordFactory(_record_with_job_id)
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s [%(levelname)s] %(name)s [job=%(job_id)s]: %(message)s",
         datefmt="%Y-%m-%d %H:%M:%S",
-        force=True,
     )
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

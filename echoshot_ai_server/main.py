@@ -13,7 +13,7 @@ from echoshot_ai_server.errors import ErrorCode, PermanentError  # noqa: E402
 from echoshot_ai_server.job_queue import JobQueue  # noqa: E402
 from echoshot_ai_server.storage import Storage  # noqa: E402
 from echoshot_ai_server.tasks.upscale_task import UpscaleTask  # noqa: E402
-from echoshot_ai_server.upscaler import load_upscalers, resolve_device, torch_cuda_available  # noqa: E402
+from echoshot_ai_server.upscaler import Upscaler, load_upscalers, resolve_device, torch_cuda_available  # noqa: E402
 from echoshot_ai_server.video import EncoderSettings  # noqa: E402
 from echoshot_ai_server.worker import Worker  # noqa: E402
 
@@ -26,7 +26,8 @@ def required(settings: Settings, *names: str) -> None:
         raise PermanentError(ErrorCode.INVALID_PARAMETERS, f"required setting(s) not set: {', '.join(missing)}")
 
 
-def build_worker(settings: Settings) -> Worker:
+def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) -> Worker:
+    """The worker as the settings describe it. `upscalers` replaces the model loading (tests)."""
     required(settings, "sqs_queue_url", "s3_bucket_name", "spring_callback_url")
     requested = settings.worker_device
     if requested == "auto":
@@ -54,7 +55,8 @@ def build_worker(settings: Settings) -> Worker:
         ffprobe=settings.ffprobe_bin,
         progress_interval_s=settings.progress_callback_interval_s,
     )
-    upscalers = load_upscalers(settings.weights_path, device, settings.device_profile(device), settings.pre_pad, slots)
+    if upscalers is None:
+        upscalers = load_upscalers(settings.weights_path, device, settings.device_profile(device), settings.pre_pad, slots)
     log.info("업스케일러 초기화 완료 - %s, slots: %d", upscalers[0].describe(), slots)
     return Worker(
         job_queue=job_queue,

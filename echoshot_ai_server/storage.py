@@ -6,7 +6,7 @@ from pathlib import Path
 from botocore.exceptions import BotoCoreError, ClientError
 
 from echoshot_ai_server import aws
-from echoshot_ai_server.errors import ErrorCode
+from echoshot_ai_server.errors import ErrorCode, PermanentError
 
 log = logging.getLogger(__name__)
 AWS_ERRORS = (ClientError, BotoCoreError)
@@ -37,13 +37,23 @@ class Storage:
         except AWS_ERRORS as exc:
             raise aws.translate(exc, f"upload {self.url(key)}", ErrorCode.STORAGE_UNAVAILABLE)
 
+    def size(self, key: str) -> int:
+        """The size of an object in bytes; SOURCE_NOT_FOUND when there is none."""
+        head = self._head(key)
+        if head is None:
+            raise PermanentError(ErrorCode.SOURCE_NOT_FOUND, f"{self.url(key)}: not found")
+        return int(head["ContentLength"])
+
     def metadata(self, key: str) -> dict[str, str] | None:
         """The user metadata of an object, or None when there is no such object."""
+        head = self._head(key)
+        return None if head is None else head.get("Metadata", {})
+
+    def _head(self, key: str) -> dict | None:
         try:
-            head = self._s3.head_object(Bucket=self.bucket, Key=key)
+            return self._s3.head_object(Bucket=self.bucket, Key=key)
         except AWS_ERRORS as exc:
             error = aws.translate(exc, f"head {self.url(key)}", ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.SOURCE_NOT_FOUND)
             if error.code == ErrorCode.SOURCE_NOT_FOUND:
                 return None
             raise error
-        return head.get("Metadata", {})

@@ -211,12 +211,13 @@ class UpscaleTask:
             self._completed(job, key, ResultMetadata.model_validate(existing), cancel)
             return
 
+        size = self.storage.size(job.source_s3_key)
         progress = _ProgressCallbacks(self.callback, job.job_id, self.progress_interval_s)
         progress.send(0, 1)
         with job_workspace(self.work_dir, job.job_id) as workspace:
             # The source's own name never reaches the file system: only its extension.
             source = workspace / f"source{Path(job.source_s3_key).suffix[:10]}"
-            size = self.storage.download(job.source_s3_key, source)
+            self.storage.download(job.source_s3_key, source)
             log.info("source downloaded: %s (%.1f MB)", self.storage.url(job.source_s3_key), size / 1e6)
             result = upscale_video(
                 source,
