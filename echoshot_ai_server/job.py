@@ -130,3 +130,4 @@ class CallbackPayload(BaseModel):
 
     def to_json(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)
+

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import wait
 from types import SimpleNamespace
 
+import jsonschema
 import pytest
 
 from conftest import REPO_ROOT, tiny_upscaler
@@ -113,6 +114,9 @@ def test_happy_path_end_to_end(stack, make_clip, caplog):
     assert completed["outputS3Key"] == result_key
     assert completed["metadata"] == {"width": 128, "height": 96, "fps": 10.0, "frame_count": 6, "duration": pytest.approx(0.6, abs=0.05)}
     assert completed["errorCode"] is None
+    callback_schema = json.loads((REPO_ROOT / "docs" / "schemas" / "callback.schema.json").read_text())
+    for c in callbacks:
+        jsonschema.validate(c.body, callback_schema)
     progress = [c.body for c in callbacks if c.body["status"] == "PROCESSING"]
     assert progress[-1]["progress"] == 100.0 and progress[1]["etaSeconds"] is not None
     # And the message is gone, nothing in flight, nothing in the DLQ, no temporary files left
