@@ -10,16 +10,18 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from echoshot_ai_server.callback import SpringCallback
 from echoshot_ai_server.config import Device
 from echoshot_ai_server.errors import ErrorCode, JobCancelled, JobError, PermanentError
 from echoshot_ai_server.job import CallbackPayload, JobMessage, JobStatus, ResultMetadata
-from echoshot_ai_server.storage import Storage
 from echoshot_ai_server.upscaler import SUPPORTED_SCALES, Upscaler
 from echoshot_ai_server.video import EncoderSettings, FrameReader, FrameWriter, audio_problem, probe
 from echoshot_ai_server.workspace import job_workspace
+
+if TYPE_CHECKING:  # the frame pipeline itself needs neither boto3 nor requests
+    from echoshot_ai_server.callback import SpringCallback
+    from echoshot_ai_server.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +161,7 @@ def upscale_video(
 class _ProgressCallbacks:
     """PROCESSING callbacks with percent and ETA, at most one per interval; never fails the job."""
 
-    def __init__(self, callback: SpringCallback, job_id: str, interval_s: float):
+    def __init__(self, callback: "SpringCallback", job_id: str, interval_s: float):
         self.callback = callback
         self.job_id = job_id
         self.interval_s = interval_s
@@ -188,8 +190,8 @@ class UpscaleTask:
     def __init__(
         self,
         *,
-        storage: Storage,
-        callback: SpringCallback,
+        storage: "Storage",
+        callback: "SpringCallback",
         work_dir: Path,
         encoder: EncoderSettings,
         ffprobe: str = "ffprobe",
