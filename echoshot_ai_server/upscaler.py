@@ -10,6 +10,7 @@ about files, videos, S3 or jobs.
 """
 
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,8 +153,39 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
 
 
+def lanczos4_weights(offset: float) -> list[float]:
+    """OpenCV's INTER_LANCZOS4 coefficients for a sample `offset` (0..1) past the 4th of 8 taps."""
+    if offset < 1e-7:
+        return [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    weights = []
+    for i in range(8):
+        y = (offset + 3 - i) * math.pi / 4
+        weights.append(math.sin(4 * y) * math.sin(y) / (y * y) if y else 1.0)
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def lanczos_half(images: torch.Tensor) -> torch.Tensor:
+    """cv2.resize(..., INTER_LANCZOS4) to half the size, on whatever device `images` (N, C, H, W) is.
+
+    A 2x downscale samples every source position 2k + 0.5: one separable 8-tap filter with a
+    stride of 2, edges replicated as OpenCV does. Float arithmetic: within 1 of OpenCV's uint8 result.
+    """
+    n, c, h, w = images.shape
+    taps = torch.tensor(lanczos4_weights(0.5), dtype=images.dtype, device=images.device)
+    x = images.reshape(n * c, 1, h, w)
+    x = F.conv2d(F.pad(x, (3, 4, 0, 0), mode="replicate"), taps.view(1, 1, 1, 8), stride=(1, 2))
+    x = F.conv2d(F.pad(x, (0, 0, 3, 4), mode="replicate"), taps.view(1, 1, 8, 1), stride=(2, 1))
+    return x.reshape(n, c, h // 2, w // 2)
+
+
 class Upscaler:
-    """A loaded Real-ESRGAN model and the way it is run (device, precision, tiles)."""
+    """A loaded Real-ESRGAN model and the way it is run (device, precision, tiles).
+
+    On the GPU the whole job of a batch stays on the device: uint8 frames go up, the model runs in
+    fp16 with channels-last memory, and clamping, rounding, the x2 resize and the colour order are
+    done there too, so that only the final uint8 frames come back.
+    """
 
     def __init__(
         self,
@@ -167,18 +199,26 @@ class Upscaler:
         pre_pad: int = 0,
         batch_frames: int = 1,
         model_scale: int = 4,
+        channels_last: bool | None = None,
+        resize_on_device: bool | None = None,
     ):
         self.device = device
         self.torch_device = torch.device("cuda" if device == "gpu" else "cpu")
         self.half = half and device == "gpu"
         self.dtype = torch.float16 if self.half else torch.float32
-        self.model = model.eval().to(self.torch_device, self.dtype)
+        on_gpu = device == "gpu"
+        self.memory_format = torch.channels_last if (on_gpu if channels_last is None else channels_last) else torch.contiguous_format
+        # On the CPU the x2 resize is OpenCV's own, to the bit; on the GPU the same filter in float.
+        self.resize_on_device = on_gpu if resize_on_device is None else resize_on_device
+        self.model = model.eval().to(self.torch_device, self.dtype, memory_format=self.memory_format)
         self.tile = tile
         self.tile_pad = tile_pad
         self.fallback_tile = fallback_tile
         self.pre_pad = pre_pad
         self.batch_frames = batch_frames
         self.model_scale = model_scale
+        if on_gpu:
+            torch.backends.cudnn.benchmark = True
 
     def describe(self) -> str:
         return f"Device: {self.device.upper()}, Tile: {self.tile}, Half Precision: {self.half}"
@@ -191,22 +231,36 @@ class Upscaler:
         Returns uint8 (N, H * outscale, W * outscale, 3), BGR, on the host.
         If the device runs out of memory, the batch is run again with the fallback tile size.
         """
-        if outscale not in SUPPORTED_SCALES:
-            raise PermanentError(ErrorCode.INVALID_PARAMETERS, f"scale must be 2 or 4, got {outscale}")
         if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"expected uint8 frames of shape (N, H, W, 3), got {frames.dtype} {frames.shape}")
-        try:
-            out = self._upscale_model_scale(frames, self.tile)
-        except Exception as exc:
-            if not _is_out_of_memory(exc):
-                raise
-            out = self._retry_with_fallback_tile(frames, exc)
-        if outscale != self.model_scale:
+        out = self.upscale_tensor(torch.from_numpy(frames).to(self.torch_device), outscale)
+        if self.torch_device.type == "cuda":
+            host = torch.empty(out.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(out)
+            out = host
+        out = out.cpu().numpy()
+        if outscale != self.model_scale and not self.resize_on_device:
             height, width = frames.shape[1] * outscale, frames.shape[2] * outscale
             out = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_LANCZOS4) for f in out])
         return out
 
-    def _retry_with_fallback_tile(self, frames: np.ndarray, error: BaseException) -> np.ndarray:
+    @torch.inference_mode()
+    def upscale_tensor(self, frames: torch.Tensor, outscale: int) -> torch.Tensor:
+        """The engine on device-resident frames: uint8 (N, H, W, 3) BGR in, uint8 NHWC BGR out.
+
+        The output is at `outscale` when the resize runs on the device, else at the model's scale.
+        """
+        if outscale not in SUPPORTED_SCALES:
+            raise PermanentError(ErrorCode.INVALID_PARAMETERS, f"scale must be 2 or 4, got {outscale}")
+        try:
+            out = self._run_model(frames, self.tile)
+        except Exception as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            out = self._retry_with_fallback_tile(frames, exc)
+        return self._to_frames(out, outscale)
+
+    def _retry_with_fallback_tile(self, frames: torch.Tensor, error: BaseException) -> torch.Tensor:
         if self.tile > 0 and 0 < self.fallback_tile < self.tile:
             log.warning(
                 "메모리 부족 - 타일 %d → %d로 줄여 다시 처리합니다 (%s)",
@@ -214,7 +268,7 @@ class Upscaler:
             )
             self._release_cached_memory()
             try:
-                return self._upscale_model_scale(frames, self.fallback_tile)
+                return self._run_model(frames, self.fallback_tile)
             except Exception as exc:
                 if not _is_out_of_memory(exc):
                     raise
@@ -227,25 +281,36 @@ class Upscaler:
         if self.torch_device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _upscale_model_scale(self, frames: np.ndarray, tile: int) -> np.ndarray:
+    def _run_model(self, frames: torch.Tensor, tile: int) -> torch.Tensor:
+        """uint8 NHWC BGR -> the model's output, (N, 3, H * scale, W * scale) RGB in its dtype."""
         scale, pre_pad = self.model_scale, self.pre_pad
-        x = torch.from_numpy(frames).to(self.torch_device)
-        # NHWC BGR uint8 -> NCHW RGB in [0, 1], rounded to the model's dtype as RealESRGANer does.
-        x = x.permute(0, 3, 1, 2).flip(1).float().div_(255.0).to(self.dtype)
+        # -> NCHW RGB in [0, 1], rounded to the model's dtype as RealESRGANer does.
+        x = frames.permute(0, 3, 1, 2).flip(1).float().div_(255.0).to(self.dtype)
+        x = x.contiguous(memory_format=self.memory_format)
         if pre_pad:
             x = F.pad(x, (0, pre_pad, 0, pre_pad), mode="reflect")
         n, c, h, w = x.shape
-        out = x.new_zeros((n, c, h * scale, w * scale))
-        for win in tile_windows(h, w, tile, self.tile_pad, scale):
-            y = self.model(x[:, :, win.in_y0:win.in_y1, win.in_x0:win.in_x1])
-            out[:, :, win.out_y0:win.out_y1, win.out_x0:win.out_x1] = y[
-                :, :,
-                win.crop_y0:win.crop_y0 + win.out_y1 - win.out_y0,
-                win.crop_x0:win.crop_x0 + win.out_x1 - win.out_x0,
-            ]
-        out = out[:, :, : (h - pre_pad) * scale, : (w - pre_pad) * scale]
-        out = out.float().clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
-        return out.flip(1).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        windows = tile_windows(h, w, tile, self.tile_pad, scale)
+        if len(windows) == 1:
+            out = self.model(x)
+        else:
+            out = x.new_zeros((n, c, h * scale, w * scale)).contiguous(memory_format=self.memory_format)
+            for win in windows:
+                y = self.model(x[:, :, win.in_y0:win.in_y1, win.in_x0:win.in_x1].contiguous(memory_format=self.memory_format))
+                out[:, :, win.out_y0:win.out_y1, win.out_x0:win.out_x1] = y[
+                    :, :,
+                    win.crop_y0:win.crop_y0 + win.out_y1 - win.out_y0,
+                    win.crop_x0:win.crop_x0 + win.out_x1 - win.out_x0,
+                ]
+        return out[:, :, : (h - pre_pad) * scale, : (w - pre_pad) * scale]
+
+    def _to_frames(self, out: torch.Tensor, outscale: int) -> torch.Tensor:
+        """Model output -> uint8 NHWC BGR, as RealESRGANer rounds it (then resized, when on the device)."""
+        out = out.float().clamp_(0, 1).mul_(255.0).round_()
+        if outscale != self.model_scale and self.resize_on_device:
+            assert outscale * 2 == self.model_scale, "only x2 from the x4 model"
+            out = lanczos_half(out).round_().clamp_(0, 255)
+        return out.to(torch.uint8).flip(1).permute(0, 2, 3, 1).contiguous()
 
 
 def load_upscalers(weights_path: Path, device: Device, profile: DeviceProfile, pre_pad: int = 0, count: int = 1) -> list[Upscaler]:

@@ -7,8 +7,10 @@ source's audio in the same pass: no intermediate video file, no second encode.
 
 import json
 import logging
+import queue
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -181,7 +183,11 @@ class EncoderSettings:
 
 
 class FrameWriter:
-    """One ffmpeg process: raw BGR frames on stdin -> H.264 (+ the source's audio as AAC) in an MP4."""
+    """One ffmpeg process: raw BGR frames on stdin -> H.264 (+ the source's audio as AAC) in an MP4.
+
+    Frames are handed to ffmpeg by a thread of its own, `queue_depth` batches deep, so that the
+    caller can go on with the next batch while ffmpeg encodes.
+    """
 
     def __init__(
         self,
@@ -193,6 +199,7 @@ class FrameWriter:
         encoder: EncoderSettings,
         audio_source: Path | None = None,
         duration_s: float | None = None,
+        queue_depth: int = 2,
     ):
         self.output = output
         self.frame_shape = (height, width, 3)
@@ -215,8 +222,11 @@ class FrameWriter:
             "-c:v", "libx264", "-preset", encoder.preset, "-crf", str(encoder.crf), "-pix_fmt", "yuv420p",
             "-movflags", "+faststart", "-f", "mp4", str(output),
         ]
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
+        self._pipe_error: OSError | None = None
         self._process = None
         self._stderr = None
+        self._thread = None
 
     def __enter__(self) -> "FrameWriter":
         self._stderr = tempfile.TemporaryFile()
@@ -225,29 +235,42 @@ class FrameWriter:
         except FileNotFoundError as exc:
             self._stderr.close()
             raise PermanentError(ErrorCode.TOOL_MISSING, f"{self.args[0]} not found: install ffmpeg") from exc
+        self._thread = threading.Thread(target=self._feed, name="ffmpeg-feed", daemon=True)
+        self._thread.start()
         return self
 
     def write(self, frames: np.ndarray) -> None:
         if frames.shape[1:] != self.frame_shape or frames.dtype != np.uint8:
             raise ValueError(f"expected uint8 frames (N, {self.frame_shape}), got {frames.dtype} {frames.shape}")
-        try:
-            self._process.stdin.write(np.ascontiguousarray(frames).data)
-        except BrokenPipeError:
+        if self._pipe_error is not None:
             self._process.wait()
-            raise self._failure() from None
-        self.frames_written += len(frames)
+            raise self._failure()
+        self._queue.put(np.ascontiguousarray(frames))
+
+    def _feed(self) -> None:
+        while (frames := self._queue.get()) is not None:
+            if self._pipe_error is not None:
+                continue  # ffmpeg is gone: drop frames until told to stop, so the producer never blocks
+            try:
+                self._process.stdin.write(frames.data)
+                self.frames_written += len(frames)
+            except OSError as exc:
+                self._pipe_error = exc
 
     def __exit__(self, exc_type, *exc) -> None:
         try:
             if exc_type is not None:
                 self._process.kill()
+            self._queue.put(None)
+            self._thread.join()
+            if exc_type is not None:
                 self._process.wait()
                 return
             try:
                 self._process.stdin.close()
-            except BrokenPipeError:
+            except OSError:
                 pass
-            if self._process.wait() != 0:
+            if self._process.wait() != 0 or self._pipe_error is not None:
                 raise self._failure()
         finally:
             self._stderr.close()

@@ -160,3 +160,17 @@ def test_scale_is_checked_before_any_work(tmp_path):
 
 def test_output_key_follows_the_contract():
     assert output_key("job-1", "uploads/user123/my video.mov") == "processed/upscaled/job-1/my video_upscaled.mp4"
+
+
+def test_a_stop_request_ends_the_job_between_batches_and_kills_the_encoder(make_clip, tmp_path):
+    from echoshot_ai_server.errors import JobCancelled
+
+    calls = []
+
+    def stop_after_two_batches():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(JobCancelled):
+        run_pipeline(make_clip(frames=10), tmp_path, upscaler=tiny_upscaler(batch_frames=1), should_stop=stop_after_two_batches)
+    assert len(calls) == 3

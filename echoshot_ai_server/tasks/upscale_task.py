@@ -12,6 +12,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from echoshot_ai_server.background import Prefetch
 from echoshot_ai_server.config import Device
 from echoshot_ai_server.errors import ErrorCode, JobCancelled, JobError, PermanentError
 from echoshot_ai_server.job import CallbackPayload, JobMessage, JobStatus, ResultMetadata
@@ -117,6 +118,8 @@ def upscale_video(
     out_w, out_h = info.width * scale, info.height * scale
     log.info("비디오 인코딩 중 (%s)...", "오디오 포함" if audio_source else "오디오 없음")
     progress = _ProgressLog(info.frame_count)
+    done = 0
+    # Three stages overlap: decoding (a thread), the model (here), encoding (ffmpeg, fed by a thread).
     with FrameReader(source, info.width, info.height) as reader, FrameWriter(
         output,
         width=out_w,
@@ -125,19 +128,20 @@ def upscale_video(
         encoder=encoder,
         audio_source=audio_source,
         duration_s=float(info.frame_count / info.fps),
-    ) as writer:
-        for batch in reader.batches(upscaler.batch_frames):
+    ) as writer, Prefetch(reader.batches(upscaler.batch_frames)) as batches:
+        for batch in batches:
             if should_stop():
                 raise JobCancelled()
             writer.write(upscaler.upscale(batch, scale))
-            progress.update(reader.frames_read)
+            done += len(batch)
+            progress.update(done)
             if on_progress:
-                on_progress(reader.frames_read, info.frame_count)
-        if reader.frames_read == 0:
+                on_progress(done, info.frame_count)
+        if done == 0:
             raise PermanentError(ErrorCode.NO_FRAMES, f"{source.name}: no frame could be decoded")
-        log.info("프레임 업스케일 완료: %d/%d 프레임 처리", reader.frames_read, info.frame_count)
-    if reader.frames_read != info.frame_count:
-        log.warning("decoded %d frames where the container declares %d", reader.frames_read, info.frame_count)
+        log.info("프레임 업스케일 완료: %d/%d 프레임 처리", done, info.frame_count)
+    if done != info.frame_count:
+        log.warning("decoded %d frames where the container declares %d", done, info.frame_count)
 
     result_info = probe(output, ffprobe)
     if (result_info.width, result_info.height, result_info.frame_count) != (out_w, out_h, writer.frames_written):
