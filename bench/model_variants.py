@@ -1,0 +1,132 @@
+"""What each engine choice buys, on one GPU: the model alone on device-resident frames, and the
+H.264 encoder's own ceiling at the output size.
+
+    python3 bench/model_variants.py --json variants.json [--size 640x480] [--compile]
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from echoshot_ai_server.upscaler import X4PLUS, Upscaler, build_model  # noqa: E402
+
+MFLOP_PER_PIXEL = 35.85
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
+
+
+def engine(model, tile: int, batch: int, channels_last: bool = True) -> Upscaler:
+    return Upscaler(model, device="gpu", half=True, tile=tile, tile_pad=10, fallback_tile=128,
+                    batch_frames=batch, channels_last=channels_last)
+
+
+def encoder_fps(ffmpeg: str, width: int, height: int, frames: int, pix_fmt: str) -> float:
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 255, (height, width, 3 if pix_fmt == "bgr24" else 1), dtype=np.uint8)
+    if pix_fmt == "yuv420p":
+        frame = rng.integers(0, 255, (height * 3 // 2, width), dtype=np.uint8)
+    data = frame.tobytes()
+    process = subprocess.Popen(
+        [ffmpeg, "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", pix_fmt, "-video_size", f"{width}x{height}",
+         "-framerate", "30", "-i", "pipe:0", "-c:v", "libx264", "-preset", "medium", "-crf", "23", "-pix_fmt", "yuv420p",
+         "-f", "mp4", "/tmp/encoder-test.mp4"],
+        stdin=subprocess.PIPE,
+    )
+    started = time.perf_counter()
+    for _ in range(frames):
+        process.stdin.write(data)
+    process.stdin.close()
+    process.wait()
+    return frames / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--size", default="640x480")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--ffmpeg", default=None)
+    args = parser.parse_args()
+    w, h = (int(v) for v in args.size.split("x"))
+    torch.manual_seed(0)
+    model = build_model(X4PLUS)
+    results = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "size": args.size, "rows": []}
+
+    def record(name: str, seconds_per_batch: float, batch: int, extra: dict | None = None) -> None:
+        fps = batch / seconds_per_batch
+        row = {"variant": name, "fps": round(fps, 2), "tflops": round(MFLOP_PER_PIXEL * 1e6 * w * h * fps / 1e12, 1),
+               "peak_gb": round(torch.cuda.max_memory_allocated() / 1024**3, 2), **(extra or {})}
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+    frames = torch.randint(0, 256, (16, h, w, 3), dtype=torch.uint8, device="cuda")
+    for name, tile, batch, channels_last in [
+        ("fp16 NCHW, tile 256, batch 1 (the guide's model settings)", 256, 1, False),
+        ("fp16 channels-last, tile 256, batch 1", 256, 1, True),
+        ("fp16 channels-last, tile 256, batch 4", 256, 4, True),
+        ("fp16 channels-last, whole frame, batch 1", 0, 1, True),
+        ("fp16 channels-last, whole frame, batch 2", 0, 2, True),
+        ("fp16 channels-last, whole frame, batch 4", 0, 4, True),
+        ("fp16 channels-last, whole frame, batch 8", 0, 8, True),
+    ]:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        up = engine(model, tile, batch, channels_last)
+        record(name, timed(lambda: up.upscale_tensor(frames[:batch], 4), 5), batch)
+
+    # Memory per input pixel of a whole-frame forward (for planning tiles and batches)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    up = engine(model, 0, 1)
+    up.upscale_tensor(frames[:1], 4)
+    torch.cuda.synchronize()
+    results["bytes_per_input_pixel_fp16"] = round((torch.cuda.max_memory_allocated() - base) / (w * h))
+    print("bytes per input pixel:", results["bytes_per_input_pixel_fp16"], flush=True)
+
+    if args.compile:
+        for batch in (1, 4):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            up = engine(build_model(X4PLUS), 0, batch)
+            up.model = torch.compile(up.model)
+            started = time.perf_counter()
+            up.upscale_tensor(frames[:batch], 4)
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - started
+            record(f"torch.compile, whole frame, batch {batch}", timed(lambda: up.upscale_tensor(frames[:batch], 4), 5),
+                   batch, {"compile_s": round(compile_s, 1)})
+
+    if args.ffmpeg:
+        for scale in (4, 2):
+            for pix_fmt in ("bgr24", "yuv420p"):
+                fps = encoder_fps(args.ffmpeg, w * scale, h * scale, 60, pix_fmt)
+                row = {"variant": f"libx264 medium crf 23, {w * scale}x{h * scale} from {pix_fmt} on stdin", "fps": round(fps, 1)}
+                results["rows"].append(row)
+                print(json.dumps(row), flush=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
