@@ -19,11 +19,13 @@ WEIGHTS_URL = "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/R
 class DeviceProfile:
     """How the upscaler runs on one kind of device."""
 
-    tile: int
+    tile: int  # 0: whole frames, or the largest tiles that fit the memory limit
     tile_pad: int
     fallback_tile: int
     half: bool
     batch_frames: int
+    compile: bool = False
+    memory_limit_gb: float = 0  # 0: the whole device
 
 
 class Settings(BaseSettings):
@@ -34,10 +36,12 @@ class Settings(BaseSettings):
     # Model
     weights_dir: Path = Path("weights")
     pre_pad: int = Field(0, ge=0)
-    gpu_tile: int = Field(256, ge=0)
+    gpu_tile: int = Field(0, ge=0)
     gpu_tile_pad: int = Field(10, ge=0)
     gpu_tile_fallback: int = Field(128, ge=0)
     gpu_batch_frames: int = Field(4, ge=1)
+    gpu_compile: bool = True
+    gpu_memory_limit_gb: float = Field(0, ge=0)
     cpu_tile: int = Field(128, ge=0)
     cpu_tile_pad: int = Field(5, ge=0)
     cpu_tile_fallback: int = Field(64, ge=0)
@@ -88,5 +92,8 @@ class Settings(BaseSettings):
 
     def device_profile(self, device: Device) -> DeviceProfile:
         if device == "gpu":
-            return DeviceProfile(self.gpu_tile, self.gpu_tile_pad, self.gpu_tile_fallback, True, self.gpu_batch_frames)
+            return DeviceProfile(
+                self.gpu_tile, self.gpu_tile_pad, self.gpu_tile_fallback, True, self.gpu_batch_frames,
+                self.gpu_compile, self.gpu_memory_limit_gb,
+            )
         return DeviceProfile(self.cpu_tile, self.cpu_tile_pad, self.cpu_tile_fallback, False, self.cpu_batch_frames)

@@ -78,6 +78,28 @@ def tile_windows(height: int, width: int, tile: int, tile_pad: int, scale: int) 
     return windows
 
 
+# Peak device memory of an fp16 RealESRGAN_x4plus forward pass per input pixel (4743 B measured on
+# a whole 640x480 frame, rounded up for the output buffers around it).
+BYTES_PER_INPUT_PIXEL = 5200
+MIN_AUTO_TILE = 64
+GPU_MEMORY_RESERVE_BYTES = 3 * 2**30 // 2
+
+
+def plan_forward(frames: int, height: int, width: int, *, tile_pad: int, budget_bytes: int | None) -> tuple[int, int]:
+    """How to run a batch within a memory budget: (frames per forward pass, tile size; 0 = whole frames).
+
+    Whole frames when one fits (as many per pass as fit, at most `frames`); otherwise one frame at
+    a time in the largest square tiles that fit.
+    """
+    if budget_bytes is None:
+        return frames, 0
+    per_frame = BYTES_PER_INPUT_PIXEL * height * width
+    if per_frame <= budget_bytes:
+        return max(1, min(frames, budget_bytes // per_frame)), 0
+    side = math.isqrt(budget_bytes // BYTES_PER_INPUT_PIXEL) - 2 * tile_pad
+    return 1, max(MIN_AUTO_TILE, side // 16 * 16)
+
+
 def _import_rrdbnet():
     # basicsr 1.4.2 imports a torchvision module that was removed in torchvision 0.17.
     try:
@@ -201,6 +223,8 @@ class Upscaler:
         model_scale: int = 4,
         channels_last: bool | None = None,
         resize_on_device: bool | None = None,
+        compile_model: bool = False,
+        memory_budget_bytes: int | None = None,
     ):
         self.device = device
         self.torch_device = torch.device("cuda" if device == "gpu" else "cpu")
@@ -211,6 +235,11 @@ class Upscaler:
         # On the CPU the x2 resize is OpenCV's own, to the bit; on the GPU the same filter in float.
         self.resize_on_device = on_gpu if resize_on_device is None else resize_on_device
         self.model = model.eval().to(self.torch_device, self.dtype, memory_format=self.memory_format)
+        # torch.compile fuses the element-wise work between the convolutions. Shapes stay fixed per
+        # video (whole frames, batches padded to full size), so a worker compiles once per frame size.
+        self.forward = torch.compile(self.model) if compile_model else self.model
+        self.compiled = compile_model
+        self.memory_budget_bytes = memory_budget_bytes
         self.tile = tile
         self.tile_pad = tile_pad
         self.fallback_tile = fallback_tile
@@ -221,7 +250,8 @@ class Upscaler:
             torch.backends.cudnn.benchmark = True
 
     def describe(self) -> str:
-        return f"Device: {self.device.upper()}, Tile: {self.tile}, Half Precision: {self.half}"
+        tile = self.tile if self.tile > 0 else "auto"
+        return f"Device: {self.device.upper()}, Tile: {tile}, Half Precision: {self.half}"
 
     @torch.inference_mode()
     def upscale(self, frames: np.ndarray, outscale: int) -> np.ndarray:
@@ -252,23 +282,38 @@ class Upscaler:
         """
         if outscale not in SUPPORTED_SCALES:
             raise PermanentError(ErrorCode.INVALID_PARAMETERS, f"scale must be 2 or 4, got {outscale}")
+        per_pass, tile = len(frames), self.tile
+        if tile <= 0:
+            per_pass, tile = plan_forward(self.batch_frames, frames.shape[1], frames.shape[2], tile_pad=self.tile_pad,
+                                          budget_bytes=self.memory_budget_bytes)
         try:
-            out = self._run_model(frames, self.tile)
+            out = self._run_passes(frames, tile, per_pass)
         except Exception as exc:
             if not _is_out_of_memory(exc):
                 raise
-            out = self._retry_with_fallback_tile(frames, exc)
+            out = self._retry_with_fallback_tile(frames, tile, exc)
         return self._to_frames(out, outscale)
 
-    def _retry_with_fallback_tile(self, frames: torch.Tensor, error: BaseException) -> torch.Tensor:
-        if self.tile > 0 and 0 < self.fallback_tile < self.tile:
+    def _run_passes(self, frames: torch.Tensor, tile: int, per_pass: int) -> torch.Tensor:
+        outputs = []
+        for start in range(0, len(frames), per_pass):
+            chunk = frames[start:start + per_pass]
+            count = len(chunk)
+            if self.compiled and tile == 0 and count < per_pass:
+                # keep the compiled shape: pad with copies of the last frame, drop their outputs
+                chunk = torch.cat([chunk, chunk[-1:].expand(per_pass - count, *chunk.shape[1:])])
+            outputs.append(self._run_model(chunk, tile)[:count])
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _retry_with_fallback_tile(self, frames: torch.Tensor, tile: int, error: BaseException) -> torch.Tensor:
+        if 0 < self.fallback_tile and (tile == 0 or self.fallback_tile < tile):
             log.warning(
-                "메모리 부족 - 타일 %d → %d로 줄여 다시 처리합니다 (%s)",
-                self.tile, self.fallback_tile, str(error).splitlines()[0],
+                "메모리 부족 - 타일 %s → %d로 줄여 다시 처리합니다 (%s)",
+                tile or "전체 프레임", self.fallback_tile, str(error).splitlines()[0],
             )
             self._release_cached_memory()
             try:
-                return self._run_model(frames, self.fallback_tile)
+                return self._run_passes(frames, self.fallback_tile, 1)
             except Exception as exc:
                 if not _is_out_of_memory(exc):
                     raise
@@ -292,7 +337,7 @@ class Upscaler:
         n, c, h, w = x.shape
         windows = tile_windows(h, w, tile, self.tile_pad, scale)
         if len(windows) == 1:
-            out = self.model(x)
+            out = self.forward(x)  # compiled for whole frames; tiles (edge tiles vary in shape) run eagerly
         else:
             out = x.new_zeros((n, c, h * scale, w * scale)).contiguous(memory_format=self.memory_format)
             for win in windows:
@@ -313,9 +358,21 @@ class Upscaler:
         return out.to(torch.uint8).flip(1).permute(0, 2, 3, 1).contiguous()
 
 
+def gpu_memory_budget(limit_gb: float) -> int:
+    """Bytes the engine may plan with on the GPU; a non-zero limit is also enforced on the allocator."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    limit = min(total, int(limit_gb * 2**30)) if limit_gb > 0 else total
+    if limit < total:
+        torch.cuda.set_per_process_memory_fraction(limit / total)
+    # CUDA context, cuDNN workspaces and the weights live outside the plan.
+    return max(limit - GPU_MEMORY_RESERVE_BYTES, limit // 2)
+
+
 def load_upscalers(weights_path: Path, device: Device, profile: DeviceProfile, pre_pad: int = 0, count: int = 1) -> list[Upscaler]:
     """`count` production upscalers (one per worker slot): RealESRGAN_x4plus on `device`, as `profile` says."""
     state_dict = read_state_dict(weights_path)
+    on_gpu = device == "gpu"
+    budget = gpu_memory_budget(profile.memory_limit_gb) // count if on_gpu else None
     return [
         Upscaler(
             load_model(weights_path, X4PLUS, state_dict),
@@ -327,6 +384,8 @@ def load_upscalers(weights_path: Path, device: Device, profile: DeviceProfile, p
             pre_pad=pre_pad,
             batch_frames=profile.batch_frames,
             model_scale=X4PLUS.scale,
+            compile_model=profile.compile and on_gpu,
+            memory_budget_bytes=budget,
         )
         for _ in range(count)
     ]
