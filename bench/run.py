@@ -226,8 +226,11 @@ def bench_case(size, scale, args, weights, workdir, seed, flops_px, peak_tflops)
     seed_out = workdir / f"seed_{name}_x{scale}.mp4"
     seed_dir = workdir / f"seed_{name}_x{scale}"
     seed_dir.mkdir()
-    seed_s, seed_frames = run_seed(seed, source, seed_out, scale, args.ffmpeg, seed_dir)
-    log(f"  seed: {seed_s:.1f}s ({seed_frames / seed_s:.2f} frames/s)")
+    if args.skip_seed:
+        seed_s, seed_frames = float("nan"), 0
+    else:
+        seed_s, seed_frames = run_seed(seed, source, seed_out, scale, args.ffmpeg, seed_dir)
+        log(f"  seed: {seed_s:.1f}s ({seed_frames / seed_s:.2f} frames/s)")
 
     sample = frames[: args.psnr_frames]
     reference = reference_frames(weights, sample, scale, args.device)
@@ -238,9 +241,9 @@ def bench_case(size, scale, args, weights, workdir, seed, flops_px, peak_tflops)
         "size": name,
         "scale": scale,
         "frames": len(frames),
-        "seed_fps": round(seed_frames / seed_s, 3),
+        "seed_fps": round(seed_frames / seed_s, 3) if seed_frames else None,
         "ours_fps": round(result.frame_count / ours_s, 3),
-        "ratio": round((result.frame_count / ours_s) / (seed_frames / seed_s), 2),
+        "ratio": round((result.frame_count / ours_s) / (seed_frames / seed_s), 2) if seed_frames else None,
         "model_fps": round(model_fps, 2),
         "model_tflops": round(model_tflops, 1),
         "model_pct_of_bf16_peak": round(100 * model_tflops / peak_tflops, 1) if peak_tflops else None,
@@ -248,7 +251,9 @@ def bench_case(size, scale, args, weights, workdir, seed, flops_px, peak_tflops)
         "peak_gpu_memory_gb": round(peak_gb, 2) if peak_gb is not None else None,
         "psnr_db": round(statistics.mean(psnr(o, r) for o, r in zip(ours_frames, reference)), 2),
         "psnr_decoded_db": round(statistics.mean(psnr(o, r) for o, r in zip(decoded, reference)), 2),
-        "psnr_seed_decoded_db": round(statistics.mean(psnr(o, r) for o, r in zip(decode(seed_out, len(sample)), reference)), 2),
+        "psnr_seed_decoded_db": round(statistics.mean(psnr(o, r) for o, r in zip(decode(seed_out, len(sample)), reference)), 2)
+        if seed_frames else None,
+        "gpu_memory_limit_gb": settings.gpu_memory_limit_gb or None,
         "output_frames_match": result.frame_count == len(frames),
     }
     log(f"  psnr {case['psnr_db']} dB before H.264, {case['psnr_decoded_db']} dB decoded")
@@ -303,6 +308,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=None, help="clip length (default 2, quick 1)")
     parser.add_argument("--cases", default=None, help="e.g. 640x480x4,1280x720x2")
     parser.add_argument("--psnr-frames", type=int, default=3)
+    parser.add_argument("--skip-seed", action="store_true", help="ours only (e.g. a memory-limit check)")
     parser.add_argument("--model-repeats", type=int, default=None)
     args = parser.parse_args()
     args.seconds = args.seconds or (0.4 if args.quick else 2.0)
@@ -320,7 +326,7 @@ def main() -> int:
         flops_px = flops_per_input_pixel(build_model(X4PLUS))
         peak = round(matmul_tflops(), 1) if args.device == "cuda" else None
         log(f"model: {flops_px / 1e6:.2f} MFLOP per input pixel; bf16 matrix rate: {peak} TFLOP/s")
-        seed = seed_enhancer(weights, args.device)
+        seed = None if args.skip_seed else seed_enhancer(weights, args.device)
         report = {"machine": machine(args.device), "weights": weights_label, "bf16_tflops": peak,
                   "mflop_per_pixel": round(flops_px / 1e6, 2), "quick": args.quick, "cases": []}
         for size, scale in cases:
