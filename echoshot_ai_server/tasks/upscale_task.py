@@ -188,25 +188,16 @@ class _ProgressCallbacks:
             log.warning("progress callback not delivered: %s", exc)
 
 
+@dataclass
 class UpscaleTask:
     """One job from the queue: S3 download -> upscale -> S3 upload -> Spring callback -> cleanup."""
 
-    def __init__(
-        self,
-        *,
-        storage: "Storage",
-        callback: "SpringCallback",
-        work_dir: Path,
-        encoder: EncoderSettings,
-        ffprobe: str = "ffprobe",
-        progress_interval_s: float = 10,
-    ):
-        self.storage = storage
-        self.callback = callback
-        self.work_dir = work_dir
-        self.encoder = encoder
-        self.ffprobe = ffprobe
-        self.progress_interval_s = progress_interval_s
+    storage: "Storage"
+    callback: "SpringCallback"
+    work_dir: Path
+    encoder: EncoderSettings
+    ffprobe: str = "ffprobe"
+    progress_interval_s: float = 10
 
     def run(self, job: JobMessage, upscaler: Upscaler, cancel: threading.Event) -> None:
         """Do the job and send COMPLETED. Raises JobError or JobCancelled; the caller settles the message."""
