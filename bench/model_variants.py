@@ -65,6 +65,8 @@ def main() -> int:
     parser.add_argument("--size", default="640x480")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--ffmpeg", default=None)
+    parser.add_argument("--fused", action="store_true", help="also the fused Triton trunk")
+    parser.add_argument("--only-fused", action="store_true", help="skip the other variants")
     args = parser.parse_args()
     w, h = (int(v) for v in args.size.split("x"))
     torch.manual_seed(0)
@@ -80,6 +82,26 @@ def main() -> int:
         args.json.write_text(json.dumps(results, indent=2))
 
     frames = torch.randint(0, 256, (16, h, w, 3), dtype=torch.uint8, device="cuda")
+    if args.fused or args.only_fused:
+        from echoshot_ai_server.fused_rrdb import FusedRRDBNet
+
+        reference = engine(model, 0, 1)
+        expected = reference.upscale_tensor(frames[:2], 4).float()
+        for batch in (1, 2, 4):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            up = engine(model, 0, batch)
+            up.forward = FusedRRDBNet(up.model)
+            started = time.perf_counter()
+            got = up.upscale_tensor(frames[:2], 4).float()
+            torch.cuda.synchronize()
+            warmup = time.perf_counter() - started
+            diff = (got - expected).abs()
+            record(f"fused Triton trunk, whole frame, batch {batch}", timed(lambda: up.upscale_tensor(frames[:batch], 4), 5),
+                   batch, {"first_call_s": round(warmup, 1), "max_abs_diff_uint8": diff.max().item(),
+                           "mean_abs_diff_uint8": round(diff.mean().item(), 4)})
+        if args.only_fused:
+            return 0
     for name, tile, batch, channels_last in [
         ("fp16 NCHW, tile 256, batch 1 (the guide's model settings)", 256, 1, False),
         ("fp16 channels-last, tile 256, batch 1", 256, 1, True),
