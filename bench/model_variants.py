@@ -83,7 +83,7 @@ def main() -> int:
 
     frames = torch.randint(0, 256, (16, h, w, 3), dtype=torch.uint8, device="cuda")
     if args.fused or args.only_fused:
-        from echoshot_ai_server.fused_rrdb import FusedRRDBNet
+        from fused_rrdb import FusedRRDBNet
 
         reference = engine(model, 0, 1)
         expected = reference.upscale_tensor(frames[:2], 4).float()
