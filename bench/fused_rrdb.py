@@ -29,14 +29,25 @@ def _conv3x3_nhwc(
     slope, scale, scale2,
     CIN: tl.constexpr, COUT: tl.constexpr,
     LRELU: tl.constexpr, RES1: tl.constexpr, RES2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, TILE_W: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    offs_m = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    in_range = offs_m < total
-    hw = offs_m % (H * W)
-    h = hw // W
-    w = hw % W
+    if TILE_W > 0:  # a 2-D patch of BLOCK_M // TILE_W rows x TILE_W columns: the 9 taps overlap in L1
+        tiles_w = tl.cdiv(W, TILE_W)
+        tiles_h = tl.cdiv(H, BLOCK_M // TILE_W)
+        n = pid // (tiles_h * tiles_w)
+        rest = pid % (tiles_h * tiles_w)
+        i = tl.arange(0, BLOCK_M)
+        h = (rest // tiles_w) * (BLOCK_M // TILE_W) + i // TILE_W
+        w = (rest % tiles_w) * TILE_W + i % TILE_W
+        in_range = (h < H) & (w < W)
+        offs_m = ((n * H + h) * W + w).to(tl.int64)
+    else:  # a run of BLOCK_M consecutive pixels
+        offs_m = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        in_range = offs_m < total
+        hw = offs_m % (H * W)
+        h = hw // W
+        w = hw % W
     offs_n = tl.arange(0, COUT)
     acc = tl.zeros((BLOCK_M, COUT), dtype=tl.float32)
     for tap in tl.static_range(9):
@@ -46,8 +57,9 @@ def _conv3x3_nhwc(
         pixel = offs_m + dy * W + dx
         for k0 in tl.static_range(0, CIN, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(x_ptr + pixel[:, None] * x_stride + offs_k[None, :], mask=valid[:, None], other=0.0)
-            b = tl.load(w_ptr + (tap * CIN + offs_k)[:, None] * COUT + offs_n[None, :])
+            k_ok = offs_k < CIN
+            a = tl.load(x_ptr + pixel[:, None] * x_stride + offs_k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + (tap * CIN + offs_k)[:, None] * COUT + offs_n[None, :], mask=k_ok[:, None], other=0.0)
             acc = tl.dot(a, b, acc)
     acc += tl.load(b_ptr + offs_n)[None, :]
     if LRELU:
@@ -66,15 +78,30 @@ def _conv3x3_nhwc(
 # the tests) a fixed one is used.
 _conv3x3_nhwc_tuned = triton.autotune(
     configs=[
-        triton.Config({"BLOCK_M": bm, "BLOCK_K": 32}, num_warps=w, num_stages=s)
-        for bm, w, s in [(64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3)]
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "TILE_W": tw}, num_warps=w, num_stages=s)
+        for bm, bk, tw, w, s in [
+            (128, 32, 0, 4, 3), (128, 32, 16, 4, 3), (128, 64, 16, 4, 3), (256, 32, 32, 8, 3),
+            (256, 64, 32, 8, 3), (128, 64, 32, 4, 4), (64, 64, 16, 4, 3), (256, 32, 16, 8, 4),
+        ]
     ],
     key=["CIN", "COUT", "H", "W"],
 )(_conv3x3_nhwc)
 
 
+def _grid(n: int, h: int, w: int):
+    def grid(meta):
+        if meta["TILE_W"] > 0:
+            rows = meta["BLOCK_M"] // meta["TILE_W"]
+            return (n * triton.cdiv(h, rows) * triton.cdiv(w, meta["TILE_W"]),)
+        return (triton.cdiv(n * h * w, meta["BLOCK_M"]),)
+
+    return grid
+
+
 class _Conv:
     """A 3x3 convolution's weights, packed for the kernel."""
+
+    tile_w = 8  # the fixed tile shape of the interpreter path (tests): 8 x 8 pixels
 
     def __init__(self, conv: nn.Conv2d, dtype: torch.dtype):
         cout, cin = conv.weight.shape[:2]
@@ -92,9 +119,10 @@ class _Conv:
                 r1, r1.stride(2), r2, r2.stride(2), total, h, w, 0.2, scale, scale2)
         flags = dict(CIN=self.cin, COUT=self.cout, LRELU=lrelu, RES1=res1 is not None, RES2=res2 is not None)
         if src.is_cuda:
-            _conv3x3_nhwc_tuned[lambda meta: (triton.cdiv(total, meta["BLOCK_M"]),)](*args, **flags)
+            _conv3x3_nhwc_tuned[_grid(n, h, w)](*args, **flags)
         else:
-            _conv3x3_nhwc[(triton.cdiv(total, 64),)](*args, **flags, BLOCK_M=64, BLOCK_K=32)
+            _conv3x3_nhwc[_grid(n, h, w)({"BLOCK_M": 64, "TILE_W": self.tile_w})](
+                *args, **flags, BLOCK_M=64, BLOCK_K=32, TILE_W=self.tile_w)
 
 
 class FusedRRDBNet(nn.Module):

@@ -59,6 +59,30 @@ def encoder_fps(ffmpeg: str, width: int, height: int, frames: int, pix_fmt: str)
     return frames / (time.perf_counter() - started)
 
 
+def layer_rows(results: dict, args, w: int, h: int, batch: int = 4) -> None:
+    """One dense block's convolutions at batch 4: cuDNN (contiguous channels-last input, as after a
+    torch.cat) against the Triton kernel reading its input in place from the 192-channel buffer."""
+    from fused_rrdb import BUFFER_CHANNELS, _Conv, _conv3x3_nhwc_tuned
+
+    torch.backends.cudnn.benchmark = True
+    buffer = torch.randn(batch, h, w, BUFFER_CHANNELS, device="cuda", dtype=torch.float16)
+    for cin, cout in [(64, 32), (96, 32), (128, 32), (160, 32), (192, 64)]:
+        conv = torch.nn.Conv2d(cin, cout, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
+        dense = buffer[..., :cin].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        cudnn_s = timed(lambda: conv(dense), 20)
+        packed = _Conv(conv, torch.float16)
+        out = torch.empty(batch, h, w, cout, device="cuda", dtype=torch.float16)
+        triton_s = timed(lambda: packed(buffer[..., :cin], out, lrelu=True), 20)
+        flop = 2 * 9 * cin * cout * batch * h * w
+        best = [str(cfg) for key, cfg in _conv3x3_nhwc_tuned.cache.items() if cin in key and cout in key]
+        row = {"variant": f"conv {cin}->{cout}, batch {batch}", "cudnn_us": round(cudnn_s * 1e6), "triton_us": round(triton_s * 1e6),
+               "cudnn_tflops": round(flop / cudnn_s / 1e12, 1), "triton_tflops": round(flop / triton_s / 1e12, 1),
+               "triton_config": best[:1]}
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", type=Path, required=True)
@@ -67,6 +91,7 @@ def main() -> int:
     parser.add_argument("--ffmpeg", default=None)
     parser.add_argument("--fused", action="store_true", help="also the fused Triton trunk")
     parser.add_argument("--only-fused", action="store_true", help="skip the other variants")
+    parser.add_argument("--layers", action="store_true", help="each dense-block convolution: cuDNN vs the Triton kernel")
     args = parser.parse_args()
     w, h = (int(v) for v in args.size.split("x"))
     torch.manual_seed(0)
@@ -82,6 +107,8 @@ def main() -> int:
         args.json.write_text(json.dumps(results, indent=2))
 
     frames = torch.randint(0, 256, (16, h, w, 3), dtype=torch.uint8, device="cuda")
+    if args.layers:
+        layer_rows(results, args, w, h)
     if args.fused or args.only_fused:
         from fused_rrdb import FusedRRDBNet
 
