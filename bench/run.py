@@ -257,7 +257,6 @@ def bench_case(size, scale, args, weights, workdir, seed, flops_px, peak_tflops)
         "output_frames_match": result.frame_count == len(frames),
     }
     log(f"  psnr {case['psnr_db']} dB before H.264, {case['psnr_decoded_db']} dB decoded")
-    del upscaler
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return case

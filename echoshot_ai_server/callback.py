@@ -1,8 +1,12 @@
 """The Spring callback: an HTTP POST of the job's outcome, retried with exponential backoff."""
 
+import hashlib
+import hmac
+import json
 import logging
 import random
 import threading
+import time
 
 import requests
 
@@ -12,6 +16,8 @@ from echoshot_ai_server.job import CallbackPayload
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = {408, 425, 429}
+TIMESTAMP_HEADER = "X-EchoShotX-Timestamp"
+SIGNATURE_HEADER = "X-EchoShotX-Signature"
 
 
 class SpringCallback:
@@ -20,12 +26,14 @@ class SpringCallback:
         url_template: str,
         *,
         token: str | None = None,
+        secret: str | None = None,
         timeout_s: float = 10,
         max_attempts: int = 6,
         backoff_base_s: float = 1,
         backoff_max_s: float = 30,
     ):
         self.url_template = url_template
+        self._secret = secret.encode() if secret else None
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.backoff_base_s = backoff_base_s
@@ -55,10 +63,19 @@ class SpringCallback:
             if (stop or threading.Event()).wait(delay):
                 raise JobCancelled()
 
+    def signed_headers(self, body: bytes, timestamp: int | None = None) -> dict[str, str]:
+        """With a shared secret: the timestamp and HMAC-SHA256 of "<timestamp>.<body>" (docs/job-contract.md)."""
+        if self._secret is None:
+            return {}
+        timestamp = int(time.time()) if timestamp is None else timestamp
+        digest = hmac.new(self._secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+        return {TIMESTAMP_HEADER: str(timestamp), SIGNATURE_HEADER: f"sha256={digest}"}
+
     def _post(self, url: str, payload: CallbackPayload) -> str | None:
         """None when Spring accepted the callback, else why it did not (retryable)."""
+        body = json.dumps(payload.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
         try:
-            response = self._session.post(url, json=payload.to_json(), timeout=self.timeout_s)
+            response = self._session.post(url, data=body, headers=self.signed_headers(body), timeout=self.timeout_s)
         except requests.RequestException as exc:
             return f"{type(exc).__name__}: {exc}"
         if response.ok:

@@ -82,6 +82,7 @@ def upscale(args: argparse.Namespace, settings: Settings) -> None:
                 encoder=encoder,
                 ffprobe=settings.ffprobe_bin,
                 on_progress=on_progress,
+                limits=settings.input_limits,
             )
         finally:
             for bar in bars:

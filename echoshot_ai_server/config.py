@@ -3,10 +3,10 @@
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Device = Literal["gpu", "cpu"]
 WorkerDevice = Literal["auto", "gpu", "cpu"]
@@ -26,6 +26,19 @@ class DeviceProfile:
     batch_frames: int
     compile: bool = False
     memory_limit_gb: float = 0  # 0: the whole device
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What a job may ask for, checked before any heavy work (0 = no limit)."""
+
+    max_width: int = 0
+    max_height: int = 0
+    max_pixels: int = 0
+    max_duration_s: float = 0
+    max_frame_count: int = 0
+    max_output_pixels: int = 0
+    max_download_bytes: int = 0
 
 
 class Settings(BaseSettings):
@@ -54,6 +67,17 @@ class Settings(BaseSettings):
     x264_crf: int = Field(23, ge=0, le=51)
     audio_bitrate: str = "128k"
 
+    # Input limits, sized for the guide's tiers (up to 4K sources, 10 minutes, 8K results)
+    max_input_width: int = Field(4096, ge=0)
+    max_input_height: int = Field(4096, ge=0)
+    max_input_pixels: int = Field(3840 * 2160, ge=0)
+    max_duration_s: float = Field(600, ge=0)
+    max_frame_count: int = Field(36000, ge=0)
+    max_output_pixels: int = Field(7680 * 4320, ge=0)
+    max_download_bytes: int = Field(4 * 2**30, ge=0)
+    allowed_source_prefixes: Annotated[list[str], NoDecode] = ["uploads/"]
+    disk_headroom_bytes: int = Field(2**30, ge=0)
+
     # Files
     work_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "echoshotx")
 
@@ -78,6 +102,7 @@ class Settings(BaseSettings):
     # The Spring callback
     spring_callback_url: str | None = None
     spring_callback_token: SecretStr | None = None
+    spring_callback_secret: SecretStr | None = None
     callback_timeout_s: float = Field(10, gt=0)
     callback_max_attempts: int = Field(6, ge=1)
     callback_backoff_base_s: float = Field(1, ge=0)
@@ -85,6 +110,20 @@ class Settings(BaseSettings):
     progress_callback_interval_s: float = Field(10, ge=0)
 
     log_level: str = "INFO"
+
+    @field_validator("allowed_source_prefixes", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def input_limits(self) -> InputLimits:
+        return InputLimits(
+            self.max_input_width, self.max_input_height, self.max_input_pixels, self.max_duration_s,
+            self.max_frame_count, self.max_output_pixels, self.max_download_bytes,
+        )
 
     @property
     def weights_path(self) -> Path:

@@ -100,6 +100,7 @@ class ReceivedCallback:
     path: str
     headers: dict[str, str]
     body: dict
+    raw: bytes
 
 
 @dataclass
@@ -126,7 +127,9 @@ class CallbackReceiver:
                 with receiver._lock:
                     status = receiver._failures.pop(0) if receiver._failures else (receiver.down or 200)
                     if status == 200:
-                        receiver.received.append(ReceivedCallback(self.path, dict(self.headers), json.loads(raw or b"{}")))
+                        receiver.received.append(
+                            ReceivedCallback(self.path, dict(self.headers), json.loads(raw or b"{}"), raw)
+                        )
                         receiver._lock.notify_all()
                 if status == 0:
                     self.close_connection = True

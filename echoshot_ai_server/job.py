@@ -9,6 +9,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError
 
 UPSCALE = "UPSCALE"
+# Job ids become part of S3 keys and directory names: letters, digits and . _ : - only.
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 
 
 def _id_to_str(value: Any) -> Any:
@@ -48,11 +50,28 @@ class JobMessage(BaseModel):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
-    job_id: Annotated[str, BeforeValidator(_id_to_str), Field(alias="jobId", min_length=1, max_length=128)]
+    job_id: Annotated[str, BeforeValidator(_id_to_str), Field(alias="jobId", pattern=JOB_ID_PATTERN)]
     user_id: Annotated[str | None, BeforeValidator(_id_to_str), Field(alias="userId")] = None
     task_type: str = Field(alias="taskType", description='only "UPSCALE" is handled by this worker')
     source_s3_key: str = Field(alias="sourceS3Key", min_length=1, max_length=1024)
     parameters: JobParameters
+
+
+def check_source_key(key: str, allowed_prefixes: list[str]) -> None:
+    """Refuse keys outside the allowed prefixes, or that could be read as a path or another bucket."""
+    parts = key.split("/")
+    if (
+        key.startswith(("/", "s3:", "arn:"))
+        or "\\" in key
+        or any(part in ("", ".", "..") for part in parts[:-1])
+        or parts[-1] in ("", ".", "..")
+        or any(ord(ch) < 32 or ord(ch) == 127 for ch in key)
+    ):
+        raise PermanentError(ErrorCode.FORBIDDEN_SOURCE, f"source key {key!r} is not a plain object key")
+    if not any(key.startswith(prefix) for prefix in allowed_prefixes):
+        raise PermanentError(
+            ErrorCode.FORBIDDEN_SOURCE, f"source key {key!r} is outside the allowed prefixes {allowed_prefixes}"
+        )
 
 
 def job_message_body(job_id: str, source_s3_key: str, *, scale: int, device: str, user_id: str | None = None) -> str:

@@ -42,6 +42,7 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) ->
     callback = SpringCallback(
         settings.spring_callback_url,
         token=settings.spring_callback_token.get_secret_value() if settings.spring_callback_token else None,
+        secret=settings.spring_callback_secret.get_secret_value() if settings.spring_callback_secret else None,
         timeout_s=settings.callback_timeout_s,
         max_attempts=settings.callback_max_attempts,
         backoff_base_s=settings.callback_backoff_base_s,
@@ -54,6 +55,9 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) ->
         encoder=EncoderSettings(settings.x264_preset, settings.x264_crf, settings.audio_bitrate, settings.ffmpeg_bin),
         ffprobe=settings.ffprobe_bin,
         progress_interval_s=settings.progress_callback_interval_s,
+        limits=settings.input_limits,
+        allowed_source_prefixes=tuple(settings.allowed_source_prefixes),
+        disk_headroom_bytes=settings.disk_headroom_bytes,
     )
     if upscalers is None:
         upscalers = load_upscalers(settings.weights_path, device, settings.device_profile(device), settings.pre_pad, slots)

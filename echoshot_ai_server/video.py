@@ -48,6 +48,11 @@ class VideoInfo:
         return self.audio is not None
 
 
+def _arg(path: Path) -> str:
+    """A file argument for ffmpeg/ffprobe: absolute, so that a name starting with '-' is never an option."""
+    return str(path.absolute())
+
+
 def _run_tool(args: list[str], what: str) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(args, capture_output=True, text=True, check=False)
@@ -75,7 +80,7 @@ def probe(path: Path, ffprobe: str = "ffprobe") -> VideoInfo:
     if not path.is_file():
         raise PermanentError(ErrorCode.INPUT_NOT_FOUND, f"input file not found: {path}")
     result = _run_tool(
-        [ffprobe, "-v", "error", "-print_format", "json", "-show_format", "-show_streams", str(path)], "probe"
+        [ffprobe, "-v", "error", "-print_format", "json", "-show_format", "-show_streams", "-i", _arg(path)], "probe"
     )
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unreadable"
@@ -109,7 +114,7 @@ def _count_frames(path: Path, ffprobe: str) -> int:
     # Containers such as mkv and webm do not store a frame count: count the packets instead.
     result = _run_tool(
         [ffprobe, "-v", "error", "-select_streams", "v:0", "-count_packets",
-         "-show_entries", "stream=nb_read_packets", "-of", "csv=p=0", str(path)],
+         "-show_entries", "stream=nb_read_packets", "-of", "csv=p=0", "-i", _arg(path)],
         "count frames",
     )
     try:
@@ -121,7 +126,7 @@ def _count_frames(path: Path, ffprobe: str) -> int:
 def audio_problem(path: Path, ffmpeg: str = "ffmpeg") -> str | None:
     """None when the first audio stream decodes, else why it cannot be used."""
     result = _run_tool(
-        [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-f", "null", "-"], "audio check"
+        [ffmpeg, "-nostdin", "-v", "error", "-i", _arg(path), "-map", "0:a:0", "-f", "null", "-"], "audio check"
     )
     if result.returncode == 0:
         return None
@@ -143,7 +148,7 @@ class FrameReader:
         self._capture = None
 
     def __enter__(self) -> "FrameReader":
-        self._capture = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
+        self._capture = cv2.VideoCapture(_arg(self.path), cv2.CAP_FFMPEG)
         if not self._capture.isOpened():
             raise PermanentError(ErrorCode.DECODE_FAILED, f"cannot decode {self.path.name}")
         # Frames are kept as stored, at the size ffprobe reports.
@@ -214,13 +219,13 @@ class FrameWriter:
             # video's length; unlike -shortest this never drops frames when the audio is shorter.
             if duration_s:
                 self.args += ["-t", f"{duration_s:.6f}"]
-            self.args += ["-i", str(audio_source)]
+            self.args += ["-i", _arg(audio_source)]
         self.args += ["-map", "0:v:0"]
         if audio_source is not None:
             self.args += ["-map", "1:a:0", "-c:a", "aac", "-b:a", encoder.audio_bitrate]
         self.args += [
             "-c:v", "libx264", "-preset", encoder.preset, "-crf", str(encoder.crf), "-pix_fmt", "yuv420p",
-            "-movflags", "+faststart", "-f", "mp4", str(output),
+            "-movflags", "+faststart", "-f", "mp4", _arg(output),
         ]
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._pipe_error: OSError | None = None

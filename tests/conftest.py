@@ -12,11 +12,16 @@ import numpy as np
 import pytest
 import torch
 
+from types import SimpleNamespace
+
+from echoshot_ai_server.devtools import CallbackReceiver, MotoServer, create_bucket, create_queue_with_dlq
 from echoshot_ai_server.upscaler import ModelSpec, Upscaler, build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The official weights live beside the project (nothing can be downloaded in tests).
 SHARED_WEIGHTS_DIR = REPO_ROOT.parent / "shared" / "weights"
+REGION = "ap-northeast-2"
+BUCKET = "echoshotx-videos"
 TINY_SPEC = ModelSpec(num_feat=8, num_block=1, num_grow_ch=4, scale=4)
 
 
@@ -145,3 +150,27 @@ def reference_enhancer(checkpoint: Path, spec: ModelSpec, *, tile: int, tile_pad
         scale=spec.scale, model_path=str(checkpoint), model=model, tile=tile, tile_pad=tile_pad,
         pre_pad=pre_pad, half=False, device=torch.device("cpu"),
     )
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def stack(moto_server, tmp_path, monkeypatch):
+    """A fresh bucket, job queue (redrive to a DLQ after 3 receives) and callback receiver."""
+    moto_server.reset()
+    for name, value in moto_server.env(REGION).items():
+        monkeypatch.setenv(name, value)
+    s3, sqs = moto_server.client("s3", REGION), moto_server.client("sqs", REGION)
+    create_bucket(s3, BUCKET, REGION)
+    queue_url, dlq_url = create_queue_with_dlq(sqs, "upscale-cpu-queue", max_receive_count=3, visibility_timeout_s=30)
+    with CallbackReceiver() as receiver:
+        yield SimpleNamespace(
+            moto=moto_server, s3=s3, sqs=sqs, queue_url=queue_url, dlq_url=dlq_url, receiver=receiver,
+            work_dir=tmp_path / "work",
+        )
+
+

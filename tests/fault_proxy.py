@@ -42,7 +42,9 @@ class FaultProxy:
                         self.send_header(key, value)
                 if response.headers.get("content-encoding"):
                     self.send_header("Content-Encoding", response.headers["content-encoding"])
-                self.send_header("Content-Length", str(len(content)))
+                # A HEAD answer has no body but keeps the size of the object it describes.
+                length = response.headers.get("content-length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(content)))
                 self.end_headers()
                 self.wfile.write(content)
 

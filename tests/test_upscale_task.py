@@ -5,7 +5,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import decode_frames, ffmpeg, psnr, streams_of, tiny_upscaler
+from conftest import decode_frames, psnr, streams_of, tiny_upscaler
 from echoshot_ai_server.errors import ErrorCode, PermanentError
 from echoshot_ai_server.tasks.upscale_task import output_key, upscale_video
 from echoshot_ai_server.video import EncoderSettings, FrameReader

@@ -5,6 +5,8 @@ one encode -> check. `UpscaleTask` wraps it for a queued job: S3 in, S3 out, Spr
 """
 
 import logging
+import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -13,11 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from echoshot_ai_server.background import Prefetch
-from echoshot_ai_server.config import Device
-from echoshot_ai_server.errors import ErrorCode, JobCancelled, JobError, PermanentError
-from echoshot_ai_server.job import CallbackPayload, JobMessage, JobStatus, ResultMetadata
+from echoshot_ai_server.config import Device, InputLimits
+from echoshot_ai_server.errors import ErrorCode, JobCancelled, JobError, PermanentError, RetryableError
+from echoshot_ai_server.job import CallbackPayload, JobMessage, JobStatus, ResultMetadata, check_source_key
 from echoshot_ai_server.upscaler import SUPPORTED_SCALES, Upscaler
-from echoshot_ai_server.video import EncoderSettings, FrameReader, FrameWriter, audio_problem, probe
+from echoshot_ai_server.video import EncoderSettings, FrameReader, FrameWriter, VideoInfo, audio_problem, probe
 from echoshot_ai_server.workspace import job_workspace
 
 if TYPE_CHECKING:  # the frame pipeline itself needs neither boto3 nor requests
@@ -51,8 +53,34 @@ class UpscaleResult:
 
 
 def output_key(job_id: str, source_name: str) -> str:
-    """Where a job's result lives in the bucket."""
-    return f"processed/upscaled/{job_id}/{Path(source_name).stem}_upscaled.mp4"
+    """Where a job's result lives in the bucket. Only the source's file stem is used, with anything
+    but letters, digits, spaces and . _ - replaced, so a file name cannot move the result."""
+    stem = re.sub(r"[^\w .-]", "_", Path(source_name).stem).strip(" .") or "video"
+    return f"processed/upscaled/{job_id}/{stem[:100]}_upscaled.mp4"
+
+
+def check_limits(info: VideoInfo, scale: int, limits: InputLimits) -> None:
+    """Refuse, before any heavy work, what the settings do not allow."""
+    problems = []
+    if limits.max_width and info.width > limits.max_width:
+        problems.append(f"width {info.width} > {limits.max_width}")
+    if limits.max_height and info.height > limits.max_height:
+        problems.append(f"height {info.height} > {limits.max_height}")
+    if limits.max_pixels and info.width * info.height > limits.max_pixels:
+        problems.append(f"{info.width}x{info.height} is more than {limits.max_pixels} pixels")
+    if limits.max_duration_s and info.duration_s > limits.max_duration_s:
+        problems.append(f"duration {info.duration_s:.1f}s > {limits.max_duration_s:g}s")
+    if limits.max_frame_count and info.frame_count > limits.max_frame_count:
+        problems.append(f"{info.frame_count} frames > {limits.max_frame_count}")
+    if problems:
+        raise PermanentError(ErrorCode.INPUT_TOO_LARGE, "input over the limits: " + "; ".join(problems))
+    out_pixels = info.width * scale * info.height * scale
+    if limits.max_output_pixels and out_pixels > limits.max_output_pixels:
+        raise PermanentError(
+            ErrorCode.OUTPUT_TOO_LARGE,
+            f"{scale}x of {info.width}x{info.height} would be {info.width * scale}x{info.height * scale}, "
+            f"more than {limits.max_output_pixels} pixels",
+        )
 
 
 def validate_scale(scale: int) -> None:
@@ -87,6 +115,7 @@ def upscale_video(
     ffprobe: str = "ffprobe",
     on_progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    limits: InputLimits = InputLimits(),
 ) -> UpscaleResult:
     """Upscale `source` into an H.264 MP4 at `output`, keeping its audio.
 
@@ -102,6 +131,7 @@ def upscale_video(
     )
     if info.frame_count <= 0:
         raise PermanentError(ErrorCode.NO_FRAMES, f"{source.name} has no video frames")
+    check_limits(info, scale, limits)
 
     upscaler = get_upscaler()
     log.info("업스케일러 초기화 완료 - %s", upscaler.describe())
@@ -198,9 +228,13 @@ class UpscaleTask:
     encoder: EncoderSettings
     ffprobe: str = "ffprobe"
     progress_interval_s: float = 10
+    limits: InputLimits = InputLimits()
+    allowed_source_prefixes: tuple[str, ...] = ("uploads/",)
+    disk_headroom_bytes: int = 2**30
 
     def run(self, job: JobMessage, upscaler: Upscaler, cancel: threading.Event) -> None:
         """Do the job and send COMPLETED. Raises JobError or JobCancelled; the caller settles the message."""
+        check_source_key(job.source_s3_key, list(self.allowed_source_prefixes))
         key = output_key(job.job_id, job.source_s3_key)
         existing = self.storage.metadata(key)
         if existing is not None:
@@ -209,6 +243,11 @@ class UpscaleTask:
             return
 
         size = self.storage.size(job.source_s3_key)
+        if self.limits.max_download_bytes and size > self.limits.max_download_bytes:
+            raise PermanentError(
+                ErrorCode.INPUT_TOO_LARGE, f"source is {size} bytes, more than {self.limits.max_download_bytes}"
+            )
+        self._check_disk(size, job.parameters.scale_factor)
         progress = _ProgressCallbacks(self.callback, job.job_id, self.progress_interval_s)
         progress.send(0, 1)
         with job_workspace(self.work_dir, job.job_id) as workspace:
@@ -226,6 +265,7 @@ class UpscaleTask:
                 ffprobe=self.ffprobe,
                 on_progress=progress.send,
                 should_stop=cancel.is_set,
+                limits=self.limits,
             )
             metadata = ResultMetadata.model_validate(result.metadata())
             self.storage.upload(
@@ -234,6 +274,16 @@ class UpscaleTask:
             )
         log.info("result uploaded: %s (%.1fs)", self.storage.url(key), result.elapsed_s)
         self._completed(job, key, metadata, cancel)
+
+    def _check_disk(self, source_bytes: int, scale: int) -> None:
+        """Room for the source and a result that may be scale^2 times its size, plus headroom."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        needed = source_bytes * (1 + scale * scale) + self.disk_headroom_bytes
+        free = shutil.disk_usage(self.work_dir).free
+        if free < needed:
+            raise RetryableError(
+                ErrorCode.INSUFFICIENT_DISK, f"{free / 1e9:.1f} GB free in the work directory, {needed / 1e9:.1f} GB needed"
+            )
 
     def _completed(self, job: JobMessage, key: str, metadata: ResultMetadata, cancel: threading.Event) -> None:
         payload = CallbackPayload(job_id=job.job_id, status=JobStatus.COMPLETED, output_s3_key=key, metadata=metadata)

@@ -1,0 +1,54 @@
+"""Helpers for tests that run the worker against the local S3/SQS server (fixtures in conftest)."""
+
+from concurrent.futures import wait
+
+from conftest import BUCKET, REGION, tiny_upscaler
+from echoshot_ai_server.config import Settings
+from echoshot_ai_server.job import job_message_body
+from echoshot_ai_server.main import build_worker
+
+def settings_for(stack, **overrides) -> Settings:
+    values = dict(
+        aws_region=REGION, aws_endpoint_url=stack.moto.endpoint_url, sqs_queue_url=stack.queue_url,
+        s3_bucket_name=BUCKET, spring_callback_url=stack.receiver.url, work_dir=stack.work_dir,
+        worker_device="cpu", cpu_worker_count=1, poll_wait_s=1, visibility_timeout_s=30,
+        retry_base_delay_s=0, callback_backoff_base_s=0.05, callback_backoff_max_s=0.2, progress_callback_interval_s=0,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+def make_worker(stack, upscalers=None, **overrides):
+    return build_worker(settings_for(stack, **overrides), upscalers or [tiny_upscaler()])
+
+
+def upload_clip(stack, make_clip, key="uploads/user123/clip.mp4", **clip_args) -> str:
+    stack.s3.upload_file(str(make_clip(**clip_args)), BUCKET, key)
+    return key
+
+
+def send(stack, body: str) -> None:
+    stack.sqs.send_message(QueueUrl=stack.queue_url, MessageBody=body)
+
+
+def enqueue(stack, key: str, job_id: str, scale: int = 2, device: str = "cpu") -> None:
+    send(stack, job_message_body(job_id, key, scale=scale, device=device, user_id="123"))
+
+
+def run_jobs(worker, rounds: int = 1) -> None:
+    for _ in range(rounds):
+        wait(worker.run_once())
+
+
+def queue_counts(stack, url=None) -> tuple[int, int]:
+    attributes = stack.sqs.get_queue_attributes(
+        QueueUrl=url or stack.queue_url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    return int(attributes["ApproximateNumberOfMessages"]), int(attributes["ApproximateNumberOfMessagesNotVisible"])
+
+
+def statuses(stack, job_id):
+    return [b["status"] for b in stack.receiver.bodies(job_id)]
+
+
