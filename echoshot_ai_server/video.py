@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 STDERR_TAIL_CHARS = 2000
 
 
+# Subtitle codecs that MP4 can carry once converted to mov_text; bitmap subtitles cannot be.
+TEXT_SUBTITLE_CODECS = {"subrip", "srt", "ass", "ssa", "mov_text", "webvtt", "text"}
+# Demuxers of still images: ffprobe reads them as one-frame "videos".
+IMAGE_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "gif", "tiff_pipe", "jpegxl_pipe"}
+
+
 @dataclass(frozen=True)
 class AudioInfo:
     stream_index: int
@@ -34,18 +40,41 @@ class AudioInfo:
 
 
 @dataclass(frozen=True)
+class SubtitleInfo:
+    stream_index: int
+    codec: str
+
+    @property
+    def is_text(self) -> bool:
+        return self.codec in TEXT_SUBTITLE_CODECS
+
+
+@dataclass(frozen=True)
 class VideoInfo:
-    width: int
+    width: int  # as stored
     height: int
     fps: Fraction
     frame_count: int
     duration_s: float
     codec: str
     audio: AudioInfo | None
+    audio_streams: tuple[AudioInfo, ...] = ()
+    subtitles: tuple[SubtitleInfo, ...] = ()
+    rotation: int = 0  # degrees the picture is turned for display
+    format_name: str = ""
 
     @property
     def has_audio(self) -> bool:
         return self.audio is not None
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        """Width and height as the video is shown (and decoded: OpenCV applies the rotation)."""
+        return (self.height, self.width) if self.rotation % 180 == 90 else (self.width, self.height)
+
+    @property
+    def is_still_image(self) -> bool:
+        return bool(IMAGE_FORMATS & set(self.format_name.split(",")))
 
 
 def _arg(path: Path) -> str:
@@ -94,20 +123,46 @@ def probe(path: Path, ffprobe: str = "ffprobe") -> VideoInfo:
     if video is None:
         raise PermanentError(ErrorCode.INVALID_VIDEO, f"{path.name} has no video stream")
     width, height = int(video.get("width") or 0), int(video.get("height") or 0)
-    fps = _fraction(video.get("avg_frame_rate")) or _fraction(video.get("r_frame_rate"))
-    if width <= 0 or height <= 0 or fps is None:
-        raise PermanentError(ErrorCode.INVALID_VIDEO, f"{path.name}: video stream has no usable size or frame rate")
     duration = _float(data.get("format", {}).get("duration")) or _float(video.get("duration")) or 0.0
     frame_count = int(video.get("nb_frames") or 0) or _count_frames(path, ffprobe)
-    audio_stream = next((s for s in streams if s.get("codec_type") == "audio"), None)
-    audio = None
-    if audio_stream is not None:
-        audio = AudioInfo(
-            stream_index=int(audio_stream["index"]),
-            codec=audio_stream.get("codec_name", "unknown"),
-            duration_s=_float(audio_stream.get("duration")),
-        )
-    return VideoInfo(width, height, fps, frame_count, duration, video.get("codec_name", "unknown"), audio)
+    fps = _fraction(video.get("avg_frame_rate"))
+    if fps is None and frame_count and duration:
+        # Matroska stores no average rate; for variable-rate video r_frame_rate is only the fastest
+        # rate. Frames over duration keeps the length right when every frame is kept.
+        video_s = _duration_tag(video.get("tags", {}).get("DURATION")) or duration
+        fps = Fraction(frame_count / video_s).limit_denominator(1001)
+    fps = fps or _fraction(video.get("r_frame_rate"))
+    if width <= 0 or height <= 0 or fps is None:
+        raise PermanentError(ErrorCode.INVALID_VIDEO, f"{path.name}: video stream has no usable size or frame rate")
+    audio_streams = tuple(
+        AudioInfo(int(st["index"]), st.get("codec_name", "unknown"), _float(st.get("duration")))
+        for st in streams if st.get("codec_type") == "audio"
+    )
+    subtitles = tuple(
+        SubtitleInfo(int(st["index"]), st.get("codec_name", "unknown"))
+        for st in streams if st.get("codec_type") == "subtitle"
+    )
+    return VideoInfo(
+        width, height, fps, frame_count, duration, video.get("codec_name", "unknown"),
+        audio_streams[0] if audio_streams else None, audio_streams, subtitles, _rotation(video),
+        data.get("format", {}).get("format_name", ""),
+    )
+
+
+def _duration_tag(text: str | None) -> float | None:
+    """Matroska's DURATION tag, "HH:MM:SS.fraction"."""
+    try:
+        hours, minutes, seconds = (text or "").split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
+
+
+def _rotation(stream: dict) -> int:
+    for side_data in stream.get("side_data_list", []):
+        if "rotation" in side_data:
+            return int(round(float(side_data["rotation"]))) % 360
+    return int(float(stream.get("tags", {}).get("rotate", 0) or 0)) % 360
 
 
 def _count_frames(path: Path, ffprobe: str) -> int:
@@ -124,9 +179,9 @@ def _count_frames(path: Path, ffprobe: str) -> int:
 
 
 def audio_problem(path: Path, ffmpeg: str = "ffmpeg") -> str | None:
-    """None when the first audio stream decodes, else why it cannot be used."""
+    """None when every audio stream decodes, else why the audio cannot be used."""
     result = _run_tool(
-        [ffmpeg, "-nostdin", "-v", "error", "-i", _arg(path), "-map", "0:a:0", "-f", "null", "-"], "audio check"
+        [ffmpeg, "-nostdin", "-v", "error", "-i", _arg(path), "-map", "0:a", "-f", "null", "-"], "audio check"
     )
     if result.returncode == 0:
         return None
@@ -148,11 +203,10 @@ class FrameReader:
         self._capture = None
 
     def __enter__(self) -> "FrameReader":
+        # OpenCV applies the container's rotation: frames come out upright, as players show them.
         self._capture = cv2.VideoCapture(_arg(self.path), cv2.CAP_FFMPEG)
         if not self._capture.isOpened():
             raise PermanentError(ErrorCode.DECODE_FAILED, f"cannot decode {self.path.name}")
-        # Frames are kept as stored, at the size ffprobe reports.
-        self._capture.set(cv2.CAP_PROP_ORIENTATION_AUTO, 0)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -202,10 +256,14 @@ class FrameWriter:
         height: int,
         fps: Fraction,
         encoder: EncoderSettings,
-        audio_source: Path | None = None,
+        streams_from: Path | None = None,
+        audio: bool = False,
+        subtitles: tuple[int, ...] = (),
         duration_s: float | None = None,
         queue_depth: int = 2,
     ):
+        """`streams_from`: the source whose audio streams (all, as AAC) and text subtitle streams
+        (these stream indices, as mov_text) go into the output beside the frames."""
         self.output = output
         self.frame_shape = (height, width, 3)
         self.frames_written = 0
@@ -214,15 +272,21 @@ class FrameWriter:
             "-f", "rawvideo", "-pix_fmt", "bgr24", "-video_size", f"{width}x{height}",
             "-framerate", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0",
         ]
-        if audio_source is not None:
-            # Reading the audio input only as long as the video lasts trims the audio to the
-            # video's length; unlike -shortest this never drops frames when the audio is shorter.
+        extra = streams_from is not None and (audio or subtitles)
+        if extra:
+            # Reading the source only as long as the video lasts trims its audio to the video's
+            # length; unlike -shortest this never drops frames when the audio is shorter.
             if duration_s:
                 self.args += ["-t", f"{duration_s:.6f}"]
-            self.args += ["-i", _arg(audio_source)]
+            self.args += ["-i", _arg(streams_from)]
         self.args += ["-map", "0:v:0"]
-        if audio_source is not None:
-            self.args += ["-map", "1:a:0", "-c:a", "aac", "-b:a", encoder.audio_bitrate]
+        if extra and audio:
+            self.args += ["-map", "1:a", "-c:a", "aac", "-b:a", encoder.audio_bitrate]
+        if extra:
+            for index in subtitles:
+                self.args += ["-map", f"1:{index}"]
+            if subtitles:
+                self.args += ["-c:s", "mov_text"]
         self.args += [
             "-c:v", "libx264", "-preset", encoder.preset, "-crf", str(encoder.crf), "-pix_fmt", "yuv420p",
             "-movflags", "+faststart", "-f", "mp4", _arg(output),

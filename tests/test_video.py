@@ -76,7 +76,7 @@ def test_reader_rejects_frames_of_an_unexpected_size(make_clip):
 def write_clip(path, frames, fps=Fraction(10), audio_source=None, encoder=EncoderSettings()):
     n, h, w, _ = frames.shape
     with FrameWriter(
-        path, width=w, height=h, fps=fps, encoder=encoder, audio_source=audio_source,
+        path, width=w, height=h, fps=fps, encoder=encoder, streams_from=audio_source, audio=audio_source is not None,
         duration_s=float(n / fps) if audio_source else None,
     ) as writer:
         for frame in frames:

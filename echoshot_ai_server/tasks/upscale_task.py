@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
 PROGRESS_LOG_STEP_PERCENT = 5.0
+# Containers' frame counts can be a little off (AVI counts a trailing packet, for one); a file that
+# decodes clearly fewer frames than it declares is truncated or corrupt.
+MISSING_FRAMES_TOLERATED = 2
+MISSING_SHARE_TOLERATED = 0.02
 
 
 @dataclass(frozen=True)
@@ -126,9 +130,10 @@ def upscale_video(
     log.info("업스케일 작업 시작 - Scale: %dx, Device: %s", scale, device.upper())
 
     info = probe(source, ffprobe)
-    log.info(
-        "비디오 정보 - 해상도: %dx%d, FPS: %.1f, 프레임: %d", info.width, info.height, float(info.fps), info.frame_count
-    )
+    width, height = info.display_size
+    log.info("비디오 정보 - 해상도: %dx%d, FPS: %.1f, 프레임: %d", width, height, float(info.fps), info.frame_count)
+    if info.is_still_image:
+        raise PermanentError(ErrorCode.INVALID_VIDEO, f"{source.name} is a still image ({info.format_name}), not a video")
     if info.frame_count <= 0:
         raise PermanentError(ErrorCode.NO_FRAMES, f"{source.name} has no video frames")
     check_limits(info, scale, limits)
@@ -136,27 +141,33 @@ def upscale_video(
     upscaler = get_upscaler()
     log.info("업스케일러 초기화 완료 - %s", upscaler.describe())
 
-    audio_source = None
+    audio = False
     if info.audio is None:
         log.info("오디오 트랙이 없습니다")
     elif (problem := audio_problem(source, encoder.ffmpeg)) is not None:
         log.warning("오디오 추출 실패 - 오디오 없이 진행합니다: %s", problem)
     else:
-        log.info("오디오 트랙 발견 - 코덱: %s", info.audio.codec)
-        audio_source = source
+        log.info("오디오 트랙 발견 - 코덱: %s", ", ".join(a.codec for a in info.audio_streams))
+        audio = True
+    subtitles = tuple(sub.stream_index for sub in info.subtitles if sub.is_text)
+    if len(subtitles) < len(info.subtitles):
+        log.warning("bitmap subtitles cannot go into MP4 and are left out: %s",
+                    ", ".join(sub.codec for sub in info.subtitles if not sub.is_text))
 
-    out_w, out_h = info.width * scale, info.height * scale
-    log.info("비디오 인코딩 중 (%s)...", "오디오 포함" if audio_source else "오디오 없음")
+    out_w, out_h = width * scale, height * scale
+    log.info("비디오 인코딩 중 (%s)...", "오디오 포함" if audio else "오디오 없음")
     progress = _ProgressLog(info.frame_count)
     done = 0
     # Three stages overlap: decoding (a thread), the model (here), encoding (ffmpeg, fed by a thread).
-    with FrameReader(source, info.width, info.height) as reader, FrameWriter(
+    with FrameReader(source, width, height) as reader, FrameWriter(
         output,
         width=out_w,
         height=out_h,
         fps=info.fps,
         encoder=encoder,
-        audio_source=audio_source,
+        streams_from=source,
+        audio=audio,
+        subtitles=subtitles,
         duration_s=float(info.frame_count / info.fps),
     ) as writer, Prefetch(reader.batches(upscaler.batch_frames)) as batches:
         for batch in batches:
@@ -170,6 +181,10 @@ def upscale_video(
         if done == 0:
             raise PermanentError(ErrorCode.NO_FRAMES, f"{source.name}: no frame could be decoded")
         log.info("프레임 업스케일 완료: %d/%d 프레임 처리", done, info.frame_count)
+    if info.frame_count - done > max(MISSING_FRAMES_TOLERATED, info.frame_count * MISSING_SHARE_TOLERATED):
+        raise PermanentError(
+            ErrorCode.DECODE_FAILED, f"only {done} of {info.frame_count} frames could be decoded: truncated or corrupt"
+        )
     if done != info.frame_count:
         log.warning("decoded %d frames where the container declares %d", done, info.frame_count)
 
