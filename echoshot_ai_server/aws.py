@@ -9,11 +9,13 @@ from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError, Retry
 NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 
 
-def client(service: str, *, region: str, endpoint_url: str | None):
+def client(service: str, *, region: str, endpoint_url: str | None, connect_timeout_s: float = 5,
+           read_timeout_s: float = 60):
     config = Config(
         retries={"max_attempts": 4, "mode": "standard"},
-        connect_timeout=5,
-        read_timeout=60,
+        connect_timeout=connect_timeout_s,
+        # SQS long polls keep a request open for up to 20 s: the read timeout must be longer.
+        read_timeout=read_timeout_s if service != "sqs" else max(read_timeout_s, 30),
         # SQS long polls for up to 20 s; S3 multipart transfers keep their own pool.
         max_pool_connections=16,
     )

@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     aws_endpoint_url: str | None = None
     sqs_queue_url: str | None = None
     s3_bucket_name: str | None = None
+    aws_connect_timeout_s: float = Field(5, gt=0)
+    aws_read_timeout_s: float = Field(60, gt=0)
 
     # The worker
     worker_device: WorkerDevice = "auto"

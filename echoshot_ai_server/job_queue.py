@@ -23,10 +23,10 @@ class QueueMessage:
 
 
 class JobQueue:
-    def __init__(self, queue_url: str, *, region: str, endpoint_url: str | None = None):
+    def __init__(self, queue_url: str, *, region: str, endpoint_url: str | None = None, **timeouts: float):
         self.url = queue_url
         self.is_fifo = queue_url.endswith(".fifo")
-        self._sqs = aws.client("sqs", region=region, endpoint_url=endpoint_url)
+        self._sqs = aws.client("sqs", region=region, endpoint_url=endpoint_url, **timeouts)
 
     def _call(self, what: str, **kwargs):
         try:

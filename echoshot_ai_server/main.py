@@ -1,6 +1,7 @@
 """The worker daemon: `python echoshot_ai_server/main.py` (the guide's ExecStart) or `echoshot worker`."""
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from echoshot_ai_server.tasks.upscale_task import UpscaleTask  # noqa: E402
 from echoshot_ai_server.upscaler import Upscaler, load_upscalers, resolve_device, torch_cuda_available  # noqa: E402
 from echoshot_ai_server.video import EncoderSettings  # noqa: E402
 from echoshot_ai_server.worker import Worker  # noqa: E402
+from echoshot_ai_server.workspace import remove_stale_worker_dirs, worker_dir  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,9 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) ->
     device = resolve_device(requested)
     slots = settings.gpu_worker_count if device == "gpu" else settings.cpu_worker_count
 
-    job_queue = JobQueue(settings.sqs_queue_url, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
+    timeouts = dict(connect_timeout_s=settings.aws_connect_timeout_s, read_timeout_s=settings.aws_read_timeout_s)
+    job_queue = JobQueue(settings.sqs_queue_url, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url,
+                         **timeouts)
     redrive_max = job_queue.max_receive_count()
     if redrive_max is None:
         log.warning("queue has no redrive policy: failed jobs are dropped after %d attempts", settings.max_receive_count)
@@ -48,10 +52,13 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) ->
         backoff_base_s=settings.callback_backoff_base_s,
         backoff_max_s=settings.callback_backoff_max_s,
     )
+    for stale in remove_stale_worker_dirs(settings.work_dir):
+        log.warning("removed the files of a worker that died: %s", stale)
     task = UpscaleTask(
-        storage=Storage(settings.s3_bucket_name, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url),
+        storage=Storage(settings.s3_bucket_name, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url,
+                        **timeouts),
         callback=callback,
-        work_dir=settings.work_dir,
+        work_dir=worker_dir(settings.work_dir, os.getpid()),
         encoder=EncoderSettings(settings.x264_preset, settings.x264_crf, settings.audio_bitrate, settings.ffmpeg_bin),
         ffprobe=settings.ffprobe_bin,
         progress_interval_s=settings.progress_callback_interval_s,

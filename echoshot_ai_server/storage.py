@@ -13,9 +13,9 @@ AWS_ERRORS = (ClientError, BotoCoreError)
 
 
 class Storage:
-    def __init__(self, bucket: str, *, region: str, endpoint_url: str | None = None):
+    def __init__(self, bucket: str, *, region: str, endpoint_url: str | None = None, **timeouts: float):
         self.bucket = bucket
-        self._s3 = aws.client("s3", region=region, endpoint_url=endpoint_url)
+        self._s3 = aws.client("s3", region=region, endpoint_url=endpoint_url, **timeouts)
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"

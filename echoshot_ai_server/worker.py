@@ -3,6 +3,7 @@
 import logging
 import queue as stdlib_queue
 import random
+import shutil
 import signal
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -137,6 +138,7 @@ class Worker:
             wait(pending)
         self._executor.shutdown(wait=True)
         self.heartbeat.stop()
+        shutil.rmtree(self.task.work_dir, ignore_errors=True)
 
     def request_stop(self, signum: int | None = None, _frame=None) -> None:
         if self.stopping.is_set():

@@ -1,6 +1,7 @@
 """An HTTP proxy on 127.0.0.1 in front of the S3/SQS server that fails chosen requests on purpose."""
 
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
@@ -24,6 +25,9 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 status = proxy._fault_for(self.command, self.path, dict(self.headers))
+                if status is not None and status < 0:
+                    time.sleep(-status)
+                    status = None
                 if status:
                     payload = b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"
                     self.send_response(status)
@@ -65,8 +69,14 @@ class FaultProxy:
         self._server.server_close()
 
     def fail(self, match: Match, times: int | None = None, status: int = 503) -> None:
+        """Answer matching requests with `status` (`times` of them; None: all)."""
         with self._lock:
             self._rules.append([match, times, status])
+
+    def slow(self, match: Match, seconds: float, times: int | None = None) -> None:
+        """Hold matching requests for `seconds` before forwarding them."""
+        with self._lock:
+            self._rules.append([match, times, -seconds])
 
     def clear(self) -> None:
         with self._lock:
@@ -87,3 +97,8 @@ class FaultProxy:
 def s3_get(key_part: str) -> Match:
     """S3 GETs of an object whose path contains key_part (SQS calls are POSTs to '/')."""
     return lambda method, path, headers: method == "GET" and key_part in path
+
+
+def sqs_call(action: str) -> Match:
+    """SQS requests of one action (boto3 speaks SQS's JSON protocol: the action is in X-Amz-Target)."""
+    return lambda method, path, headers: headers.get("X-Amz-Target", "").endswith(f".{action}")

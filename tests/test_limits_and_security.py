@@ -16,7 +16,7 @@ from echoshot_ai_server.tasks.upscale_task import check_limits, output_key, upsc
 from echoshot_ai_server.video import EncoderSettings, VideoInfo
 from echoshot_ai_server.workspace import job_workspace
 from fault_proxy import FaultProxy, s3_get
-from worker_harness import enqueue, make_worker, queue_counts, run_jobs, statuses, upload_clip
+from worker_harness import enqueue, leftovers, make_worker, queue_counts, run_jobs, statuses, upload_clip
 
 DEFAULTS = Settings().input_limits
 
@@ -139,7 +139,7 @@ def test_not_enough_disk_fails_cleanly_and_is_retried(stack, make_clip):
     run_jobs(make_worker(stack, disk_headroom_bytes=10**18))
     assert statuses(stack, "j-disk") == []  # retryable: nothing reported before the last attempt
     assert queue_counts(stack) == (1, 0)
-    assert not stack.work_dir.exists() or list(stack.work_dir.iterdir()) == []
+    assert leftovers(stack.work_dir) == []
 
 
 def test_callbacks_are_signed_and_secrets_never_appear(stack, make_clip, caplog, monkeypatch):

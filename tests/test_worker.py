@@ -15,6 +15,7 @@ from echoshot_ai_server.devtools import create_queue_with_dlq
 from echoshot_ai_server.job import job_message_body
 from fault_proxy import FaultProxy, s3_get
 from worker_harness import (
+    leftovers,
     BUCKET, REGION, enqueue, make_worker, queue_counts, run_jobs, send, statuses, upload_clip,
 )
 
@@ -49,7 +50,7 @@ def test_happy_path_end_to_end(stack, make_clip, caplog):
     assert progress[-1]["progress"] == 100.0 and progress[1]["etaSeconds"] is not None
     # And the message is gone, nothing in flight, nothing in the DLQ, no temporary files left
     assert queue_counts(stack) == (0, 0) and queue_counts(stack, stack.dlq_url) == (0, 0)
-    assert list(stack.work_dir.iterdir()) == []
+    assert leftovers(stack.work_dir) == []
     # And every log line of the job carries its id; the guide's lines are among them
     job_lines = [r for r in caplog.records if getattr(r, "job_id", None) == "job-42"]
     assert any("업스케일 작업 시작" in r.getMessage() for r in job_lines)
@@ -93,7 +94,7 @@ def test_a_file_that_is_not_a_video_fails_permanently(stack, tmp_path):
     failed = stack.receiver.wait_for("j-fake", timeout_s=1)
     assert failed["status"] == "FAILED" and failed["errorCode"] == "INVALID_VIDEO"
     assert queue_counts(stack) == (0, 0)
-    assert list(stack.work_dir.iterdir()) == []
+    assert leftovers(stack.work_dir) == []
 
 
 def test_the_worker_keeps_going_after_a_failure(stack, make_clip):
@@ -288,7 +289,7 @@ def test_sigterm_during_a_job(stack, make_clip, shared_weights_dir, tmp_path, gr
 
     # Then the worker exits 0, leaves no temporary files, and the job is either finished or back in the queue
     assert worker.returncode == 0, logs
-    assert list(stack.work_dir.iterdir()) == []
+    assert leftovers(stack.work_dir) == []
     if outcome == "released":
         assert statuses(stack, "j-term")[-1] == "PROCESSING"
         [message] = stack.sqs.receive_message(QueueUrl=stack.queue_url, WaitTimeSeconds=1)["Messages"]

@@ -52,3 +52,10 @@ def statuses(stack, job_id):
     return [b["status"] for b in stack.receiver.bodies(job_id)]
 
 
+
+
+def leftovers(work_dir) -> list:
+    """Job directories and files left under the work directory (the workers' own folders aside)."""
+    if not work_dir.exists():
+        return []
+    return sorted(p for p in work_dir.rglob("*") if not (p.is_dir() and p.name.startswith("worker-")))
