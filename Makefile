@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 WEIGHTS_DIR ?= $(if $(wildcard weights/RealESRGAN_x4plus.pth),weights,../shared/weights)
 export WEIGHTS_DIR
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean load-test
 
 install: $(STAMP)
 
@@ -23,3 +23,7 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-output output_upscaled .pytest_cache
+
+# Reliability: 200 jobs through 3 worker processes with faults injected (several minutes; not part of `make test`)
+load-test: $(STAMP)
+	$(PY) scripts/load_test.py --jobs 200 --workers 3 --json load-test.json
