@@ -5,19 +5,16 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-
-import pytest
 
 from conftest import BUCKET, REGION, REPO_ROOT
 from fault_proxy import FaultProxy, s3_get, sqs_call
-from test_worker import SlowUpscaler, wait_until
-from worker_harness import enqueue, leftovers, make_worker, queue_counts, run_jobs, statuses, upload_clip
+from worker_harness import (
+    SlowUpscaler, enqueue, leftovers, make_worker, queue_counts, run_jobs, statuses, upload_clip, wait_until,
+)
 
 
 def uploads_of(stack, job_id: str) -> int:
     return sum(1 for c in stack.receiver.received if c.body["jobId"] == job_id and c.body["status"] == "COMPLETED")
-
 
 def test_ffmpeg_dying_mid_encode_is_retried_and_completes_once(stack, make_clip, tmp_path):
     marker = tmp_path / "killed-once"
@@ -41,7 +38,6 @@ exec ffmpeg "$@"
     assert statuses(stack, "j-ffmpeg")[-1] == "COMPLETED" and uploads_of(stack, "j-ffmpeg") == 1
     assert queue_counts(stack) == (0, 0)
 
-
 def test_slow_s3_and_timeouts(stack, make_clip):
     enqueue(stack, upload_clip(stack, make_clip), "j-slow")
     with FaultProxy(stack.moto.endpoint_url) as proxy:
@@ -51,7 +47,6 @@ def test_slow_s3_and_timeouts(stack, make_clip):
         run_jobs(worker, rounds=3)
     assert statuses(stack, "j-slow")[-1] == "COMPLETED"
     assert queue_counts(stack) == (0, 0)
-
 
 def test_sqs_errors_while_polling_and_settling(stack, make_clip):
     enqueue(stack, upload_clip(stack, make_clip), "j-sqs")
@@ -71,7 +66,6 @@ def test_sqs_errors_while_polling_and_settling(stack, make_clip):
     # The delete that failed left the message; its redelivery found the result and repeated COMPLETED
     assert statuses(stack, "j-sqs").count("PROCESSING") >= 1
     assert leftovers(stack.work_dir) == []
-
 
 def test_a_worker_killed_mid_job_is_replaced_and_the_job_completes_once(stack, make_clip, shared_weights_dir):
     enqueue(stack, upload_clip(stack, make_clip, size=(48, 32), frames=30), "j-killed")

@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from conftest import BUCKET, REPO_ROOT, tiny_upscaler
+from conftest import BUCKET, tiny_upscaler
 from echoshot_ai_server.config import InputLimits, Settings
 from echoshot_ai_server.errors import ErrorCode, PermanentError
 from echoshot_ai_server.tasks.upscale_task import check_limits, output_key, upscale_video

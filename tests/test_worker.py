@@ -4,18 +4,19 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import jsonschema
 import pytest
 
-from conftest import REPO_ROOT, tiny_upscaler
+from conftest import REPO_ROOT
 from echoshot_ai_server.cli import main as echoshot
 from echoshot_ai_server.devtools import create_queue_with_dlq
 from echoshot_ai_server.job import job_message_body
 from fault_proxy import FaultProxy, s3_get
 from worker_harness import (
+    SlowUpscaler,
     leftovers,
+    wait_until,
     BUCKET, REGION, enqueue, make_worker, queue_counts, run_jobs, send, statuses, upload_clip,
 )
 
@@ -201,21 +202,6 @@ def test_transient_failure_on_the_last_attempt_reports_failed_and_goes_to_the_dl
     assert json.loads(dead["Body"])["jobId"] == "j-dlq"
 
 
-class SlowUpscaler:
-    """A real (tiny) upscaler that takes its time, to make a job outlast the visibility timeout."""
-
-    def __init__(self, seconds_per_batch: float):
-        self.inner = tiny_upscaler(batch_frames=1)
-        self.seconds_per_batch = seconds_per_batch
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def upscale(self, frames, outscale):
-        time.sleep(self.seconds_per_batch)
-        return self.inner.upscale(frames, outscale)
-
-
 def test_visibility_is_extended_while_a_long_job_runs(stack, make_clip):
     enqueue(stack, upload_clip(stack, make_clip, frames=10), "j-long")
     worker = make_worker(stack, [SlowUpscaler(0.5)], visibility_timeout_s=2, visibility_extend_every_s=0.5)
@@ -252,16 +238,6 @@ def test_worker_refuses_to_start_without_its_settings(stack, capsys, monkeypatch
     monkeypatch.delenv("SPRING_CALLBACK_URL", raising=False)
     assert echoshot(["worker"]) == 1
     assert "SQS_QUEUE_URL" in capsys.readouterr().err
-
-
-def wait_until(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(what)
 
 
 @pytest.mark.parametrize("grace_s, outcome", [(0, "released"), (120, "completed")])

@@ -1,5 +1,6 @@
 """Helpers for tests that run the worker against the local S3/SQS server (fixtures in conftest)."""
 
+import time
 from concurrent.futures import wait
 
 from conftest import BUCKET, REGION, tiny_upscaler
@@ -59,3 +60,28 @@ def leftovers(work_dir) -> list:
     if not work_dir.exists():
         return []
     return sorted(p for p in work_dir.rglob("*") if not (p.is_dir() and p.name.startswith("worker-")))
+
+
+class SlowUpscaler:
+    """A real (tiny) upscaler that takes its time, to make a job outlast the visibility timeout."""
+
+    def __init__(self, seconds_per_batch: float):
+        self.inner = tiny_upscaler(batch_frames=1)
+        self.seconds_per_batch = seconds_per_batch
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def upscale(self, frames, outscale):
+        time.sleep(self.seconds_per_batch)
+        return self.inner.upscale(frames, outscale)
+
+
+def wait_until(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(what)

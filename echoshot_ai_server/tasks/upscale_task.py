@@ -108,6 +108,32 @@ class _ProgressLog:
             self.next_percent += PROGRESS_LOG_STEP_PERCENT
 
 
+def _streams_to_keep(source: Path, info: VideoInfo, ffmpeg: str) -> tuple[bool, tuple[int, ...]]:
+    """Whether the audio goes along (all of it, when it decodes) and which subtitle streams do."""
+    audio = False
+    if info.audio is None:
+        log.info("오디오 트랙이 없습니다")
+    elif (problem := audio_problem(source, ffmpeg)) is not None:
+        log.warning("오디오 추출 실패 - 오디오 없이 진행합니다: %s", problem)
+    else:
+        log.info("오디오 트랙 발견 - 코덱: %s", ", ".join(a.codec for a in info.audio_streams))
+        audio = True
+    subtitles = tuple(sub.stream_index for sub in info.subtitles if sub.is_text)
+    if len(subtitles) < len(info.subtitles):
+        log.warning("bitmap subtitles cannot go into MP4 and are left out: %s",
+                    ", ".join(sub.codec for sub in info.subtitles if not sub.is_text))
+    return audio, subtitles
+
+
+def _check_every_frame_decoded(done: int, declared: int) -> None:
+    if declared - done > max(MISSING_FRAMES_TOLERATED, declared * MISSING_SHARE_TOLERATED):
+        raise PermanentError(
+            ErrorCode.DECODE_FAILED, f"only {done} of {declared} frames could be decoded: truncated or corrupt"
+        )
+    if done != declared:
+        log.warning("decoded %d frames where the container declares %d", done, declared)
+
+
 def upscale_video(
     source: Path,
     output: Path,
@@ -141,19 +167,7 @@ def upscale_video(
     upscaler = get_upscaler()
     log.info("업스케일러 초기화 완료 - %s", upscaler.describe())
 
-    audio = False
-    if info.audio is None:
-        log.info("오디오 트랙이 없습니다")
-    elif (problem := audio_problem(source, encoder.ffmpeg)) is not None:
-        log.warning("오디오 추출 실패 - 오디오 없이 진행합니다: %s", problem)
-    else:
-        log.info("오디오 트랙 발견 - 코덱: %s", ", ".join(a.codec for a in info.audio_streams))
-        audio = True
-    subtitles = tuple(sub.stream_index for sub in info.subtitles if sub.is_text)
-    if len(subtitles) < len(info.subtitles):
-        log.warning("bitmap subtitles cannot go into MP4 and are left out: %s",
-                    ", ".join(sub.codec for sub in info.subtitles if not sub.is_text))
-
+    audio, subtitles = _streams_to_keep(source, info, encoder.ffmpeg)
     out_w, out_h = width * scale, height * scale
     log.info("비디오 인코딩 중 (%s)...", "오디오 포함" if audio else "오디오 없음")
     progress = _ProgressLog(info.frame_count)
@@ -181,13 +195,7 @@ def upscale_video(
         if done == 0:
             raise PermanentError(ErrorCode.NO_FRAMES, f"{source.name}: no frame could be decoded")
         log.info("프레임 업스케일 완료: %d/%d 프레임 처리", done, info.frame_count)
-    if info.frame_count - done > max(MISSING_FRAMES_TOLERATED, info.frame_count * MISSING_SHARE_TOLERATED):
-        raise PermanentError(
-            ErrorCode.DECODE_FAILED, f"only {done} of {info.frame_count} frames could be decoded: truncated or corrupt"
-        )
-    if done != info.frame_count:
-        log.warning("decoded %d frames where the container declares %d", done, info.frame_count)
-
+    _check_every_frame_decoded(done, info.frame_count)
     result_info = probe(output, ffprobe)
     if (result_info.width, result_info.height, result_info.frame_count) != (out_w, out_h, writer.frames_written):
         raise PermanentError(
