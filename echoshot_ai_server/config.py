@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     callback_backoff_max_s: float = Field(30, ge=0)
     progress_callback_interval_s: float = Field(10, ge=0)
 
+    # Health and metrics (GET /healthz, GET /metrics); port 0 picks a free port
+    metrics_enabled: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9108, ge=0, le=65535)
+
     log_level: str = "INFO"
 
     @field_validator("allowed_source_prefixes", mode="before")

@@ -12,9 +12,12 @@ from echoshot_ai_server.callback import SpringCallback  # noqa: E402
 from echoshot_ai_server.config import Settings  # noqa: E402
 from echoshot_ai_server.errors import ErrorCode, PermanentError  # noqa: E402
 from echoshot_ai_server.job_queue import JobQueue  # noqa: E402
+from echoshot_ai_server.monitoring import Monitoring  # noqa: E402
 from echoshot_ai_server.storage import Storage  # noqa: E402
 from echoshot_ai_server.tasks.upscale_task import UpscaleTask  # noqa: E402
-from echoshot_ai_server.upscaler import Upscaler, load_upscalers, resolve_device, torch_cuda_available  # noqa: E402
+from echoshot_ai_server.upscaler import (  # noqa: E402
+    Upscaler, gpu_memory_stats, load_upscalers, resolve_device, torch_cuda_available,
+)
 from echoshot_ai_server.video import EncoderSettings  # noqa: E402
 from echoshot_ai_server.worker import Worker  # noqa: E402
 from echoshot_ai_server.workspace import remove_stale_worker_dirs, worker_dir  # noqa: E402
@@ -40,7 +43,12 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) ->
     timeouts = dict(connect_timeout_s=settings.aws_connect_timeout_s, read_timeout_s=settings.aws_read_timeout_s)
     job_queue = JobQueue(settings.sqs_queue_url, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url,
                          **timeouts)
+    monitoring = Monitoring(
+        queue_stale_after_s=settings.poll_wait_s + settings.aws_read_timeout_s + 30,
+        gpu_memory=gpu_memory_stats if device == "gpu" else None,
+    )
     redrive_max = job_queue.max_receive_count()
+    monitoring.queue_answered()
     if redrive_max is None:
         log.warning("queue has no redrive policy: failed jobs are dropped after %d attempts", settings.max_receive_count)
     callback = SpringCallback(
@@ -69,6 +77,7 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) ->
     if upscalers is None:
         upscalers = load_upscalers(settings.weights_path, device, settings.device_profile(device), settings.pre_pad, slots)
     log.info("업스케일러 초기화 완료 - %s, slots: %d", upscalers[0].describe(), slots)
+    monitoring.model_loaded = True
     return Worker(
         job_queue=job_queue,
         task=task,
@@ -82,6 +91,8 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) ->
         shutdown_grace_s=settings.shutdown_grace_s,
         retry_base_delay_s=settings.retry_base_delay_s,
         retry_max_delay_s=settings.retry_max_delay_s,
+        monitoring=monitoring,
+        metrics_address=(settings.metrics_host, settings.metrics_port) if settings.metrics_enabled else None,
     )
 
 

@@ -395,6 +395,10 @@ def load_upscaler(weights_path: Path, device: Device, profile: DeviceProfile, pr
     return load_upscalers(weights_path, device, profile, pre_pad)[0]
 
 
+def gpu_memory_stats() -> dict[str, int]:
+    return {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved()}
+
+
 def torch_runtime() -> dict:
     """Facts for the environment report."""
     info = {

@@ -6,6 +6,7 @@ import random
 import shutil
 import signal
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from echoshot_ai_server.callback import SpringCallback
@@ -13,6 +14,7 @@ from echoshot_ai_server.errors import ErrorCode, JobCancelled, JobError, Permane
 from echoshot_ai_server.job import CallbackPayload, parse_job, read_job_id
 from echoshot_ai_server.job_queue import JobQueue, QueueMessage
 from echoshot_ai_server.logs import job_context
+from echoshot_ai_server.monitoring import Monitoring
 from echoshot_ai_server.tasks.upscale_task import UpscaleTask
 from echoshot_ai_server.upscaler import Upscaler
 
@@ -74,6 +76,8 @@ class Worker:
         shutdown_grace_s: float = 60,
         retry_base_delay_s: int = 10,
         retry_max_delay_s: int = 900,
+        monitoring: Monitoring | None = None,
+        metrics_address: tuple[str, int] | None = None,
     ):
         self.queue = job_queue
         self.task = task
@@ -85,6 +89,8 @@ class Worker:
         self.shutdown_grace_s = shutdown_grace_s
         self.retry_base_delay_s = retry_base_delay_s
         self.retry_max_delay_s = retry_max_delay_s
+        self.monitoring = monitoring or Monitoring()
+        self.metrics_address = metrics_address
         self.heartbeat = VisibilityHeartbeat(job_queue, timeout_s=visibility_timeout_s, every_s=visibility_extend_every_s)
         self._slot_count = len(upscalers)
         self._slots: stdlib_queue.Queue[Upscaler] = stdlib_queue.Queue()
@@ -99,6 +105,8 @@ class Worker:
     def run(self) -> None:
         """Poll and work until asked to stop, then drain. Returns when every message is settled."""
         self._install_signal_handlers()
+        if self.metrics_address is not None:
+            self.monitoring.serve(*self.metrics_address)
         self.heartbeat.start()
         log.info("worker started: %d slot(s), queue %s", self._slot_count, self.queue.url)
         while not self.stopping.is_set():
@@ -117,7 +125,12 @@ class Worker:
         if free <= 0:
             wait(self._in_flight, timeout=1, return_when="FIRST_COMPLETED")
             return []
-        messages = self.queue.receive(free, wait_s=self.poll_wait_s, visibility_timeout_s=self.visibility_timeout_s)
+        try:
+            messages = self.queue.receive(free, wait_s=self.poll_wait_s, visibility_timeout_s=self.visibility_timeout_s)
+        except JobError as exc:
+            self.monitoring.queue_failed(str(exc))
+            raise
+        self.monitoring.queue_answered()
         if self.stopping.is_set():
             for message in messages:
                 self.queue.release(message)
@@ -138,6 +151,7 @@ class Worker:
             wait(pending)
         self._executor.shutdown(wait=True)
         self.heartbeat.stop()
+        self.monitoring.close()
         shutil.rmtree(self.task.work_dir, ignore_errors=True)
 
     def request_stop(self, signum: int | None = None, _frame=None) -> None:
@@ -165,44 +179,54 @@ class Worker:
 
     def handle(self, message: QueueMessage, upscaler: Upscaler) -> None:
         job_id = read_job_id(message.body)
+        started = time.monotonic()
+        self.monitoring.job_received(message.sent_at_ms)
+        frames = 0
         with job_context(job_id or f"message:{message.message_id}"):
             log.info("message received (attempt %d/%d)", message.receive_count, self.max_receive_count)
             self.heartbeat.track(message)
             try:
                 job = parse_job(message.body)
-                self.task.run(job, upscaler, self.cancel)
+                result = self.task.run(job, upscaler, self.cancel)
+                frames = result.frame_count if result else 0
                 error = None
             except Exception as exc:  # classified below, in one place
                 error = exc
             finally:
                 self.heartbeat.untrack(message)
-            self._settle(message, job_id, error)
+            outcome = "error"
+            try:
+                outcome = self._settle(message, job_id, error)
+            finally:
+                self.monitoring.job_settled(outcome, time.monotonic() - started, frames)
 
-    def _settle(self, message: QueueMessage, job_id: str | None, error: BaseException | None) -> None:
+    def _settle(self, message: QueueMessage, job_id: str | None, error: BaseException | None) -> str:
+        """Delete, release, back off or report: the one place that decides. Returns the outcome."""
         if error is None:
             self.queue.delete(message)
             log.info("job done, message deleted")
-        elif isinstance(error, JobCancelled):
+            return "completed"
+        if isinstance(error, JobCancelled):
             self.queue.release(message)
             log.warning("job stopped by shutdown; message visible again")
-        elif isinstance(error, PermanentError):
+            return "released"
+        if isinstance(error, PermanentError):
             log.error("job failed: %s", error)
-            self._report_failure_then(message, job_id, error, settle=self.queue.delete)
-        else:
-            if not isinstance(error, RetryableError):
-                log.exception("unexpected error", exc_info=error)
-                error = RetryableError(ErrorCode.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
-            if message.receive_count >= self.max_receive_count:
-                log.error("job failed after %d attempts, giving up: %s", message.receive_count, error)
-                # With a redrive policy the next receive moves the message to the dead-letter queue.
-                give_up = self.queue.release if self.dead_letter_queue else self.queue.delete
-                self._report_failure_then(message, job_id, error, settle=give_up)
-            else:
-                delay = self._retry_delay(message.receive_count)
-                log.warning("job failed (attempt %d/%d), retry in %ds: %s", message.receive_count, self.max_receive_count, delay, error)
-                self.queue.release(message, delay)
+            return self._report_failure_then(message, job_id, error, settle=self.queue.delete)
+        if not isinstance(error, RetryableError):
+            log.exception("unexpected error", exc_info=error)
+            error = RetryableError(ErrorCode.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
+        if message.receive_count >= self.max_receive_count:
+            log.error("job failed after %d attempts, giving up: %s", message.receive_count, error)
+            # With a redrive policy the next receive moves the message to the dead-letter queue.
+            give_up = self.queue.release if self.dead_letter_queue else self.queue.delete
+            return self._report_failure_then(message, job_id, error, settle=give_up)
+        delay = self._retry_delay(message.receive_count)
+        log.warning("job failed (attempt %d/%d), retry in %ds: %s", message.receive_count, self.max_receive_count, delay, error)
+        self.queue.release(message, delay)
+        return "retried"
 
-    def _report_failure_then(self, message: QueueMessage, job_id: str | None, error: JobError, settle) -> None:
+    def _report_failure_then(self, message: QueueMessage, job_id: str | None, error: JobError, settle) -> str:
         """Tell Spring, then settle. If Spring cannot be told, keep the message for a later attempt."""
         if job_id is not None:
             try:
@@ -211,12 +235,13 @@ class Worker:
                 delay = self._retry_delay(message.receive_count)
                 log.error("FAILED callback not delivered (%s); message kept, retry in %ds", exc, delay)
                 self.queue.release(message, delay)
-                return
+                return "retried"
             except PermanentError as exc:
                 log.error("%s", exc)
         else:
             log.error("message has no readable jobId, nobody to report to; dropped: %.200r", message.body)
         settle(message)
+        return "failed"
 
     def _retry_delay(self, receive_count: int) -> int:
         """Capped exponential backoff with jitter, from SQS's own receive count."""

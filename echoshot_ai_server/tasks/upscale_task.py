@@ -255,15 +255,16 @@ class UpscaleTask:
     allowed_source_prefixes: tuple[str, ...] = ("uploads/",)
     disk_headroom_bytes: int = 2**30
 
-    def run(self, job: JobMessage, upscaler: Upscaler, cancel: threading.Event) -> None:
-        """Do the job and send COMPLETED. Raises JobError or JobCancelled; the caller settles the message."""
+    def run(self, job: JobMessage, upscaler: Upscaler, cancel: threading.Event) -> UpscaleResult | None:
+        """Do the job and send COMPLETED. Returns what was computed (None when the result already
+        existed). Raises JobError or JobCancelled; the caller settles the message."""
         check_source_key(job.source_s3_key, list(self.allowed_source_prefixes))
         key = output_key(job.job_id, job.source_s3_key)
         existing = self.storage.metadata(key)
         if existing is not None:
             log.info("result already in %s: not recomputed, COMPLETED sent again", self.storage.url(key))
             self._completed(job, key, ResultMetadata.model_validate(existing), cancel)
-            return
+            return None
 
         size = self.storage.size(job.source_s3_key)
         if self.limits.max_download_bytes and size > self.limits.max_download_bytes:
@@ -297,6 +298,7 @@ class UpscaleTask:
             )
         log.info("result uploaded: %s (%.1fs)", self.storage.url(key), result.elapsed_s)
         self._completed(job, key, metadata, cancel)
+        return result
 
     def _check_disk(self, source_bytes: int, scale: int) -> None:
         """Room for the source and a result that may be scale^2 times its size, plus headroom."""
