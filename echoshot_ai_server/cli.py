@@ -5,6 +5,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +21,8 @@ from echoshot_ai_server.job import job_message_body
 from echoshot_ai_server.job_queue import JobQueue
 from echoshot_ai_server.logs import configure_logging, job_context
 from echoshot_ai_server.main import build_worker
+from echoshot_ai_server.operations import publish_backlog, replay_dead_letters
+from echoshot_ai_server.scaling import AutoScaling
 from echoshot_ai_server.tasks.upscale_task import output_key, upscale_video, validate_scale
 from echoshot_ai_server.upscaler import load_upscaler, resolve_device
 from echoshot_ai_server.video import EncoderSettings
@@ -126,18 +129,57 @@ def build_parser() -> argparse.ArgumentParser:
     enq.add_argument("--job-id", default=None, help="job id (default: a new UUID)")
     enq.add_argument("--user-id", default=None, help="user id")
     enq.add_argument("--queue-url", default=None, help="queue (default: SQS_QUEUE_URL)")
+
+    dlq = commands.add_parser("replay-dlq", help="move failed jobs from the dead-letter queue back to the job queue")
+    dlq.add_argument("--queue-url", default=None, help="job queue (default: SQS_QUEUE_URL)")
+    dlq.add_argument("--dlq-url", default=None, help="dead-letter queue (default: the job queue's redrive target)")
+    dlq.add_argument("--max", type=int, default=None, help="replay at most this many")
+    dlq.add_argument("--list", action="store_true", help="only show what is there")
+
+    backlog = commands.add_parser("publish-backlog", help="publish BacklogPerWorker to CloudWatch for autoscaling")
+    backlog.add_argument("--queue-url", default=None, help="job queue (default: SQS_QUEUE_URL)")
+    backlog.add_argument("--workers", type=int, default=None, help="running workers (default: InService instances "
+                         "of AUTOSCALING_GROUP_NAME)")
+    backlog.add_argument("--every", type=float, default=0, help="repeat every N seconds (default: once)")
     return parser
 
 
-def enqueue(args: argparse.Namespace, settings: Settings) -> None:
-    queue_url = args.queue_url or settings.sqs_queue_url
-    if not queue_url:
+def _queue(settings: Settings, url: str | None) -> JobQueue:
+    url = url or settings.sqs_queue_url
+    if not url:
         raise PermanentError(ErrorCode.INVALID_PARAMETERS, "no queue: pass --queue-url or set SQS_QUEUE_URL")
+    return JobQueue(url, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
+
+
+def replay_dlq(args: argparse.Namespace, settings: Settings) -> None:
+    target = _queue(settings, args.queue_url)
+    dlq_url = args.dlq_url or target.dead_letter_queue_url()
+    if not dlq_url:
+        raise PermanentError(ErrorCode.INVALID_PARAMETERS, f"{target.url} has no redrive policy: pass --dlq-url")
+    dead_letters = _queue(settings, dlq_url)
+    job_ids = replay_dead_letters(dead_letters, target, limit=args.max, list_only=args.list)
+    print(json.dumps({"deadLetterQueueUrl": dlq_url, "replayed" if not args.list else "waiting": job_ids}))
+
+
+def publish_backlog_loop(args: argparse.Namespace, settings: Settings) -> None:
+    job_queue = _queue(settings, args.queue_url)
+    if args.workers is None and not settings.autoscaling_group_name:
+        raise PermanentError(ErrorCode.INVALID_PARAMETERS, "pass --workers or set AUTOSCALING_GROUP_NAME")
+    autoscaling = AutoScaling(region=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
+    while True:
+        figures = publish_backlog(job_queue, autoscaling, workers=args.workers, group=settings.autoscaling_group_name)
+        print(json.dumps(figures), flush=True)
+        if not args.every:
+            return
+        time.sleep(args.every)
+
+
+def enqueue(args: argparse.Namespace, settings: Settings) -> None:
+    job_queue = _queue(settings, args.queue_url)
     job_id = args.job_id or str(uuid.uuid4())
     body = job_message_body(job_id, args.source, scale=args.scale, device=args.device, user_id=args.user_id)
-    job_queue = JobQueue(queue_url, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
     message_id = job_queue.send(body, group_id=args.user_id or job_id, dedup_id=job_id)
-    print(json.dumps({"jobId": job_id, "messageId": message_id, "queueUrl": queue_url}))
+    print(json.dumps({"jobId": job_id, "messageId": message_id, "queueUrl": job_queue.url}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
             build_worker(settings).run()
         elif args.command == "enqueue":
             enqueue(args, settings)
+        elif args.command == "replay-dlq":
+            replay_dlq(args, settings)
+        elif args.command == "publish-backlog":
+            publish_backlog_loop(args, settings)
         else:
             upscale(args, settings)
         return 0

@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     callback_backoff_max_s: float = Field(30, ge=0)
     progress_callback_interval_s: float = Field(10, ge=0)
 
+    # Auto Scaling: the group this worker's instance belongs to, for the backlog figure and for
+    # scale-in protection while a job runs (the instance id comes from the metadata service if unset)
+    autoscaling_group_name: str | None = None
+    protect_instance_while_busy: bool = False
+    ec2_instance_id: str | None = None
+
     # Health and metrics (GET /healthz, GET /metrics); port 0 picks a free port
     metrics_enabled: bool = True
     metrics_host: str = "127.0.0.1"

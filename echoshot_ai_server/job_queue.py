@@ -67,6 +67,26 @@ class JobQueue:
         extra = {"MessageGroupId": group_id, "MessageDeduplicationId": dedup_id} if self.is_fifo else {}
         return self._call("send_message", MessageBody=body, **extra)["MessageId"]
 
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    def visible_count(self) -> int:
+        attributes = self._call("get_queue_attributes", AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]
+        return int(attributes["ApproximateNumberOfMessages"])
+
+    def dead_letter_queue_url(self) -> str | None:
+        """The URL of the queue the redrive policy sends failed messages to."""
+        attributes = self._call("get_queue_attributes", AttributeNames=["RedrivePolicy"]).get("Attributes", {})
+        if "RedrivePolicy" not in attributes:
+            return None
+        arn = json.loads(attributes["RedrivePolicy"])["deadLetterTargetArn"]
+        account, name = arn.split(":")[4:6]
+        try:
+            return self._sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)["QueueUrl"]
+        except AWS_ERRORS as exc:
+            raise aws.translate(exc, f"SQS get_queue_url {name}", ErrorCode.QUEUE_UNAVAILABLE)
+
     def max_receive_count(self) -> int | None:
         """maxReceiveCount of the queue's redrive policy, or None when it has no dead-letter queue."""
         attributes = self._call("get_queue_attributes", AttributeNames=["RedrivePolicy"]).get("Attributes", {})

@@ -13,6 +13,7 @@ from echoshot_ai_server.config import Settings  # noqa: E402
 from echoshot_ai_server.errors import ErrorCode, PermanentError  # noqa: E402
 from echoshot_ai_server.job_queue import JobQueue  # noqa: E402
 from echoshot_ai_server.monitoring import Monitoring  # noqa: E402
+from echoshot_ai_server.scaling import AutoScaling, ScaleInProtection, ec2_instance_id  # noqa: E402
 from echoshot_ai_server.storage import Storage  # noqa: E402
 from echoshot_ai_server.tasks.upscale_task import UpscaleTask  # noqa: E402
 from echoshot_ai_server.upscaler import (  # noqa: E402
@@ -92,8 +93,19 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) ->
         retry_base_delay_s=settings.retry_base_delay_s,
         retry_max_delay_s=settings.retry_max_delay_s,
         monitoring=monitoring,
+        protection=scale_in_protection(settings),
         metrics_address=(settings.metrics_host, settings.metrics_port) if settings.metrics_enabled else None,
     )
+
+
+def scale_in_protection(settings: Settings) -> ScaleInProtection | None:
+    if not settings.protect_instance_while_busy:
+        return None
+    required(settings, "autoscaling_group_name")
+    instance_id = settings.ec2_instance_id or ec2_instance_id()
+    log.info("scale-in protection while busy: instance %s of %s", instance_id, settings.autoscaling_group_name)
+    autoscaling = AutoScaling(region=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
+    return ScaleInProtection(autoscaling, settings.autoscaling_group_name, instance_id)
 
 
 def main() -> int:

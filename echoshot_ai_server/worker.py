@@ -15,6 +15,7 @@ from echoshot_ai_server.job import CallbackPayload, parse_job, read_job_id
 from echoshot_ai_server.job_queue import JobQueue, QueueMessage
 from echoshot_ai_server.logs import job_context
 from echoshot_ai_server.monitoring import Monitoring
+from echoshot_ai_server.scaling import ScaleInProtection
 from echoshot_ai_server.tasks.upscale_task import UpscaleTask
 from echoshot_ai_server.upscaler import Upscaler
 
@@ -78,6 +79,7 @@ class Worker:
         retry_max_delay_s: int = 900,
         monitoring: Monitoring | None = None,
         metrics_address: tuple[str, int] | None = None,
+        protection: ScaleInProtection | None = None,
     ):
         self.queue = job_queue
         self.task = task
@@ -90,6 +92,7 @@ class Worker:
         self.retry_base_delay_s = retry_base_delay_s
         self.retry_max_delay_s = retry_max_delay_s
         self.monitoring = monitoring or Monitoring()
+        self.protection = protection
         self.metrics_address = metrics_address
         self.heartbeat = VisibilityHeartbeat(job_queue, timeout_s=visibility_timeout_s, every_s=visibility_extend_every_s)
         self._slot_count = len(upscalers)
@@ -181,6 +184,8 @@ class Worker:
         job_id = read_job_id(message.body)
         started = time.monotonic()
         self.monitoring.job_received(message.sent_at_ms)
+        if self.protection:
+            self.protection.job_started()
         frames = 0
         with job_context(job_id or f"message:{message.message_id}"):
             log.info("message received (attempt %d/%d)", message.receive_count, self.max_receive_count)
@@ -199,6 +204,8 @@ class Worker:
                 outcome = self._settle(message, job_id, error)
             finally:
                 self.monitoring.job_settled(outcome, time.monotonic() - started, frames)
+                if self.protection:
+                    self.protection.job_ended()
 
     def _settle(self, message: QueueMessage, job_id: str | None, error: BaseException | None) -> str:
         """Delete, release, back off or report: the one place that decides. Returns the outcome."""

@@ -1,0 +1,91 @@
+"""AWS Auto Scaling and CloudWatch: the backlog figure to scale on, and scale-in protection."""
+
+import logging
+import threading
+
+import requests
+from botocore.exceptions import BotoCoreError, ClientError
+
+from echoshot_ai_server import aws
+from echoshot_ai_server.errors import ErrorCode
+
+log = logging.getLogger(__name__)
+AWS_ERRORS = (ClientError, BotoCoreError)
+NAMESPACE = "EchoShotX"
+IMDS = "http://169.254.169.254/latest"
+
+
+def backlog_per_worker(visible_messages: int, workers: int) -> float:
+    """Jobs waiting per running worker. With no worker at all, every waiting job counts in full,
+    so that a group scaled to zero (the guide's GPU minimum) starts as soon as a job arrives."""
+    return float(visible_messages) / workers if workers > 0 else float(visible_messages)
+
+
+class AutoScaling:
+    def __init__(self, *, region: str, endpoint_url: str | None = None):
+        self._asg = aws.client("autoscaling", region=region, endpoint_url=endpoint_url)
+        self._cloudwatch = aws.client("cloudwatch", region=region, endpoint_url=endpoint_url)
+
+    def in_service(self, group: str) -> int:
+        try:
+            groups = self._asg.describe_auto_scaling_groups(AutoScalingGroupNames=[group])["AutoScalingGroups"]
+        except AWS_ERRORS as exc:
+            raise aws.translate(exc, f"describe group {group}", ErrorCode.SCALING_UNAVAILABLE)
+        return sum(1 for g in groups for i in g["Instances"] if i["LifecycleState"] == "InService")
+
+    def publish_backlog(self, queue_name: str, visible: int, workers: int) -> float:
+        value = backlog_per_worker(visible, workers)
+        dimensions = [{"Name": "QueueName", "Value": queue_name}]
+        try:
+            self._cloudwatch.put_metric_data(Namespace=NAMESPACE, MetricData=[
+                {"MetricName": "BacklogPerWorker", "Dimensions": dimensions, "Value": value, "Unit": "Count"},
+                {"MetricName": "VisibleMessages", "Dimensions": dimensions, "Value": visible, "Unit": "Count"},
+                {"MetricName": "RunningWorkers", "Dimensions": dimensions, "Value": workers, "Unit": "Count"},
+            ])
+        except AWS_ERRORS as exc:
+            raise aws.translate(exc, "CloudWatch put_metric_data", ErrorCode.SCALING_UNAVAILABLE)
+        return value
+
+    def protect(self, group: str, instance_id: str, protected: bool) -> None:
+        try:
+            self._asg.set_instance_protection(AutoScalingGroupName=group, InstanceIds=[instance_id],
+                                              ProtectedFromScaleIn=protected)
+        except AWS_ERRORS as exc:
+            raise aws.translate(exc, f"set instance protection of {instance_id}", ErrorCode.SCALING_UNAVAILABLE)
+
+
+def ec2_instance_id(timeout_s: float = 2) -> str:
+    """This machine's EC2 instance id, from the instance metadata service (IMDSv2)."""
+    token = requests.put(f"{IMDS}/api/token", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"},
+                         timeout=timeout_s).text
+    return requests.get(f"{IMDS}/meta-data/instance-id", headers={"X-aws-ec2-metadata-token": token},
+                        timeout=timeout_s).text.strip()
+
+
+class ScaleInProtection:
+    """Protects this instance from scale-in while at least one job runs, so that a scale-in never
+    kills a job at 95 %. Failures are logged, never fatal: the job matters more than the flag."""
+
+    def __init__(self, autoscaling: AutoScaling, group: str, instance_id: str):
+        self.autoscaling, self.group, self.instance_id = autoscaling, group, instance_id
+        self._running = 0
+        self._lock = threading.Lock()
+
+    def job_started(self) -> None:
+        with self._lock:
+            self._running += 1
+            if self._running == 1:
+                self._set(True)
+
+    def job_ended(self) -> None:
+        with self._lock:
+            self._running -= 1
+            if self._running == 0:
+                self._set(False)
+
+    def _set(self, protected: bool) -> None:
+        try:
+            self.autoscaling.protect(self.group, self.instance_id, protected)
+            log.info("scale-in protection %s for %s", "on" if protected else "off", self.instance_id)
+        except Exception as exc:  # noqa: BLE001 - see the class docstring
+            log.warning("could not set scale-in protection: %s", exc)
