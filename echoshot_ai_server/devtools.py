@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -112,6 +113,7 @@ class CallbackReceiver:
     """
 
     port: int = 0
+    host: str = LOCALHOST
     received: list[ReceivedCallback] = field(default_factory=list)
     down: int | None = None
     _failures: list[int] = field(default_factory=list)
@@ -142,9 +144,9 @@ class CallbackReceiver:
             def log_message(self, *args):
                 pass
 
-        self._server = ThreadingHTTPServer((LOCALHOST, self.port), Handler)
+        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
         self.port = self._server.server_address[1]
-        self.url = f"http://{LOCALHOST}:{self.port}/api/jobs/{{job_id}}/callback"
+        self.url = f"http://{self.host}:{self.port}/api/jobs/{{job_id}}/callback"
 
     def __enter__(self) -> "CallbackReceiver":
         threading.Thread(target=self._server.serve_forever, name="callback-receiver", daemon=True).start()
@@ -176,8 +178,8 @@ class CallbackReceiver:
                 self._lock.wait(remaining)
 
 
-def _serve_receiver(port: int) -> None:
-    with CallbackReceiver(port=port) as receiver:
+def _serve_receiver(host: str, port: int) -> None:
+    with CallbackReceiver(host=host, port=port) as receiver:
         print(f"callback receiver on {receiver.url}", flush=True)
         last = 0
         try:
@@ -190,10 +192,52 @@ def _serve_receiver(port: int) -> None:
             pass
 
 
+def _local_setup(bucket: str, queue: str, sample_job: bool) -> None:
+    """Create the bucket and the queue (with its dead-letter queue) on the server AWS_ENDPOINT_URL
+    points at; optionally upload a generated clip and enqueue a job for it."""
+    from echoshot_ai_server.config import Settings
+    from echoshot_ai_server.job import job_message_body
+
+    settings = Settings()
+    s3 = boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
+    sqs = boto3.client("sqs", region_name=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
+    for _ in range(60):  # the server may still be starting
+        try:
+            s3.list_buckets()
+            break
+        except Exception:  # noqa: BLE001
+            time.sleep(1)
+    if bucket not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+        create_bucket(s3, bucket, settings.aws_region)
+    queue_url, dlq_url = create_queue_with_dlq(sqs, queue, max_receive_count=5)
+    print(f"bucket {bucket}, queue {queue_url}, dead letters {dlq_url}", flush=True)
+    if sample_job:
+        with tempfile.TemporaryDirectory() as tmp:
+            sample = Path(tmp) / "sample.mp4"
+            subprocess.run(
+                ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi",
+                 "-i", "testsrc2=size=128x72:rate=12:duration=2", "-f", "lavfi", "-i", "sine=duration=2",
+                 "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(sample)],
+                check=True,
+            )
+            s3.upload_file(str(sample), bucket, "uploads/demo-user/sample.mp4")
+        body = job_message_body("local-sample", "uploads/demo-user/sample.mp4", scale=2, device="cpu", user_id="demo-user")
+        sqs.send_message(QueueUrl=queue_url, MessageBody=body)
+        print("enqueued job local-sample for s3://%s/uploads/demo-user/sample.mp4" % bucket, flush=True)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="local stand-ins for the worker's neighbours")
     sub = parser.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("receiver", help="print the callbacks Spring would receive")
+    rec.add_argument("--host", default=LOCALHOST)
     rec.add_argument("--port", type=int, default=8080)
+    setup = sub.add_parser("local-setup", help="create the bucket and queues on AWS_ENDPOINT_URL")
+    setup.add_argument("--bucket", required=True)
+    setup.add_argument("--queue", required=True)
+    setup.add_argument("--sample-job", action="store_true", help="also upload a sample clip and enqueue a job")
     args = parser.parse_args()
-    _serve_receiver(args.port)
+    if args.command == "receiver":
+        _serve_receiver(args.host, args.port)
+    else:
+        _local_setup(args.bucket, args.queue, args.sample_job)
