@@ -127,3 +127,25 @@ def test_local_setup_creates_the_bucket_queues_and_a_sample_job(moto_server, tmp
     [message] = sqs.receive_message(QueueUrl=queue)["Messages"]
     assert '"jobId": "local-sample"' in message["Body"]
     assert "RedrivePolicy" in sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
+
+
+def test_the_autoscaling_policies_apply(moto_server):
+    sys.path.insert(0, str(REPO_ROOT / "deploy" / "autoscaling"))
+    from apply_policies import apply
+
+    moto_server.reset()
+    autoscaling, cloudwatch = moto_server.client("autoscaling", "ap-northeast-2"), moto_server.client("cloudwatch", "ap-northeast-2")
+    image = moto_server.client("ec2", "ap-northeast-2").describe_images()["Images"][0]["ImageId"]
+    autoscaling.create_launch_configuration(LaunchConfigurationName="lc", ImageId=image, InstanceType="t3.xlarge")
+    for group in ("echoshotx-cpu-workers", "echoshotx-gpu-workers"):
+        autoscaling.create_auto_scaling_group(AutoScalingGroupName=group, LaunchConfigurationName="lc", MinSize=0,
+                                              MaxSize=10, DesiredCapacity=0, AvailabilityZones=["ap-northeast-2a"])
+
+    arns = apply(autoscaling, cloudwatch)
+
+    policies = {p["PolicyName"]: p for p in autoscaling.describe_policies()["ScalingPolicies"]}
+    tracking = policies["echoshotx-backlog-per-worker"]["TargetTrackingConfiguration"]
+    assert tracking["CustomizedMetricSpecification"]["MetricName"] == "BacklogPerWorker"
+    alarms = {a["AlarmName"]: a for a in cloudwatch.describe_alarms()["MetricAlarms"]}
+    assert alarms["echoshotx-gpu-jobs-waiting"]["AlarmActions"] == [arns["SCALE_OUT_POLICY_ARN"]]
+    assert alarms["echoshotx-gpu-idle-5-minutes"]["EvaluationPeriods"] == 5
