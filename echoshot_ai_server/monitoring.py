@@ -10,6 +10,8 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from echoshot_ai_server.errors import ErrorCode, PermanentError
+
 log = logging.getLogger(__name__)
 
 DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
@@ -97,7 +99,13 @@ class Monitoring:
             def log_message(self, *args):
                 pass
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise PermanentError(
+                ErrorCode.INVALID_PARAMETERS, f"cannot serve health and metrics on {host}:{port} ({exc.strerror}): "
+                "set METRICS_PORT to a free port, or METRICS_ENABLED=false",
+            ) from exc
         threading.Thread(target=self._server.serve_forever, name="monitoring", daemon=True).start()
         self.port = self._server.server_address[1]
         log.info("health and metrics on http://%s:%d/healthz and /metrics", host, self.port)

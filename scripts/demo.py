@@ -54,7 +54,7 @@ def main() -> int:
         env = {
             **os.environ, **moto.env(REGION),
             "SQS_QUEUE_URL": queue_url, "S3_BUCKET_NAME": BUCKET, "SPRING_CALLBACK_URL": receiver.url,
-            "POLL_WAIT_S": "2", "PROGRESS_CALLBACK_INTERVAL_S": "5",
+            "POLL_WAIT_S": "2", "PROGRESS_CALLBACK_INTERVAL_S": "5", "METRICS_PORT": "0",
         }
         step("enqueue a job the way Spring does: echoshot enqueue")
         enqueued = subprocess.run(

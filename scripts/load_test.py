@@ -144,7 +144,7 @@ def main() -> int:
         env = {
             **os.environ, **moto.env(REGION), "AWS_ENDPOINT_URL": proxy.url, "SQS_QUEUE_URL": queue_url,
             "S3_BUCKET_NAME": BUCKET, "SPRING_CALLBACK_URL": receiver.url, "WEIGHTS_DIR": str(args.weights_dir),
-            "WORK_DIR": str(work_dir), "WORKER_DEVICE": "cpu", "CPU_WORKER_COUNT": "1", "POLL_WAIT_S": "2",
+            "WORK_DIR": str(work_dir), "WORKER_DEVICE": "cpu", "CPU_WORKER_COUNT": "1", "POLL_WAIT_S": "2", "METRICS_PORT": "0",
             "VISIBILITY_TIMEOUT_S": "20", "VISIBILITY_EXTEND_EVERY_S": "5", "RETRY_BASE_DELAY_S": "2",
             "RETRY_MAX_DELAY_S": "20", "PROGRESS_CALLBACK_INTERVAL_S": "30", "OMP_NUM_THREADS": "1",
         }

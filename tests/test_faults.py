@@ -72,7 +72,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_completes_once(stack, m
     env = {
         **stack.moto.env(REGION), "PATH": os.environ["PATH"], "SQS_QUEUE_URL": stack.queue_url,
         "S3_BUCKET_NAME": BUCKET, "SPRING_CALLBACK_URL": stack.receiver.url, "WEIGHTS_DIR": str(shared_weights_dir),
-        "WORK_DIR": str(stack.work_dir), "WORKER_DEVICE": "cpu", "CPU_WORKER_COUNT": "1", "POLL_WAIT_S": "1",
+        "WORK_DIR": str(stack.work_dir), "WORKER_DEVICE": "cpu", "CPU_WORKER_COUNT": "1", "POLL_WAIT_S": "1", "METRICS_PORT": "0",
         "PROGRESS_CALLBACK_INTERVAL_S": "0", "VISIBILITY_TIMEOUT_S": "4", "VISIBILITY_EXTEND_EVERY_S": "1",
         "SHUTDOWN_GRACE_S": "120",
     }

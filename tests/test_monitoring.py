@@ -6,10 +6,12 @@ import subprocess
 import sys
 import threading
 
+import pytest
 import requests
 
 from conftest import BUCKET, REGION, REPO_ROOT
 from echoshot_ai_server.devtools import free_port
+from echoshot_ai_server.errors import PermanentError
 from echoshot_ai_server.monitoring import Monitoring
 from fault_proxy import FaultProxy, sqs_call
 from worker_harness import enqueue, make_worker, statuses, upload_clip, wait_until
@@ -99,3 +101,13 @@ def test_the_worker_daemon_serves_health_on_its_port(stack, shared_weights_dir):
         output, _ = worker.communicate(timeout=120)
     assert worker.returncode == 0, output
     assert f"http://127.0.0.1:{port}/healthz" in output
+
+
+def test_a_busy_metrics_port_is_one_clear_error():
+    first = Monitoring()
+    port = first.serve("127.0.0.1", 0)
+    try:
+        with pytest.raises(PermanentError, match=f"cannot serve health and metrics on 127.0.0.1:{port}"):
+            Monitoring().serve("127.0.0.1", port)
+    finally:
+        first.close()

@@ -247,7 +247,7 @@ def test_sigterm_during_a_job(stack, make_clip, shared_weights_dir, tmp_path, gr
     env = {
         **stack.moto.env(REGION), "PATH": "/usr/bin:/bin", "SQS_QUEUE_URL": stack.queue_url,
         "S3_BUCKET_NAME": BUCKET, "SPRING_CALLBACK_URL": stack.receiver.url, "WEIGHTS_DIR": str(shared_weights_dir),
-        "WORK_DIR": str(stack.work_dir), "WORKER_DEVICE": "cpu", "CPU_WORKER_COUNT": "1", "POLL_WAIT_S": "1",
+        "WORK_DIR": str(stack.work_dir), "WORKER_DEVICE": "cpu", "CPU_WORKER_COUNT": "1", "POLL_WAIT_S": "1", "METRICS_PORT": "0",
         "PROGRESS_CALLBACK_INTERVAL_S": "0", "SHUTDOWN_GRACE_S": str(grace_s), "VISIBILITY_TIMEOUT_S": "60",
     }
     worker = subprocess.Popen([sys.executable, "echoshot_ai_server/main.py"], cwd=REPO_ROOT, env=env,
