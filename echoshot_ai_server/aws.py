@@ -16,7 +16,6 @@ def client(service: str, *, region: str, endpoint_url: str | None, connect_timeo
         connect_timeout=connect_timeout_s,
         # SQS long polls keep a request open for up to 20 s: the read timeout must be longer.
         read_timeout=read_timeout_s if service != "sqs" else max(read_timeout_s, 30),
-        # SQS long polls for up to 20 s; S3 multipart transfers keep their own pool.
         max_pool_connections=16,
     )
     return boto3.client(service, region_name=region, endpoint_url=endpoint_url, config=config)
@@ -24,10 +23,9 @@ def client(service: str, *, region: str, endpoint_url: str | None, connect_timeo
 
 def translate(exc: Exception, what: str, unavailable: ErrorCode, not_found: ErrorCode | None = None) -> JobError:
     """A boto3/botocore exception as a PermanentError (the thing is not there) or a RetryableError."""
-    if isinstance(exc, ClientError):
+    if not_found is not None and isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if not_found is not None and (code in NOT_FOUND_CODES or status == 404):
+        if code in NOT_FOUND_CODES or status == 404:
             return PermanentError(not_found, f"{what}: not found")
-        return RetryableError(unavailable, f"{what}: {exc}")
     return RetryableError(unavailable, f"{what}: {exc}")

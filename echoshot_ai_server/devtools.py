@@ -178,6 +178,18 @@ class CallbackReceiver:
                 self._lock.wait(remaining)
 
 
+def make_sample_clip(path: Path) -> Path:
+    """Two seconds of moving test pattern with a tone, 128x72 at 12 fps: small enough for 2 CPU cores."""
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-y",
+         "-f", "lavfi", "-i", "testsrc2=size=128x72:rate=12:duration=2",
+         "-f", "lavfi", "-i", "sine=frequency=440:duration=2",
+         "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(path)],
+        check=True,
+    )
+    return path
+
+
 def _serve_receiver(host: str, port: int) -> None:
     with CallbackReceiver(host=host, port=port) as receiver:
         print(f"callback receiver on {receiver.url}", flush=True)
@@ -213,13 +225,7 @@ def _local_setup(bucket: str, queue: str, sample_job: bool) -> None:
     print(f"bucket {bucket}, queue {queue_url}, dead letters {dlq_url}", flush=True)
     if sample_job:
         with tempfile.TemporaryDirectory() as tmp:
-            sample = Path(tmp) / "sample.mp4"
-            subprocess.run(
-                ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi",
-                 "-i", "testsrc2=size=128x72:rate=12:duration=2", "-f", "lavfi", "-i", "sine=duration=2",
-                 "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(sample)],
-                check=True,
-            )
+            sample = make_sample_clip(Path(tmp) / "sample.mp4")
             s3.upload_file(str(sample), bucket, "uploads/demo-user/sample.mp4")
         body = job_message_body("local-sample", "uploads/demo-user/sample.mp4", scale=2, device="cpu", user_id="demo-user")
         sqs.send_message(QueueUrl=queue_url, MessageBody=body)

@@ -13,7 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from echoshot_ai_server.devtools import CallbackReceiver, MotoServer, create_bucket, create_queue_with_dlq
+from echoshot_ai_server.devtools import (
+    CallbackReceiver, MotoServer, create_bucket, create_queue_with_dlq, make_sample_clip,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "demo-output"
@@ -22,27 +24,14 @@ BUCKET = "echoshotx-videos"
 SOURCE_KEY = "uploads/demo-user/sample.mp4"
 
 
-def make_sample() -> Path:
-    """Two seconds of moving test pattern with a tone, 128x72 at 12 fps: small enough for 2 CPU cores."""
-    OUT_DIR.mkdir(exist_ok=True)
-    sample = OUT_DIR / "sample.mp4"
-    subprocess.run(
-        ["ffmpeg", "-nostdin", "-loglevel", "error", "-y",
-         "-f", "lavfi", "-i", "testsrc2=size=128x72:rate=12:duration=2",
-         "-f", "lavfi", "-i", "sine=frequency=440:duration=2",
-         "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(sample)],
-        check=True,
-    )
-    return sample
-
-
 def step(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
 
 def main() -> int:
     started = time.monotonic()
-    sample = make_sample()
+    OUT_DIR.mkdir(exist_ok=True)
+    sample = make_sample_clip(OUT_DIR / "sample.mp4")
     with MotoServer() as moto, CallbackReceiver() as receiver:
         step(f"S3/SQS-compatible server on {moto.endpoint_url}, Spring stand-in on {receiver.url}")
         s3, sqs = moto.client("s3", REGION), moto.client("sqs", REGION)
