@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO))
 from echoshot_ai_server.upscaler import X4PLUS, Upscaler, build_model  # noqa: E402
 
 MFLOP_PER_PIXEL = 35.85
+FEAT_CHANNELS = 64
 
 
 def timed(fn, repeats: int) -> float:
@@ -34,9 +35,9 @@ def timed(fn, repeats: int) -> float:
     return start.elapsed_time(end) / 1e3 / repeats
 
 
-def engine(model, tile: int, batch: int, channels_last: bool = True) -> Upscaler:
+def engine(model, tile: int, batch: int, channels_last: bool = True, kind: str = "eager") -> Upscaler:
     return Upscaler(model, device="gpu", half=True, tile=tile, tile_pad=10, fallback_tile=128,
-                    batch_frames=batch, channels_last=channels_last)
+                    batch_frames=batch, channels_last=channels_last, engine=kind)
 
 
 def encoder_fps(ffmpeg: str, width: int, height: int, frames: int, pix_fmt: str) -> float:
@@ -62,19 +63,23 @@ def encoder_fps(ffmpeg: str, width: int, height: int, frames: int, pix_fmt: str)
 def layer_rows(results: dict, args, w: int, h: int, batch: int = 4) -> None:
     """One dense block's convolutions at batch 4: cuDNN (contiguous channels-last input, as after a
     torch.cat) against the Triton kernel reading its input in place from the 192-channel buffer."""
-    from fused_rrdb import BUFFER_CHANNELS, _Conv, _conv3x3_nhwc_tuned
+    from echoshot_ai_server.fused_trunk import _Conv, _conv3x3_padded_tuned
 
     torch.backends.cudnn.benchmark = True
-    buffer = torch.randn(batch, h, w, BUFFER_CHANNELS, device="cuda", dtype=torch.float16)
+    rows = batch * (h + 2) * (w + 2)
+    buffer = torch.randn(rows, 192, device="cuda", dtype=torch.float16)
     for cin, cout in [(64, 32), (96, 32), (128, 32), (160, 32), (192, 64)]:
         conv = torch.nn.Conv2d(cin, cout, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
-        dense = buffer[..., :cin].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        dense = torch.randn(batch, cin, h, w, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
         cudnn_s = timed(lambda: conv(dense), 20)
         packed = _Conv(conv, torch.float16)
-        out = torch.empty(batch, h, w, cout, device="cuda", dtype=torch.float16)
-        triton_s = timed(lambda: packed(buffer[..., :cin], out, lrelu=True), 20)
+        out = torch.empty(rows, cout, device="cuda", dtype=torch.float16)
+        if cout == FEAT_CHANNELS:  # conv5: the residual epilogue, as in the trunk
+            triton_s = timed(lambda: packed(buffer, out, (h, w), res1=buffer[:, :cout], scale=0.2), 20)
+        else:
+            triton_s = timed(lambda: packed(buffer[:, :cin], out, (h, w), lrelu=True), 20)
         flop = 2 * 9 * cin * cout * batch * h * w
-        best = [str(cfg) for key, cfg in _conv3x3_nhwc_tuned.cache.items() if cin in key and cout in key]
+        best = [str(cfg) for key, cfg in _conv3x3_padded_tuned.cache.items() if cin in key and cout in key]
         row = {"variant": f"conv {cin}->{cout}, batch {batch}", "cudnn_us": round(cudnn_s * 1e6), "triton_us": round(triton_s * 1e6),
                "cudnn_tflops": round(flop / cudnn_s / 1e12, 1), "triton_tflops": round(flop / triton_s / 1e12, 1),
                "triton_config": best[:1]}
@@ -88,9 +93,10 @@ def main() -> int:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--size", default="640x480")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-batches", default="1,4")
     parser.add_argument("--ffmpeg", default=None)
     parser.add_argument("--fused", action="store_true", help="also the fused Triton trunk")
-    parser.add_argument("--only-fused", action="store_true", help="skip the other variants")
+    parser.add_argument("--only-fused", action="store_true", help="skip the eager variants")
     parser.add_argument("--layers", action="store_true", help="each dense-block convolution: cuDNN vs the Triton kernel")
     args = parser.parse_args()
     w, h = (int(v) for v in args.size.split("x"))
@@ -110,55 +116,56 @@ def main() -> int:
     if args.layers:
         layer_rows(results, args, w, h)
     if args.fused or args.only_fused:
-        from fused_rrdb import FusedRRDBNet
+        from echoshot_ai_server.fused_trunk import FusedRRDBNet
 
         reference = engine(model, 0, 1)
-        expected = reference.upscale_tensor(frames[:2], 4).float()
-        for batch in (1, 2, 4):
+        expected = reference.upscale_tensor(frames[:1], 4).float()
+        for batch, compile_tail in [(1, False), (4, False), (4, True), (8, True)]:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             up = engine(model, 0, batch)
-            up.forward = FusedRRDBNet(up.model)
+            up.forward = FusedRRDBNet(up.model, compile_tail=compile_tail)
+            up.fixed_shapes = True
             started = time.perf_counter()
-            got = up.upscale_tensor(frames[:2], 4).float()
+            got = up.upscale_tensor(frames[:batch], 4)[:1].float()
             torch.cuda.synchronize()
             warmup = time.perf_counter() - started
             diff = (got - expected).abs()
-            record(f"fused Triton trunk, whole frame, batch {batch}", timed(lambda: up.upscale_tensor(frames[:batch], 4), 5),
+            tail = ", compiled tail" if compile_tail else ""
+            record(f"fused Triton trunk (TMA), whole frame, batch {batch}{tail}",
+                   timed(lambda: up.upscale_tensor(frames[:batch], 4), 5),
                    batch, {"first_call_s": round(warmup, 1), "max_abs_diff_uint8": diff.max().item(),
                            "mean_abs_diff_uint8": round(diff.mean().item(), 4)})
-        if args.only_fused:
-            return 0
-    for name, tile, batch, channels_last in [
-        ("fp16 NCHW, tile 256, batch 1 (the guide's model settings)", 256, 1, False),
-        ("fp16 channels-last, tile 256, batch 1", 256, 1, True),
-        ("fp16 channels-last, tile 256, batch 4", 256, 4, True),
-        ("fp16 channels-last, whole frame, batch 1", 0, 1, True),
-        ("fp16 channels-last, whole frame, batch 2", 0, 2, True),
-        ("fp16 channels-last, whole frame, batch 4", 0, 4, True),
-        ("fp16 channels-last, whole frame, batch 8", 0, 8, True),
-    ]:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        up = engine(model, tile, batch, channels_last)
-        record(name, timed(lambda: up.upscale_tensor(frames[:batch], 4), 5), batch)
-
-    # Memory per input pixel of a whole-frame forward (for planning tiles and batches)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    up = engine(model, 0, 1)
-    up.upscale_tensor(frames[:1], 4)
-    torch.cuda.synchronize()
-    results["bytes_per_input_pixel_fp16"] = round((torch.cuda.max_memory_allocated() - base) / (w * h))
-    print("bytes per input pixel:", results["bytes_per_input_pixel_fp16"], flush=True)
-
-    if args.compile:
-        for batch in (1, 4):
+    if not args.only_fused:  # the eager variants
+        for name, tile, batch, channels_last in [
+            ("fp16 NCHW, tile 256, batch 1 (the guide's model settings)", 256, 1, False),
+            ("fp16 channels-last, tile 256, batch 1", 256, 1, True),
+            ("fp16 channels-last, tile 256, batch 4", 256, 4, True),
+            ("fp16 channels-last, whole frame, batch 1", 0, 1, True),
+            ("fp16 channels-last, whole frame, batch 2", 0, 2, True),
+            ("fp16 channels-last, whole frame, batch 4", 0, 4, True),
+            ("fp16 channels-last, whole frame, batch 8", 0, 8, True),
+        ]:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            up = engine(build_model(X4PLUS), 0, batch)
-            up.model = torch.compile(up.model)
+            up = engine(model, tile, batch, channels_last)
+            record(name, timed(lambda: up.upscale_tensor(frames[:batch], 4), 5), batch)
+
+        # Memory per input pixel of a whole-frame forward (for planning tiles and batches)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        up = engine(model, 0, 1)
+        up.upscale_tensor(frames[:1], 4)
+        torch.cuda.synchronize()
+        results["bytes_per_input_pixel_fp16"] = round((torch.cuda.max_memory_allocated() - base) / (w * h))
+        print("bytes per input pixel:", results["bytes_per_input_pixel_fp16"], flush=True)
+
+    if args.compile:
+        for batch in (int(b) for b in args.compile_batches.split(",")):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            up = engine(build_model(X4PLUS), 0, batch, kind="compile")
             started = time.perf_counter()
             up.upscale_tensor(frames[:batch], 4)
             torch.cuda.synchronize()

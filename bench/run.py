@@ -201,7 +201,7 @@ def bench_case(size, scale, args, weights, workdir, seed, flops_px, peak_tflops)
     frames = decode(source)
     log(f"{name} x{scale}: {len(frames)} frames")
 
-    settings = Settings(ffmpeg_bin=args.ffmpeg, ffprobe_bin=args.ffprobe)
+    settings = Settings(ffmpeg_bin=args.ffmpeg, ffprobe_bin=args.ffprobe, gpu_engine=args.engine)
     engine_device = "gpu" if args.device == "cuda" else "cpu"
     upscaler = load_upscaler(weights, engine_device, settings.device_profile(engine_device), settings.pre_pad)
     started = time.perf_counter()
@@ -240,6 +240,7 @@ def bench_case(size, scale, args, weights, workdir, seed, flops_px, peak_tflops)
         "clip": f"{name}@30fps, {len(frames)} frames, with audio",
         "size": name,
         "scale": scale,
+        "engine": upscaler.engine,
         "frames": len(frames),
         "seed_fps": round(seed_frames / seed_s, 3) if seed_frames else None,
         "ours_fps": round(result.frame_count / ours_s, 3),
@@ -283,14 +284,14 @@ def markdown(report: dict) -> str:
         f"{report['machine']['date']}; weights: {report['weights']}; "
         f"bf16 matrix rate measured: {report['bf16_tflops'] or '-'} TFLOP/s; model cost {report['mflop_per_pixel']} MFLOP/input pixel",
         "",
-        "| clip | scale | seed fps | ours fps | ours/seed | model fps | model TFLOP/s (% bf16) | peak GPU GB | PSNR dB (pre-H.264 / decoded / seed decoded) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| clip | scale | engine | seed fps | ours fps | ours/seed | model fps | model TFLOP/s (% bf16) | warm-up s | peak GPU GB | PSNR dB (pre-H.264 / decoded / seed decoded) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in report["cases"]:
         pct = f" ({c['model_pct_of_bf16_peak']} %)" if c["model_pct_of_bf16_peak"] is not None else ""
         lines.append(
-            f"| {c['size']} | x{c['scale']} | {c['seed_fps']} | {c['ours_fps']} | **{c['ratio']}x** | {c['model_fps']} | "
-            f"{c['model_tflops']}{pct} | {c['peak_gpu_memory_gb'] if c['peak_gpu_memory_gb'] is not None else '-'} | "
+            f"| {c['size']} | x{c['scale']} | {c['engine']} | {c['seed_fps']} | {c['ours_fps']} | **{c['ratio']}x** | {c['model_fps']} | "
+            f"{c['model_tflops']}{pct} | {c['warmup_s']} | {c['peak_gpu_memory_gb'] if c['peak_gpu_memory_gb'] is not None else '-'} | "
             f"{c['psnr_db']} / {c['psnr_decoded_db']} / {c['psnr_seed_decoded_db']} |"
         )
     return "\n".join(lines)
@@ -309,6 +310,8 @@ def main() -> int:
     parser.add_argument("--psnr-frames", type=int, default=3)
     parser.add_argument("--skip-seed", action="store_true", help="ours only (e.g. a memory-limit check)")
     parser.add_argument("--model-repeats", type=int, default=None)
+    parser.add_argument("--engine", choices=("auto", "fused", "compile", "eager"), default="auto",
+                        help="the GPU engine of 'ours' (default: as the worker chooses)")
     args = parser.parse_args()
     args.seconds = args.seconds or (0.4 if args.quick else 2.0)
     args.model_repeats = args.model_repeats or (2 if args.quick else 10)

@@ -10,6 +10,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Device = Literal["gpu", "cpu"]
 WorkerDevice = Literal["auto", "gpu", "cpu"]
+# How whole frames run on the GPU: fused Triton trunk (Hopper and later), torch.compile, or plain PyTorch.
+Engine = Literal["auto", "fused", "compile", "eager"]
 
 WEIGHTS_FILE = "RealESRGAN_x4plus.pth"
 WEIGHTS_URL = "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth"
@@ -24,7 +26,7 @@ class DeviceProfile:
     fallback_tile: int
     half: bool
     batch_frames: int
-    compile: bool = False
+    engine: Engine = "eager"
     memory_limit_gb: float = 0  # 0: the whole device
 
 
@@ -53,7 +55,7 @@ class Settings(BaseSettings):
     gpu_tile_pad: int = Field(10, ge=0)
     gpu_tile_fallback: int = Field(128, ge=0)
     gpu_batch_frames: int = Field(4, ge=1)
-    gpu_compile: bool = True
+    gpu_engine: Engine = "auto"
     gpu_memory_limit_gb: float = Field(0, ge=0)
     cpu_tile: int = Field(128, ge=0)
     cpu_tile_pad: int = Field(5, ge=0)
@@ -146,6 +148,6 @@ class Settings(BaseSettings):
         if device == "gpu":
             return DeviceProfile(
                 self.gpu_tile, self.gpu_tile_pad, self.gpu_tile_fallback, True, self.gpu_batch_frames,
-                self.gpu_compile, self.gpu_memory_limit_gb,
+                self.gpu_engine, self.gpu_memory_limit_gb,
             )
         return DeviceProfile(self.cpu_tile, self.cpu_tile_pad, self.cpu_tile_fallback, False, self.cpu_batch_frames)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from echoshot_ai_server.config import WEIGHTS_URL, Device, DeviceProfile
+from echoshot_ai_server.config import WEIGHTS_URL, Device, DeviceProfile, Engine
 from echoshot_ai_server.errors import ErrorCode, PermanentError, RetryableError
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,32 @@ def lanczos_half(images: torch.Tensor) -> torch.Tensor:
     return x.reshape(n, c, h // 2, w // 2)
 
 
+def resolve_engine(requested: Engine, model: nn.Module, device: torch.device) -> Engine:
+    """The engine that will run: `auto` is the fused one where it can run, else `torch.compile`."""
+    if requested in ("eager", "compile"):
+        return requested
+    from .fused_trunk import fused_unsupported_reason
+
+    reason = fused_unsupported_reason(model, device)
+    if reason is None:
+        return "fused"
+    if requested == "fused":
+        log.warning("%s: torch.compile 엔진으로 대체합니다", reason)
+    return "compile"
+
+
+def build_forward(engine: Engine, model: nn.Module, dtype: torch.dtype):
+    """The callable that runs whole frames through `model` with the given engine."""
+    if engine == "compile":
+        # torch.compile fuses the element-wise work between the convolutions.
+        return torch.compile(model)
+    if engine == "fused":
+        from .fused_trunk import FusedRRDBNet
+
+        return FusedRRDBNet(model, dtype, compile_tail=True)
+    return model
+
+
 class Upscaler:
     """A loaded Real-ESRGAN model and the way it is run (device, precision, tiles).
 
@@ -223,7 +249,7 @@ class Upscaler:
         model_scale: int = 4,
         channels_last: bool | None = None,
         resize_on_device: bool | None = None,
-        compile_model: bool = False,
+        engine: Engine = "eager",
         memory_budget_bytes: int | None = None,
     ):
         self.device = device
@@ -235,10 +261,12 @@ class Upscaler:
         # On the CPU the x2 resize is OpenCV's own, to the bit; on the GPU the same filter in float.
         self.resize_on_device = on_gpu if resize_on_device is None else resize_on_device
         self.model = model.eval().to(self.torch_device, self.dtype, memory_format=self.memory_format)
-        # torch.compile fuses the element-wise work between the convolutions. Shapes stay fixed per
-        # video (whole frames, batches padded to full size), so a worker compiles once per frame size.
-        self.forward = torch.compile(self.model) if compile_model else self.model
-        self.compiled = compile_model
+        self.engine = resolve_engine(engine, self.model, self.torch_device)
+        self.forward = build_forward(self.engine, self.model, self.dtype)
+        # Compiled and fused engines are specialised to their input shape (compilation, autotuning):
+        # shapes stay fixed per video (whole frames, batches padded to full size), so a worker pays
+        # that once per frame size.
+        self.fixed_shapes = self.engine != "eager"
         self.memory_budget_bytes = memory_budget_bytes
         self.tile = tile
         self.tile_pad = tile_pad
@@ -299,7 +327,7 @@ class Upscaler:
         for start in range(0, len(frames), per_pass):
             chunk = frames[start:start + per_pass]
             count = len(chunk)
-            if self.compiled and tile == 0 and count < per_pass:
+            if self.fixed_shapes and tile == 0 and count < per_pass:
                 # keep the compiled shape: pad with copies of the last frame, drop their outputs
                 chunk = torch.cat([chunk, chunk[-1:].expand(per_pass - count, *chunk.shape[1:])])
             outputs.append(self._run_model(chunk, tile)[:count])
@@ -337,7 +365,7 @@ class Upscaler:
         n, c, h, w = x.shape
         windows = tile_windows(h, w, tile, self.tile_pad, scale)
         if len(windows) == 1:
-            out = self.forward(x)  # compiled for whole frames; tiles (edge tiles vary in shape) run eagerly
+            out = self.forward(x)  # the engine runs whole frames; tiles (edge tiles vary in shape) run eagerly
         else:
             out = x.new_zeros((n, c, h * scale, w * scale)).contiguous(memory_format=self.memory_format)
             for win in windows:
@@ -373,7 +401,7 @@ def load_upscalers(weights_path: Path, device: Device, profile: DeviceProfile, p
     state_dict = read_state_dict(weights_path)
     on_gpu = device == "gpu"
     budget = gpu_memory_budget(profile.memory_limit_gb) // count if on_gpu else None
-    return [
+    upscalers = [
         Upscaler(
             load_model(weights_path, X4PLUS, state_dict),
             device=device,
@@ -384,11 +412,14 @@ def load_upscalers(weights_path: Path, device: Device, profile: DeviceProfile, p
             pre_pad=pre_pad,
             batch_frames=profile.batch_frames,
             model_scale=X4PLUS.scale,
-            compile_model=profile.compile and on_gpu,
+            engine=profile.engine if on_gpu else "eager",
             memory_budget_bytes=budget,
         )
         for _ in range(count)
     ]
+    if on_gpu:
+        log.info("GPU engine: %s (requested: %s)", upscalers[0].engine, profile.engine)
+    return upscalers
 
 
 def load_upscaler(weights_path: Path, device: Device, profile: DeviceProfile, pre_pad: int = 0) -> Upscaler:

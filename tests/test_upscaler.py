@@ -177,9 +177,9 @@ def test_device_profiles():
     settings = Settings()
     gpu, cpu = settings.device_profile("gpu"), settings.device_profile("cpu")
     # GPU: fp16, whole frames (or the largest tiles the memory limit allows), 128-px tiles after an OOM
-    assert (gpu.tile, gpu.tile_pad, gpu.fallback_tile, gpu.half, gpu.compile) == (0, 10, 128, True, True)
+    assert (gpu.tile, gpu.tile_pad, gpu.fallback_tile, gpu.half, gpu.engine) == (0, 10, 128, True, "auto")
     # CPU: the guide's fp32, 128-px tiles with 5 px of padding, 64 after an OOM
-    assert (cpu.tile, cpu.tile_pad, cpu.fallback_tile, cpu.half, cpu.compile) == (128, 5, 64, False, False)
+    assert (cpu.tile, cpu.tile_pad, cpu.fallback_tile, cpu.half, cpu.engine) == (128, 5, 64, False, "eager")
     # the guide's GPU tiles remain one setting away
     assert Settings(gpu_tile=256).device_profile("gpu").tile == 256
 
@@ -278,7 +278,7 @@ def test_compiled_engine_equals_the_eager_one_and_keeps_its_shape(tiny_checkpoin
     model = load_model(tiny_checkpoint, TINY_SPEC)
     eager = Upscaler(model, device="cpu", half=False, tile=0, tile_pad=4, fallback_tile=16, batch_frames=2)
     compiled = Upscaler(load_model(tiny_checkpoint, TINY_SPEC), device="cpu", half=False, tile=0, tile_pad=4,
-                        fallback_tile=16, batch_frames=2, compile_model=True)
+                        fallback_tile=16, batch_frames=2, engine="compile")
     shapes = []
     compiled.model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
 

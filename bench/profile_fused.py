@@ -1,0 +1,94 @@
+"""Where the fused engine's time goes, on one GPU.
+
+    python3 bench/profile_fused.py [--size 640x480] [--batch 4]   kernels by total time (torch.profiler)
+    ncu --section SpeedOfLight -k regex:conv3x3 --launch-skip 2 --launch-count 2 \\
+        python3 bench/profile_fused.py --ncu                      one conv1 and one conv5 launch
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from echoshot_ai_server.upscaler import X4PLUS, Upscaler, build_model  # noqa: E402
+from echoshot_ai_server.fused_trunk import _Conv, _conv3x3_padded, _descriptor, _set_block_shapes  # noqa: E402
+
+
+def category(name: str) -> str:
+    for key, label in [("conv3x3_padded", "trunk (Triton)"), ("triton", "compiled element-wise (Triton)"),
+                       ("conv", "cuDNN convolution"), ("gemm", "cuDNN convolution"), ("xmma", "cuDNN convolution"),
+                       ("elementwise", "eager element-wise"), ("copy", "copies")]:
+        if key in name.lower():
+            return label
+    return "other"
+
+
+def profile(w: int, h: int, batch: int) -> None:
+    torch.manual_seed(0)
+    up = Upscaler(build_model(X4PLUS), device="gpu", half=True, tile=0, tile_pad=10, fallback_tile=128, batch_frames=batch,
+                  engine="fused")
+    frames = torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device="cuda")
+    for _ in range(3):
+        up.upscale_tensor(frames, 4)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            up.upscale_tensor(frames, 4)
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    kernels = []
+    for event in prof.key_averages():
+        cuda_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if cuda_us <= 0:
+            continue
+        kernels.append((cuda_us, event.count, event.key))
+        totals[category(event.key)] = totals.get(category(event.key), 0.0) + cuda_us
+    per_frame = 1 / (2 * batch) / 1e3  # us over 2 passes of `batch` frames -> ms per frame
+    print(f"{'ms/frame':>9} {'calls':>6}  kernel")
+    for cuda_us, count, key in sorted(kernels, reverse=True)[:18]:
+        print(f"{cuda_us * per_frame:9.3f} {count:6d}  {key[:110]}")
+    print(f"\n{'ms/frame':>9}  category")
+    for label, cuda_us in sorted(totals.items(), key=lambda item: -item[1]):
+        print(f"{cuda_us * per_frame:9.3f}  {label}")
+    print(f"{sum(totals.values()) * per_frame:9.3f}  all kernels ({1e3 / (sum(totals.values()) * per_frame):.2f} frames/s of GPU time)")
+
+
+def ncu_launches(w: int, h: int, batch: int) -> None:
+    """conv1 and conv5 of a dense block with the autotuner's usual choice, twice (warm-up, measured)."""
+    rows = batch * (h + 2) * (w + 2)
+    buffer = torch.randn(rows, 192, device="cuda", dtype=torch.float16)
+    for _ in range(2):
+        for cin, cout in [(64, 32), (192, 64)]:
+            conv = _Conv(torch.nn.Conv2d(cin, cout, 3, padding=1).cuda(), torch.float16)
+            out = torch.empty(rows, cout, device="cuda", dtype=torch.float16)
+            descs = [_descriptor(t) for t in (buffer[:, :cin], conv.weight, out, out, out)]
+            meta = {"BLOCK_M": 256, "BLOCK_K": 64}
+            _set_block_shapes({**meta, "x_desc": descs[0], "w_desc": descs[1], "out_desc": descs[2], "r1_desc": descs[3],
+                               "r2_desc": descs[4]})
+            _conv3x3_padded[(triton.cdiv(rows, 256),)](
+                descs[0], descs[1], conv.bias, descs[2], descs[3], descs[4], rows, (h + 2) * (w + 2), w + 2, h, w, 0.2, 1.0, 1.0,
+                CIN=cin, COUT=cout, LRELU=True, RES1=False, RES2=False, **meta, PERSISTENT=False, num_warps=8, num_stages=3)
+    torch.cuda.synchronize()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", default="640x480")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--ncu", action="store_true")
+    args = parser.parse_args()
+    w, h = (int(v) for v in args.size.split("x"))
+    if args.ncu:
+        ncu_launches(w, h, args.batch)
+    else:
+        profile(w, h, args.batch)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The fused engine: RRDBNet's trunk as Triton 3x3 convolutions over zero-padded flat buffers.
+
+Each residual dense block (RDB) owns one buffer of F + 4 x G channels (F = 64 features, G = 32
+growth channels for RealESRGAN_x4plus) whose rows are the pixels of the batch's frames, each
+frame with a one-pixel ring of zeros around it, one frame after the other:
+row = (n * (H + 2) + y + 1) * (W + 2) + x + 1. In that layout a 3x3 convolution is a GEMM whose A
+operand, for each of the nine taps, is the same run of rows shifted by a constant
+(dy * (W + 2) + dx): the kernel loads it with the tensor-memory accelerator (TMA), which also
+fills rows beyond the ends of the buffer with zeros. conv1..conv4 read the first F, F+G, F+2G,
+F+3G channels in place and write their LeakyReLU'd output straight into the next G channels;
+conv5 reads all of them and writes `conv * 0.2 + input` (for the third RDB also the RRDB's own
+residual) into the next block's buffer. Every store writes zeros on the ring rows, so the
+padding stays zero. There is no `torch.cat` and no separate element-wise kernel in the trunk; the
+up-sampling tail runs through cuDNN under `torch.compile`. The result equals basicsr's RRDBNet
+up to fp16 rounding.
+
+TMA needs compute capability 9.0 (Hopper) or later. Off the GPU, the same kernel runs in Triton's
+interpreter (TRITON_INTERPRET=1), which is how the tests check it.
+"""
+
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+from torch.nn import functional as F
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+
+@triton.jit
+def _conv3x3_padded(
+    x_desc,  # [rows, CIN] input channels (a prefix of a buffer's channels)
+    w_desc,  # [9 * CIN, COUT] weights, tap-major
+    b_ptr,  # [COUT] bias, fp32
+    out_desc, r1_desc, r2_desc,  # [rows, COUT] output and residuals (channel slices of buffers)
+    rows, frame_rows, row_pitch, H, W,  # buffer rows, (H + 2) * (W + 2), W + 2, the frame's size
+    slope, scale, scale2,
+    CIN: tl.constexpr, COUT: tl.constexpr,
+    LRELU: tl.constexpr, RES1: tl.constexpr, RES2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
+    PER_SM: tl.constexpr = 0,  # read by the launch grid only
+):
+    k_steps: tl.constexpr = (CIN + BLOCK_K - 1) // BLOCK_K
+    # Persistent programs walk over several tiles; the loop nest is then flattened so that the
+    # next tile's loads are already in flight during this tile's epilogue.
+    for tile in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0), flatten=PERSISTENT):
+        row0 = tile * BLOCK_M
+        acc = tl.zeros((BLOCK_M, COUT), dtype=tl.float32)
+        # One loop over (tap, channel step) so that Triton pipelines the TMA loads across taps. Channels
+        # past CIN read as zeros (outside the descriptor), so the weight rows they meet do not count.
+        for step in range(9 * k_steps):
+            tap = step // k_steps
+            k0 = (step % k_steps) * BLOCK_K
+            shift = (tap // 3 - 1) * row_pitch + (tap % 3 - 1)
+            a = x_desc.load([row0 + shift, k0])
+            b = w_desc.load([tap * CIN + k0, 0])
+            acc = tl.dot(a, b, acc)
+        acc += tl.load(b_ptr + tl.arange(0, COUT))[None, :]
+        if LRELU:
+            acc = tl.where(acc >= 0, acc, acc * slope)
+        if RES1:
+            acc = acc * scale + r1_desc.load([row0, 0]).to(tl.float32)
+        if RES2:
+            acc = acc * scale2 + r2_desc.load([row0, 0]).to(tl.float32)
+        in_frame = (row0 + tl.arange(0, BLOCK_M)) % frame_rows
+        y = in_frame // row_pitch
+        x = in_frame % row_pitch
+        inside = (y >= 1) & (y <= H) & (x >= 1) & (x <= W)
+        acc = tl.where(inside[:, None], acc, 0.0)
+        out_desc.store([row0, 0], acc.to(out_desc.dtype))
+
+
+def _set_block_shapes(nargs) -> None:
+    """Descriptors carry their block shape: set it to the configuration being run."""
+    block_m, block_k = nargs["BLOCK_M"], nargs["BLOCK_K"]
+    cout = nargs["w_desc"].shape[1]
+    nargs["x_desc"].block_shape = [block_m, block_k]
+    nargs["w_desc"].block_shape = [block_k, cout]
+    for name in ("out_desc", "r1_desc", "r2_desc"):
+        nargs[name].block_shape = [block_m, cout]
+
+
+# On the GPU the tile shape is autotuned once per layer shape (and kept in Triton's cache directory
+# where this Triton can); in the interpreter (tests) a fixed one is used.
+TUNING_CONFIGS = [  # (BLOCK_M, BLOCK_K, warps, stages, programs per SM; 0 = one program per tile)
+    (128, 64, 4, 4, 0), (256, 64, 8, 3, 0), (256, 32, 8, 4, 0), (256, 64, 4, 3, 0), (256, 32, 4, 4, 0),
+    (256, 64, 8, 3, 1), (256, 32, 8, 4, 1), (256, 64, 4, 3, 1), (256, 32, 4, 4, 1), (128, 64, 4, 4, 1),
+    (128, 64, 4, 3, 2), (128, 32, 4, 4, 2), (256, 32, 4, 3, 2),
+]
+_CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+_conv3x3_padded_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "PERSISTENT": per_sm > 0, "PER_SM": per_sm}, num_warps=w,
+                           num_stages=s, pre_hook=_set_block_shapes)
+             for bm, bk, w, s, per_sm in TUNING_CONFIGS],
+    key=["CIN", "COUT", "row_pitch", "H"],
+    **_CACHE_RESULTS,
+)(_conv3x3_padded)
+
+
+def _programs(rows: int, meta: dict) -> tuple[int]:
+    tiles = triton.cdiv(rows, meta["BLOCK_M"])
+    if meta.get("PER_SM", 0) == 0:
+        return (tiles,)
+    return (min(tiles, meta["PER_SM"] * torch.cuda.get_device_properties(0).multi_processor_count),)
+
+
+def _descriptor(t: torch.Tensor) -> TensorDescriptor:
+    return TensorDescriptor.from_tensor(t, [1, 1])  # the block shape is set per configuration
+
+
+class _Conv:
+    """A 3x3 convolution's weights, packed for the kernel."""
+
+    def __init__(self, conv: nn.Conv2d, dtype: torch.dtype):
+        cout, cin = conv.weight.shape[:2]
+        self.cin, self.cout = cin, cout
+        self.weight = conv.weight.detach().permute(2, 3, 1, 0).reshape(9 * cin, cout).to(dtype).contiguous()
+        self.bias = conv.bias.detach().float().contiguous()
+
+    def __call__(self, src: torch.Tensor, out: torch.Tensor, frame: tuple[int, int], *, lrelu=False,
+                 res1=None, scale=1.0, res2=None, scale2=1.0):
+        """src/out/res: [rows, C] channel slices of padded flat buffers; frame: (H, W)."""
+        h, w = frame
+        rows = src.shape[0]
+        descs = [_descriptor(t) for t in (src, self.weight, out, res1 if res1 is not None else out,
+                                           res2 if res2 is not None else out)]
+        args = (descs[0], descs[1], self.bias, descs[2], descs[3], descs[4], rows, (h + 2) * (w + 2), w + 2, h, w,
+                0.2, scale, scale2)
+        flags = dict(CIN=self.cin, COUT=self.cout, LRELU=lrelu, RES1=res1 is not None, RES2=res2 is not None)
+        if src.is_cuda:
+            _conv3x3_padded_tuned[lambda meta: _programs(rows, meta)](*args, **flags)
+        else:
+            block_m, block_k = 32, 16
+            _set_block_shapes({"BLOCK_M": block_m, "BLOCK_K": block_k, "x_desc": descs[0], "w_desc": descs[1],
+                               "out_desc": descs[2], "r1_desc": descs[3], "r2_desc": descs[4]})
+            # a few programs, each walking over several tiles: the persistent loop is exercised too
+            _conv3x3_padded[(3,)](*args, **flags, BLOCK_M=block_m, BLOCK_K=block_k, PERSISTENT=True)
+
+
+def pad_frames(feat: torch.Tensor, channels: int) -> torch.Tensor:
+    """(N, C, H, W) features -> a zero-padded flat buffer [N * (H + 2) * (W + 2), channels]."""
+    n, c, h, w = feat.shape
+    buffer = torch.zeros((n * (h + 2) * (w + 2), channels), dtype=feat.dtype, device=feat.device)
+    buffer.view(n, h + 2, w + 2, channels)[:, 1:h + 1, 1:w + 1, :c] = feat.permute(0, 2, 3, 1)
+    return buffer
+
+
+def unpad_frames(buffer: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """A padded flat buffer -> (N, C, H, W) in the channels-last memory format."""
+    c = buffer.shape[1]
+    inner = buffer.view(n, h + 2, w + 2, c)[:, 1:h + 1, 1:w + 1, :]
+    return inner.contiguous().permute(0, 3, 1, 2)
+
+
+def fused_unsupported_reason(model: nn.Module, device: torch.device) -> str | None:
+    """Why the fused engine cannot run this model here, or None when it can."""
+    if getattr(model, "scale", None) != 4:
+        return "the fused engine runs the x4 network only"
+    feat, grow = model.conv_first.out_channels, model.body[0].rdb1.conv1.out_channels
+    if any(c < 16 or c & (c - 1) for c in (feat, grow)):
+        return f"the fused engine needs power-of-two channel counts of at least 16 (got {feat}/{grow})"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        return "the fused engine needs TMA (compute capability 9.0 or later)"
+    return None
+
+
+class FusedRRDBNet(nn.Module):
+    """basicsr's RRDBNet (scale 4) with its trunk run by the fused kernels. Input/output as RRDBNet's."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float16, compile_tail: bool = False):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+        self.feat = model.conv_first.out_channels
+        self.grow = model.body[0].rdb1.conv1.out_channels
+        self.blocks = [
+            [(_Conv(rdb.conv1, dtype), _Conv(rdb.conv2, dtype), _Conv(rdb.conv3, dtype), _Conv(rdb.conv4, dtype),
+              _Conv(rdb.conv5, dtype)) for rdb in (block.rdb1, block.rdb2, block.rdb3)]
+            for block in model.body
+        ]
+        self.conv_body = _Conv(model.conv_body, dtype)
+        # Element-wise work around the cuDNN convolutions of the head and tail is fused by
+        # torch.compile (fixed shapes: one compilation per frame size and batch).
+        self.head = torch.compile(self._head, dynamic=False) if compile_tail else self._head
+        self.tail = torch.compile(self._tail, dynamic=False) if compile_tail else self._tail
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return pad_frames(self.model.conv_first(x).to(self.dtype), self.feat)
+
+    def _tail(self, trunk: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+        m = self.model
+        feat = unpad_frames(trunk, n, h, w)
+        feat = m.lrelu(m.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
+        feat = m.lrelu(m.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
+        return m.conv_last(m.lrelu(m.conv_hr(feat)))
+
+    def trunk(self, feat_padded: torch.Tensor, frame: tuple[int, int]) -> torch.Tensor:
+        """conv_body(body(feat)) + feat on padded flat buffers [rows, F]."""
+        feat, grow = self.feat, self.grow
+        rows = feat_padded.shape[0]
+        buffers = [torch.empty((rows, feat + 4 * grow), dtype=self.dtype, device=feat_padded.device) for _ in range(4)]
+        buffers[0][:, :feat] = feat_padded
+        current = 0
+        for rdbs in self.blocks:
+            rrdb_in = buffers[current]
+            order = [current, (current + 1) % 4, (current + 2) % 4, (current + 3) % 4]
+            for i, convs in enumerate(rdbs):
+                buf = buffers[order[i]]
+                for k, conv in enumerate(convs[:4]):
+                    conv(buf[:, : feat + k * grow], buf[:, feat + k * grow: feat + (k + 1) * grow], frame, lrelu=True)
+                nxt = buffers[order[i + 1]]
+                if i < 2:
+                    convs[4](buf, nxt[:, :feat], frame, res1=buf[:, :feat], scale=0.2)
+                else:  # the RRDB's residual too: ((conv * 0.2 + rdb3 input) * 0.2 + rrdb input)
+                    convs[4](buf, nxt[:, :feat], frame, res1=buf[:, :feat], scale=0.2, res2=rrdb_in[:, :feat], scale2=0.2)
+            current = order[3]
+        out = torch.empty((rows, feat), dtype=self.dtype, device=feat_padded.device)
+        self.conv_body(buffers[current][:, :feat], out, frame, res1=feat_padded, scale=1.0)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        return self.tail(self.trunk(self.head(x), (h, w)), n, h, w)

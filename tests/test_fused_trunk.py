@@ -1,0 +1,102 @@
+"""The fused engine (echoshot_ai_server/fused_trunk.py) computes RRDBNet: its Triton kernel runs in
+Triton's interpreter here (CI has no GPU), in a subprocess because the interpreter is chosen at import."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, TINY_SPEC
+from echoshot_ai_server.fused_trunk import fused_unsupported_reason
+from echoshot_ai_server.upscaler import ModelSpec, build_model, resolve_engine
+
+PRELUDE = """
+import sys, numpy as np, torch
+sys.path[:0] = [{repo!r}]
+from echoshot_ai_server.upscaler import ModelSpec, Upscaler, build_model
+torch.manual_seed(0)
+
+def random_model(feat, blocks, grow):
+    model = build_model(ModelSpec(num_feat=feat, num_block=blocks, num_grow_ch=grow)).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.reset_parameters()  # basicsr scales its init down; keep the activations lively
+    return model
+"""
+
+MODEL_CHECK = """
+from echoshot_ai_server.fused_trunk import FusedRRDBNet
+model = random_model(64, 2, 32)  # RealESRGAN_x4plus's widths, two blocks
+x = torch.rand(2, 3, 9, 11)
+with torch.no_grad():
+    expected, got = model(x), FusedRRDBNet(model, dtype=torch.float32)(x)
+error = ((got - expected).norm() / expected.norm()).item()
+assert got.shape == expected.shape and error < 1e-4, error
+print("relative error", error)
+"""
+
+ENGINE_CHECK = """
+frames = np.random.default_rng(1).integers(0, 256, (3, 10, 14, 3), dtype=np.uint8)
+def upscaler(engine):
+    torch.manual_seed(0)
+    return Upscaler(random_model(16, 1, 16), device="cpu", half=False, tile=0, tile_pad=4, fallback_tile=8,
+                    batch_frames=2, engine=engine)
+eager, fused = upscaler("eager"), upscaler("fused")
+assert fused.engine == "fused" and fused.fixed_shapes
+shapes = []
+engine_forward = fused.forward
+fused.forward = lambda x: (shapes.append(tuple(x.shape)), engine_forward(x))[1]
+for scale in (4, 2):
+    got, expected = fused.upscale(frames, scale), eager.upscale(frames, scale)  # 3 frames: the last pass padded to 2
+    assert got.shape == expected.shape == (3, 10 * scale, 14 * scale, 3), got.shape
+    diff = np.abs(got.astype(int) - expected.astype(int)).max()
+    assert diff <= 1, diff
+assert set(shapes) == {(2, 3, 10, 14)}, shapes
+print("ok")
+"""
+
+
+def run_in_interpreter(check: str) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = PRELUDE.format(repo=str(REPO_ROOT)) + check
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_fused_trunk_equals_rrdbnet():
+    run_in_interpreter(MODEL_CHECK)
+
+
+def test_fused_engine_equals_the_eager_one_and_keeps_its_shape():
+    # head and tail compiled, batches padded to a fixed shape, the x2 resize after the x4 network
+    run_in_interpreter(ENGINE_CHECK)
+
+
+def test_engine_choice(monkeypatch, caplog):
+    x4plus_like = build_model(ModelSpec(num_feat=16, num_block=1, num_grow_ch=16))
+    assert fused_unsupported_reason(x4plus_like, torch.device("cpu")) is None
+    assert "power-of-two" in fused_unsupported_reason(build_model(TINY_SPEC), torch.device("cpu"))
+    assert "x4" in fused_unsupported_reason(build_model(ModelSpec(num_feat=16, num_block=1, num_grow_ch=16, scale=2)),
+                                            torch.device("cpu"))
+    # Cards before Hopper have no TMA: `auto` takes torch.compile, an explicit `fused` says why it cannot
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    cuda = torch.device("cuda")
+    assert "compute capability 9.0" in fused_unsupported_reason(x4plus_like, cuda)
+    assert resolve_engine("auto", x4plus_like, cuda) == "compile"
+    assert caplog.text == ""
+    assert resolve_engine("fused", x4plus_like, cuda) == "compile"
+    assert "TMA" in caplog.text
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_engine("auto", x4plus_like, cuda) == "fused"
+    for engine in ("compile", "eager"):
+        assert resolve_engine(engine, x4plus_like, cuda) == engine
+
+
+@pytest.mark.parametrize("engine", ["auto", "fused", "compile", "eager"])
+def test_engine_setting(engine):
+    from echoshot_ai_server.config import Settings
+
+    assert Settings(gpu_engine=engine).device_profile("gpu").engine == engine
+    assert Settings(gpu_engine=engine).device_profile("cpu").engine == "eager"
