@@ -63,7 +63,8 @@ def encoder_fps(ffmpeg: str, width: int, height: int, frames: int, pix_fmt: str)
 def layer_rows(results: dict, args, w: int, h: int, batch: int = 4) -> None:
     """One dense block's convolutions at batch 4: cuDNN (contiguous channels-last input, as after a
     torch.cat) against the Triton kernel reading its input in place from the 192-channel buffer."""
-    from echoshot_ai_server.fused_trunk import _Conv, _conv3x3_padded_tuned
+    from echoshot_ai_server.fused_trunk import _Conv, _conv3x3_padded_tuned, _dense_steps
+    from echoshot_ai_server.upscaler import ModelSpec
 
     torch.backends.cudnn.benchmark = True
     rows = batch * (h + 2) * (w + 2)
@@ -72,13 +73,17 @@ def layer_rows(results: dict, args, w: int, h: int, batch: int = 4) -> None:
         conv = torch.nn.Conv2d(cin, cout, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
         dense = torch.randn(batch, cin, h, w, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
         cudnn_s = timed(lambda: conv(dense), 20)
-        packed = _Conv(conv, torch.float16)
+        packed = _Conv.of(conv, torch.float16)
         out = torch.empty(rows, cout, device="cuda", dtype=torch.float16)
         if cout == FEAT_CHANNELS:  # conv5: the residual epilogue, as in the trunk
             triton_s = timed(lambda: packed(buffer, out, (h, w), res1=buffer[:, :cout], scale=0.2), 20)
         else:
             triton_s = timed(lambda: packed(buffer[:, :cin], out, (h, w), lrelu=True), 20)
         flop = 2 * 9 * cin * cout * batch * h * w
+        timings = getattr(_conv3x3_padded_tuned, "configs_timings", None) or {}
+        for cfg, ms in sorted(timings.items(), key=lambda item: item[1][0] if isinstance(item[1], list) else item[1])[:12]:
+            ms = ms[0] if isinstance(ms, list) else ms
+            print(f"    {cin}->{cout} {ms * 1e3:8.0f} us  {cfg}", flush=True)
         best = [str(cfg) for key, cfg in _conv3x3_padded_tuned.cache.items() if cin in key and cout in key]
         row = {"variant": f"conv {cin}->{cout}, batch {batch}", "cudnn_us": round(cudnn_s * 1e6), "triton_us": round(triton_s * 1e6),
                "cudnn_tflops": round(flop / cudnn_s / 1e12, 1), "triton_tflops": round(flop / triton_s / 1e12, 1),
@@ -86,6 +91,29 @@ def layer_rows(results: dict, args, w: int, h: int, batch: int = 4) -> None:
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
         args.json.write_text(json.dumps(results, indent=2))
+
+    # conv1..conv4 regrouped by input (the engine's dense steps), against the four convolutions above
+    rdb = build_model(ModelSpec(num_block=1)).body[0].rdb1.cuda()
+    steps = _dense_steps(rdb, 64, 32, torch.float16)
+    partials = [torch.randn(rows, 128, device="cuda", dtype=torch.float16), torch.randn(rows, 96, device="cuda", dtype=torch.float16)]
+    total = 0.0
+    for j, step in enumerate(steps):
+        src = buffer[:, :64] if j == 0 else buffer[:, 32 + 32 * j: 64 + 32 * j]
+        pre_res = None if j == 0 else partials[(j - 1) % 2][:, 32:(5 - j) * 32]
+        partial = None if j == 3 else partials[j % 2][:, :(4 - j) * 32]
+        out = torch.empty(rows, 32, device="cuda", dtype=torch.float16)
+        seconds = timed(lambda: step(src, out, (h, w), lrelu=True, pre_res=pre_res, partial=partial), 20)
+        total += seconds
+        flop = 2 * 9 * step.cin * step.cout * batch * h * w
+        row = {"variant": f"dense step {j}: {step.cin} -> {step.cout} columns, batch {batch}", "triton_us": round(seconds * 1e6),
+               "triton_tflops": round(flop / seconds / 1e12, 1)}
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    row = {"variant": "dense steps 0-3 together (= conv1..conv4)", "triton_us": round(total * 1e6),
+           "triton_tflops_nominal": round(2 * 9 * (64 + 96 + 128 + 160) * 32 * batch * h * w / total / 1e12, 1)}
+    results["rows"].append(row)
+    print(json.dumps(row), flush=True)
+    args.json.write_text(json.dumps(results, indent=2))
 
 
 def main() -> int:

@@ -1,8 +1,6 @@
-"""Where the fused engine's time goes, on one GPU.
+"""Where the fused engine's time goes, on one GPU: kernels by total time (torch.profiler).
 
-    python3 bench/profile_fused.py [--size 640x480] [--batch 4]   kernels by total time (torch.profiler)
-    ncu --section SpeedOfLight -k regex:conv3x3 --launch-skip 2 --launch-count 2 \\
-        python3 bench/profile_fused.py --ncu                      one conv1 and one conv5 launch
+    python3 bench/profile_fused.py [--size 640x480] [--batch 4]
 """
 
 import argparse
@@ -10,13 +8,11 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from echoshot_ai_server.upscaler import X4PLUS, Upscaler, build_model  # noqa: E402
-from echoshot_ai_server.fused_trunk import _Conv, _conv3x3_padded, _descriptor, _set_block_shapes  # noqa: E402
 
 
 def category(name: str) -> str:
@@ -58,35 +54,13 @@ def profile(w: int, h: int, batch: int) -> None:
     print(f"{sum(totals.values()) * per_frame:9.3f}  all kernels ({1e3 / (sum(totals.values()) * per_frame):.2f} frames/s of GPU time)")
 
 
-def ncu_launches(w: int, h: int, batch: int) -> None:
-    """conv1 and conv5 of a dense block with the autotuner's usual choice, twice (warm-up, measured)."""
-    rows = batch * (h + 2) * (w + 2)
-    buffer = torch.randn(rows, 192, device="cuda", dtype=torch.float16)
-    for _ in range(2):
-        for cin, cout in [(64, 32), (192, 64)]:
-            conv = _Conv(torch.nn.Conv2d(cin, cout, 3, padding=1).cuda(), torch.float16)
-            out = torch.empty(rows, cout, device="cuda", dtype=torch.float16)
-            descs = [_descriptor(t) for t in (buffer[:, :cin], conv.weight, out, out, out)]
-            meta = {"BLOCK_M": 256, "BLOCK_K": 64}
-            _set_block_shapes({**meta, "x_desc": descs[0], "w_desc": descs[1], "out_desc": descs[2], "r1_desc": descs[3],
-                               "r2_desc": descs[4]})
-            _conv3x3_padded[(triton.cdiv(rows, 256),)](
-                descs[0], descs[1], conv.bias, descs[2], descs[3], descs[4], rows, (h + 2) * (w + 2), w + 2, h, w, 0.2, 1.0, 1.0,
-                CIN=cin, COUT=cout, LRELU=True, RES1=False, RES2=False, **meta, PERSISTENT=False, num_warps=8, num_stages=3)
-    torch.cuda.synchronize()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="640x480")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--ncu", action="store_true")
     args = parser.parse_args()
     w, h = (int(v) for v in args.size.split("x"))
-    if args.ncu:
-        ncu_launches(w, h, args.batch)
-    else:
-        profile(w, h, args.batch)
+    profile(w, h, args.batch)
     return 0
 
 

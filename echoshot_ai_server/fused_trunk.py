@@ -33,11 +33,13 @@ def _conv3x3_padded(
     x_desc,  # [rows, CIN] input channels (a prefix of a buffer's channels)
     w_desc,  # [9 * CIN, COUT] weights, tap-major
     b_ptr,  # [COUT] bias, fp32
-    out_desc, r1_desc, r2_desc,  # [rows, COUT] output and residuals (channel slices of buffers)
+    out_desc, r1_desc, r2_desc,  # [rows, <= COUT] output and residuals (channel slices of buffers)
+    part_desc,  # [rows, <= COUT] partial sums out (dense steps; its first GROW columns are scratch)
     rows, frame_rows, row_pitch, H, W,  # buffer rows, (H + 2) * (W + 2), W + 2, the frame's size
     slope, scale, scale2,
     CIN: tl.constexpr, COUT: tl.constexpr,
     LRELU: tl.constexpr, RES1: tl.constexpr, RES2: tl.constexpr,
+    PRE_RES: tl.constexpr, PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
     PER_SM: tl.constexpr = 0,  # read by the launch grid only
 ):
@@ -57,18 +59,25 @@ def _conv3x3_padded(
             b = w_desc.load([tap * CIN + k0, 0])
             acc = tl.dot(a, b, acc)
         acc += tl.load(b_ptr + tl.arange(0, COUT))[None, :]
+        in_frame = (row0 + tl.arange(0, BLOCK_M)) % frame_rows
+        y = in_frame // row_pitch
+        x = in_frame % row_pitch
+        inside = ((y >= 1) & (y <= H) & (x >= 1) & (x <= W))[:, None]
+        if PRE_RES:  # partial sums from earlier dense steps, before the activation
+            acc += r1_desc.load([row0, 0]).to(tl.float32)
+        if PARTIAL:
+            # all columns but the first GROW are partial sums of later convolutions; the first GROW
+            # (this step's own convolution) land in scratch columns (a store at a negative column
+            # would skip them, but negative store coordinates fault on the H100)
+            part_desc.store([row0, 0], tl.where(inside, acc, 0.0).to(part_desc.dtype))
         if LRELU:
             acc = tl.where(acc >= 0, acc, acc * slope)
         if RES1:
             acc = acc * scale + r1_desc.load([row0, 0]).to(tl.float32)
         if RES2:
             acc = acc * scale2 + r2_desc.load([row0, 0]).to(tl.float32)
-        in_frame = (row0 + tl.arange(0, BLOCK_M)) % frame_rows
-        y = in_frame // row_pitch
-        x = in_frame % row_pitch
-        inside = (y >= 1) & (y <= H) & (x >= 1) & (x <= W)
-        acc = tl.where(inside[:, None], acc, 0.0)
-        out_desc.store([row0, 0], acc.to(out_desc.dtype))
+        acc = tl.where(inside, acc, 0.0)
+        out_desc.store([row0, 0], acc.to(out_desc.dtype))  # columns past the descriptor's end are clipped
 
 
 def _set_block_shapes(nargs) -> None:
@@ -77,16 +86,17 @@ def _set_block_shapes(nargs) -> None:
     cout = nargs["w_desc"].shape[1]
     nargs["x_desc"].block_shape = [block_m, block_k]
     nargs["w_desc"].block_shape = [block_k, cout]
-    for name in ("out_desc", "r1_desc", "r2_desc"):
+    for name in ("out_desc", "r1_desc", "r2_desc", "part_desc"):
         nargs[name].block_shape = [block_m, cout]
 
 
 # On the GPU the tile shape is autotuned once per layer shape (and kept in Triton's cache directory
 # where this Triton can); in the interpreter (tests) a fixed one is used.
 TUNING_CONFIGS = [  # (BLOCK_M, BLOCK_K, warps, stages, programs per SM; 0 = one program per tile)
-    (128, 64, 4, 4, 0), (256, 64, 8, 3, 0), (256, 32, 8, 4, 0), (256, 64, 4, 3, 0), (256, 32, 4, 4, 0),
-    (256, 64, 8, 3, 1), (256, 32, 8, 4, 1), (256, 64, 4, 3, 1), (256, 32, 4, 4, 1), (128, 64, 4, 4, 1),
-    (128, 64, 4, 3, 2), (128, 32, 4, 4, 2), (256, 32, 4, 3, 2),
+    (256, 32, 4, 4, 0), (256, 32, 8, 4, 0), (256, 64, 8, 3, 0), (256, 64, 4, 3, 0),
+    (256, 32, 4, 6, 0), (256, 32, 4, 8, 0), (256, 64, 4, 5, 0), (256, 32, 8, 6, 0),
+    (256, 32, 4, 4, 1), (256, 64, 8, 3, 1), (256, 32, 4, 6, 1), (256, 64, 4, 4, 1),
+    (128, 32, 4, 4, 0), (128, 64, 4, 4, 0), (128, 32, 8, 4, 0), (128, 32, 4, 4, 2),
 ]
 _CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 _conv3x3_padded_tuned = triton.autotune(
@@ -110,32 +120,58 @@ def _descriptor(t: torch.Tensor) -> TensorDescriptor:
 
 
 class _Conv:
-    """A 3x3 convolution's weights, packed for the kernel."""
+    """A 3x3 convolution's weights as the kernel reads them: [9 * CIN, COUT], tap-major."""
 
-    def __init__(self, conv: nn.Conv2d, dtype: torch.dtype):
-        cout, cin = conv.weight.shape[:2]
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype):
+        cout, cin = weight.shape[:2]
         self.cin, self.cout = cin, cout
-        self.weight = conv.weight.detach().permute(2, 3, 1, 0).reshape(9 * cin, cout).to(dtype).contiguous()
-        self.bias = conv.bias.detach().float().contiguous()
+        self.weight = weight.detach().permute(2, 3, 1, 0).reshape(9 * cin, cout).to(dtype).contiguous()
+        self.bias = bias.detach().float().contiguous()
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d, dtype: torch.dtype) -> "_Conv":
+        return cls(conv.weight, conv.bias, dtype)
 
     def __call__(self, src: torch.Tensor, out: torch.Tensor, frame: tuple[int, int], *, lrelu=False,
-                 res1=None, scale=1.0, res2=None, scale2=1.0):
+                 res1=None, scale=1.0, res2=None, scale2=1.0, pre_res=None, partial=None):
         """src/out/res: [rows, C] channel slices of padded flat buffers; frame: (H, W)."""
         h, w = frame
         rows = src.shape[0]
-        descs = [_descriptor(t) for t in (src, self.weight, out, res1 if res1 is not None else out,
-                                           res2 if res2 is not None else out)]
-        args = (descs[0], descs[1], self.bias, descs[2], descs[3], descs[4], rows, (h + 2) * (w + 2), w + 2, h, w,
-                0.2, scale, scale2)
-        flags = dict(CIN=self.cin, COUT=self.cout, LRELU=lrelu, RES1=res1 is not None, RES2=res2 is not None)
+        first_res = pre_res if pre_res is not None else res1
+        descs = [_descriptor(t) for t in (src, self.weight, out, first_res if first_res is not None else out,
+                                           res2 if res2 is not None else out, partial if partial is not None else out)]
+        args = (*descs[:2], self.bias, *descs[2:], rows, (h + 2) * (w + 2), w + 2, h, w, 0.2, scale, scale2)
+        flags = dict(CIN=self.cin, COUT=self.cout, LRELU=lrelu, RES1=res1 is not None, RES2=res2 is not None,
+                     PRE_RES=pre_res is not None, PARTIAL=partial is not None)
         if src.is_cuda:
             _conv3x3_padded_tuned[lambda meta: _programs(rows, meta)](*args, **flags)
         else:
             block_m, block_k = 32, 16
             _set_block_shapes({"BLOCK_M": block_m, "BLOCK_K": block_k, "x_desc": descs[0], "w_desc": descs[1],
-                               "out_desc": descs[2], "r1_desc": descs[3], "r2_desc": descs[4]})
+                               "out_desc": descs[2], "r1_desc": descs[3], "r2_desc": descs[4], "part_desc": descs[5]})
             # a few programs, each walking over several tiles: the persistent loop is exercised too
             _conv3x3_padded[(3,)](*args, **flags, BLOCK_M=block_m, BLOCK_K=block_k, PERSISTENT=True)
+
+
+def _dense_steps(rdb: nn.Module, feat: int, grow: int, dtype: torch.dtype) -> list[_Conv]:
+    """conv1..conv4 of a dense block regrouped by input: step j reads only the newest features x_j
+    (x, then x1, x2, x3) and computes their share of every later convolution at once (conv_(j+1)
+    finished, conv_(j+2).. as partial sums). A GEMM with 128 or 64 output columns instead of four
+    with 32 keeps the tensor cores busier per byte of input brought on chip."""
+    convs = [rdb.conv1, rdb.conv2, rdb.conv3, rdb.conv4]
+    steps = []
+    for j in range(4):
+        cin = feat if j == 0 else grow
+        first = 0 if j == 0 else feat + (j - 1) * grow
+        targets = convs[j:]
+        cout = triton.next_power_of_2(grow * len(targets))
+        weight = torch.zeros(cout, cin, 3, 3, dtype=convs[0].weight.dtype, device=convs[0].weight.device)
+        for t, conv in enumerate(targets):
+            weight[t * grow:(t + 1) * grow] = conv.weight[:, first:first + cin]
+        bias = torch.zeros(cout, dtype=torch.float32, device=weight.device)
+        bias[:grow] = targets[0].bias  # each bias once, in the step that finishes its convolution
+        steps.append(_Conv(weight, bias, dtype))
+    return steps
 
 
 def pad_frames(feat: torch.Tensor, channels: int) -> torch.Tensor:
@@ -175,11 +211,11 @@ class FusedRRDBNet(nn.Module):
         self.feat = model.conv_first.out_channels
         self.grow = model.body[0].rdb1.conv1.out_channels
         self.blocks = [
-            [(_Conv(rdb.conv1, dtype), _Conv(rdb.conv2, dtype), _Conv(rdb.conv3, dtype), _Conv(rdb.conv4, dtype),
-              _Conv(rdb.conv5, dtype)) for rdb in (block.rdb1, block.rdb2, block.rdb3)]
+            [(_dense_steps(rdb, self.feat, self.grow, dtype), _Conv.of(rdb.conv5, dtype))
+             for rdb in (block.rdb1, block.rdb2, block.rdb3)]
             for block in model.body
         ]
-        self.conv_body = _Conv(model.conv_body, dtype)
+        self.conv_body = _Conv.of(model.conv_body, dtype)
         # Element-wise work around the cuDNN convolutions of the head and tail is fused by
         # torch.compile (fixed shapes: one compilation per frame size and batch).
         self.head = torch.compile(self._head, dynamic=False) if compile_tail else self._head
@@ -199,23 +235,30 @@ class FusedRRDBNet(nn.Module):
         """conv_body(body(feat)) + feat on padded flat buffers [rows, F]."""
         feat, grow = self.feat, self.grow
         rows = feat_padded.shape[0]
-        buffers = [torch.empty((rows, feat + 4 * grow), dtype=self.dtype, device=feat_padded.device) for _ in range(4)]
+        new = lambda channels: torch.empty((rows, channels), dtype=self.dtype, device=feat_padded.device)  # noqa: E731
+        buffers = [new(feat + 4 * grow) for _ in range(4)]
+        # partial sums of the dense steps, alternating between two buffers, after `grow` scratch columns
+        partials = [new(4 * grow), new(3 * grow)]
         buffers[0][:, :feat] = feat_padded
         current = 0
         for rdbs in self.blocks:
             rrdb_in = buffers[current]
             order = [current, (current + 1) % 4, (current + 2) % 4, (current + 3) % 4]
-            for i, convs in enumerate(rdbs):
+            for i, (steps, conv5) in enumerate(rdbs):
                 buf = buffers[order[i]]
-                for k, conv in enumerate(convs[:4]):
-                    conv(buf[:, : feat + k * grow], buf[:, feat + k * grow: feat + (k + 1) * grow], frame, lrelu=True)
+                for j, step in enumerate(steps):
+                    src = buf[:, :feat] if j == 0 else buf[:, feat + (j - 1) * grow: feat + j * grow]
+                    pre_res = None if j == 0 else partials[(j - 1) % 2][:, grow:(5 - j) * grow]
+                    partial = None if j == 3 else partials[j % 2][:, :(4 - j) * grow]
+                    step(src, buf[:, feat + j * grow: feat + (j + 1) * grow], frame, lrelu=True, pre_res=pre_res,
+                         partial=partial)
                 nxt = buffers[order[i + 1]]
                 if i < 2:
-                    convs[4](buf, nxt[:, :feat], frame, res1=buf[:, :feat], scale=0.2)
+                    conv5(buf, nxt[:, :feat], frame, res1=buf[:, :feat], scale=0.2)
                 else:  # the RRDB's residual too: ((conv * 0.2 + rdb3 input) * 0.2 + rrdb input)
-                    convs[4](buf, nxt[:, :feat], frame, res1=buf[:, :feat], scale=0.2, res2=rrdb_in[:, :feat], scale2=0.2)
+                    conv5(buf, nxt[:, :feat], frame, res1=buf[:, :feat], scale=0.2, res2=rrdb_in[:, :feat], scale2=0.2)
             current = order[3]
-        out = torch.empty((rows, feat), dtype=self.dtype, device=feat_padded.device)
+        out = new(feat)
         self.conv_body(buffers[current][:, :feat], out, frame, res1=feat_padded, scale=1.0)
         return out
 
