@@ -85,7 +85,9 @@ def test_dockerfiles_are_production_grade(dockerfile):
     assert "HEALTHCHECK" in text and "/healthz" in text
     assert "-r requirements.txt" in text and "torch==2.14.1" in text
     final_stage = text.rsplit("\nFROM ", 1)[1]
-    assert "build-essential" not in final_stage and "gcc" not in final_stage
+    assert "build-essential" not in final_stage
+    # only the GPU image carries a C compiler: Triton builds its kernel launchers at run time
+    assert ("gcc" in final_stage) == (dockerfile == "Dockerfile.gpu")
 
 
 def test_hadolint_would_catch_a_bad_dockerfile(tmp_path):

@@ -100,3 +100,16 @@ def test_engine_setting(engine):
 
     assert Settings(gpu_engine=engine).device_profile("gpu").engine == engine
     assert Settings(gpu_engine=engine).device_profile("cpu").engine == "eager"
+
+
+def test_launch_grid(monkeypatch):
+    from types import SimpleNamespace
+
+    from echoshot_ai_server.fused_trunk import _programs
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=0: SimpleNamespace(multi_processor_count=132))
+    rows = 4 * 482 * 642  # four padded 640x480 frames
+    assert _programs(rows, {"BLOCK_M": 256, "PER_SM": 0}) == (4836,)  # one program per tile
+    assert _programs(rows, {"BLOCK_M": 256, "PER_SM": 1}) == (132,)  # persistent: one per multiprocessor
+    assert _programs(rows, {"BLOCK_M": 128, "PER_SM": 2}) == (264,)
+    assert _programs(1000, {"BLOCK_M": 256, "PER_SM": 2}) == (4,)  # never more programs than tiles
