@@ -63,7 +63,7 @@ def encoder_fps(ffmpeg: str, width: int, height: int, frames: int, pix_fmt: str)
 def layer_rows(results: dict, args, w: int, h: int, batch: int = 4) -> None:
     """One dense block's convolutions at batch 4: cuDNN (contiguous channels-last input, as after a
     torch.cat) against the Triton kernel reading its input in place from the 192-channel buffer."""
-    from echoshot_ai_server.fused_trunk import _Conv, _conv3x3_padded_tuned, _dense_steps
+    from echoshot_ai_server.fused_trunk import _Conv, _conv3x3_padded_tuned, _dense_steps, dense_step_views
     from echoshot_ai_server.upscaler import ModelSpec
 
     torch.backends.cudnn.benchmark = True
@@ -98,10 +98,7 @@ def layer_rows(results: dict, args, w: int, h: int, batch: int = 4) -> None:
     partials = [torch.randn(rows, 128, device="cuda", dtype=torch.float16), torch.randn(rows, 96, device="cuda", dtype=torch.float16)]
     total = 0.0
     for j, step in enumerate(steps):
-        src = buffer[:, :64] if j == 0 else buffer[:, 32 + 32 * j: 64 + 32 * j]
-        pre_res = None if j == 0 else partials[(j - 1) % 2][:, 32:(5 - j) * 32]
-        partial = None if j == 3 else partials[j % 2][:, :(4 - j) * 32]
-        out = torch.empty(rows, 32, device="cuda", dtype=torch.float16)
+        src, out, pre_res, partial = dense_step_views(buffer, partials, j, 64, 32)
         seconds = timed(lambda: step(src, out, (h, w), lrelu=True, pre_res=pre_res, partial=partial), 20)
         total += seconds
         flop = 2 * 9 * step.cin * step.cout * batch * h * w
@@ -152,7 +149,7 @@ def main() -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             up = engine(model, 0, batch)
-            up.forward = FusedRRDBNet(up.model, compile_tail=compile_tail)
+            up.forward = FusedRRDBNet(up.model, compile_head_tail=compile_tail)
             up.fixed_shapes = True
             started = time.perf_counter()
             got = up.upscale_tensor(frames[:batch], 4)[:1].float()

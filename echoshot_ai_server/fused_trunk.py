@@ -6,11 +6,12 @@ frame with a one-pixel ring of zeros around it, one frame after the other:
 row = (n * (H + 2) + y + 1) * (W + 2) + x + 1. In that layout a 3x3 convolution is a GEMM whose A
 operand, for each of the nine taps, is the same run of rows shifted by a constant
 (dy * (W + 2) + dx): the kernel loads it with the tensor-memory accelerator (TMA), which also
-fills rows beyond the ends of the buffer with zeros. conv1..conv4 read the first F, F+G, F+2G,
-F+3G channels in place and write their LeakyReLU'd output straight into the next G channels;
-conv5 reads all of them and writes `conv * 0.2 + input` (for the third RDB also the RRDB's own
-residual) into the next block's buffer. Every store writes zeros on the ring rows, so the
-padding stays zero. There is no `torch.cat` and no separate element-wise kernel in the trunk; the
+fills rows beyond the ends of the buffer with zeros. conv1..conv4 run as four "dense steps"
+(see `_dense_steps`): step j reads the newest G (first: F) channels in place, writes the finished
+conv_(j+1), LeakyReLU'd, straight into the next G channels and leaves partial sums of the later
+convolutions in a side buffer. conv5 reads all F + 4G channels and writes `conv * 0.2 + input`
+(for the third RDB also the RRDB's own residual) into the next block's buffer. Every store writes
+zeros on the ring rows, so the padding stays zero. There is no `torch.cat` and no separate element-wise kernel in the trunk; the
 up-sampling tail runs through cuDNN under `torch.compile`. The result equals basicsr's RRDBNet
 up to fp16 rounding.
 
@@ -174,6 +175,18 @@ def _dense_steps(rdb: nn.Module, feat: int, grow: int, dtype: torch.dtype) -> li
     return steps
 
 
+def dense_step_views(buf: torch.Tensor, partials: list[torch.Tensor], j: int, feat: int, grow: int):
+    """Where dense step j reads and writes: (input, output, partial sums in, partial sums out).
+
+    `buf` is the RDB's buffer [rows, F + 4G]; `partials` two side buffers [rows, 4G] and [rows, 3G]
+    that the steps use in turn, each written after `grow` scratch columns (see the kernel)."""
+    src = buf[:, :feat] if j == 0 else buf[:, feat + (j - 1) * grow: feat + j * grow]
+    out = buf[:, feat + j * grow: feat + (j + 1) * grow]
+    pre_res = None if j == 0 else partials[(j - 1) % 2][:, grow:(5 - j) * grow]
+    partial = None if j == 3 else partials[j % 2][:, :(4 - j) * grow]
+    return src, out, pre_res, partial
+
+
 def pad_frames(feat: torch.Tensor, channels: int) -> torch.Tensor:
     """(N, C, H, W) features -> a zero-padded flat buffer [N * (H + 2) * (W + 2), channels]."""
     n, c, h, w = feat.shape
@@ -189,11 +202,16 @@ def unpad_frames(buffer: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
     return inner.contiguous().permute(0, 3, 1, 2)
 
 
+def _widths(model: nn.Module) -> tuple[int, int]:
+    """RRDBNet's feature and growth channel counts (F, G)."""
+    return model.conv_first.out_channels, model.body[0].rdb1.conv1.out_channels
+
+
 def fused_unsupported_reason(model: nn.Module, device: torch.device) -> str | None:
     """Why the fused engine cannot run this model here, or None when it can."""
     if getattr(model, "scale", None) != 4:
         return "the fused engine runs the x4 network only"
-    feat, grow = model.conv_first.out_channels, model.body[0].rdb1.conv1.out_channels
+    feat, grow = _widths(model)
     if any(c < 16 or c & (c - 1) for c in (feat, grow)):
         return f"the fused engine needs power-of-two channel counts of at least 16 (got {feat}/{grow})"
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
@@ -204,12 +222,11 @@ def fused_unsupported_reason(model: nn.Module, device: torch.device) -> str | No
 class FusedRRDBNet(nn.Module):
     """basicsr's RRDBNet (scale 4) with its trunk run by the fused kernels. Input/output as RRDBNet's."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float16, compile_tail: bool = False):
+    def __init__(self, model: nn.Module, compile_head_tail: bool = False):
         super().__init__()
         self.model = model
-        self.dtype = dtype
-        self.feat = model.conv_first.out_channels
-        self.grow = model.body[0].rdb1.conv1.out_channels
+        self.dtype = dtype = model.conv_first.weight.dtype
+        self.feat, self.grow = _widths(model)
         self.blocks = [
             [(_dense_steps(rdb, self.feat, self.grow, dtype), _Conv.of(rdb.conv5, dtype))
              for rdb in (block.rdb1, block.rdb2, block.rdb3)]
@@ -218,11 +235,11 @@ class FusedRRDBNet(nn.Module):
         self.conv_body = _Conv.of(model.conv_body, dtype)
         # Element-wise work around the cuDNN convolutions of the head and tail is fused by
         # torch.compile (fixed shapes: one compilation per frame size and batch).
-        self.head = torch.compile(self._head, dynamic=False) if compile_tail else self._head
-        self.tail = torch.compile(self._tail, dynamic=False) if compile_tail else self._tail
+        self.head = torch.compile(self._head, dynamic=False) if compile_head_tail else self._head
+        self.tail = torch.compile(self._tail, dynamic=False) if compile_head_tail else self._tail
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        return pad_frames(self.model.conv_first(x).to(self.dtype), self.feat)
+        return pad_frames(self.model.conv_first(x), self.feat)
 
     def _tail(self, trunk: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
         m = self.model
@@ -237,8 +254,7 @@ class FusedRRDBNet(nn.Module):
         rows = feat_padded.shape[0]
         new = lambda channels: torch.empty((rows, channels), dtype=self.dtype, device=feat_padded.device)  # noqa: E731
         buffers = [new(feat + 4 * grow) for _ in range(4)]
-        # partial sums of the dense steps, alternating between two buffers, after `grow` scratch columns
-        partials = [new(4 * grow), new(3 * grow)]
+        partials = [new(4 * grow), new(3 * grow)]  # see dense_step_views
         buffers[0][:, :feat] = feat_padded
         current = 0
         for rdbs in self.blocks:
@@ -247,11 +263,8 @@ class FusedRRDBNet(nn.Module):
             for i, (steps, conv5) in enumerate(rdbs):
                 buf = buffers[order[i]]
                 for j, step in enumerate(steps):
-                    src = buf[:, :feat] if j == 0 else buf[:, feat + (j - 1) * grow: feat + j * grow]
-                    pre_res = None if j == 0 else partials[(j - 1) % 2][:, grow:(5 - j) * grow]
-                    partial = None if j == 3 else partials[j % 2][:, :(4 - j) * grow]
-                    step(src, buf[:, feat + j * grow: feat + (j + 1) * grow], frame, lrelu=True, pre_res=pre_res,
-                         partial=partial)
+                    src, out, pre_res, partial = dense_step_views(buf, partials, j, feat, grow)
+                    step(src, out, frame, lrelu=True, pre_res=pre_res, partial=partial)
                 nxt = buffers[order[i + 1]]
                 if i < 2:
                     conv5(buf, nxt[:, :feat], frame, res1=buf[:, :feat], scale=0.2)

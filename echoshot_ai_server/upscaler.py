@@ -215,7 +215,7 @@ def resolve_engine(requested: Engine, model: nn.Module, device: torch.device) ->
     return "compile"
 
 
-def build_forward(engine: Engine, model: nn.Module, dtype: torch.dtype):
+def build_forward(engine: Engine, model: nn.Module):
     """The callable that runs whole frames through `model` with the given engine."""
     if engine == "compile":
         # torch.compile fuses the element-wise work between the convolutions.
@@ -223,7 +223,7 @@ def build_forward(engine: Engine, model: nn.Module, dtype: torch.dtype):
     if engine == "fused":
         from .fused_trunk import FusedRRDBNet
 
-        return FusedRRDBNet(model, dtype, compile_tail=True)
+        return FusedRRDBNet(model, compile_head_tail=True)
     return model
 
 
@@ -262,7 +262,7 @@ class Upscaler:
         self.resize_on_device = on_gpu if resize_on_device is None else resize_on_device
         self.model = model.eval().to(self.torch_device, self.dtype, memory_format=self.memory_format)
         self.engine = resolve_engine(engine, self.model, self.torch_device)
-        self.forward = build_forward(self.engine, self.model, self.dtype)
+        self.forward = build_forward(self.engine, self.model)
         # Compiled and fused engines are specialised to their input shape (compilation, autotuning):
         # shapes stay fixed per video (whole frames, batches padded to full size), so a worker pays
         # that once per frame size.
@@ -412,7 +412,7 @@ def load_upscalers(weights_path: Path, device: Device, profile: DeviceProfile, p
             pre_pad=pre_pad,
             batch_frames=profile.batch_frames,
             model_scale=X4PLUS.scale,
-            engine=profile.engine if on_gpu else "eager",
+            engine=profile.engine,
             memory_budget_bytes=budget,
         )
         for _ in range(count)

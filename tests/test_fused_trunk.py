@@ -31,7 +31,7 @@ from echoshot_ai_server.fused_trunk import FusedRRDBNet
 model = random_model(64, 2, 32)  # RealESRGAN_x4plus's widths, two blocks
 x = torch.rand(2, 3, 9, 11)
 with torch.no_grad():
-    expected, got = model(x), FusedRRDBNet(model, dtype=torch.float32)(x)
+    expected, got = model(x), FusedRRDBNet(model)(x)
 error = ((got - expected).norm() / expected.norm()).item()
 assert got.shape == expected.shape and error < 1e-4, error
 print("relative error", error)

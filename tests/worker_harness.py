@@ -8,6 +8,7 @@ from echoshot_ai_server.config import Settings
 from echoshot_ai_server.job import job_message_body
 from echoshot_ai_server.main import build_worker
 
+
 def settings_for(stack, **overrides) -> Settings:
     values = dict(
         aws_region=REGION, aws_endpoint_url=stack.moto.endpoint_url, sqs_queue_url=stack.queue_url,
@@ -51,8 +52,6 @@ def queue_counts(stack, url=None) -> tuple[int, int]:
 
 def statuses(stack, job_id):
     return [b["status"] for b in stack.receiver.bodies(job_id)]
-
-
 
 
 def leftovers(work_dir) -> list:
