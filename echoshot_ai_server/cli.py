@@ -211,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # the CLI's promise: one line, no traceback
+    except Exception as exc:  # a bug: one line for the commands people type, the traceback for the daemon's logs
+        if args.command == "worker":
+            log.exception("the worker stopped on an unexpected error")
+        else:
+            log.debug("traceback", exc_info=True)
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 

@@ -6,8 +6,15 @@ Every failure that can end a job is one of two kinds:
 - RetryableError: the world may be different next time (a network hiccup, a busy GPU).
 
 Each carries a stable `code` that callers (the CLI, the Spring callback) can show and match on.
+Some retryable codes say that the worker's own surroundings are wrong (a missing bucket, a work
+directory it cannot write, a callback token Spring no longer accepts): no job can succeed until
+that is fixed, so the job is not blamed and the worker reports itself not ready.
+
+`classify()` turns any exception raised while a job runs into one of these: the one place that
+decides what an unexpected exception means.
 """
 
+import errno
 from enum import Enum
 
 
@@ -31,16 +38,26 @@ class ErrorCode(str, Enum):
     TOOL_MISSING = "TOOL_MISSING"
     OUT_OF_MEMORY = "OUT_OF_MEMORY"
     STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
+    STORAGE_MISCONFIGURED = "STORAGE_MISCONFIGURED"
+    SOURCE_CHANGED = "SOURCE_CHANGED"
+    WORK_DIR_UNUSABLE = "WORK_DIR_UNUSABLE"
     QUEUE_UNAVAILABLE = "QUEUE_UNAVAILABLE"
     SCALING_UNAVAILABLE = "SCALING_UNAVAILABLE"
     CALLBACK_FAILED = "CALLBACK_FAILED"
     CALLBACK_REJECTED = "CALLBACK_REJECTED"
+    CALLBACK_MISCONFIGURED = "CALLBACK_MISCONFIGURED"
+    JOB_ID_IN_USE = "JOB_ID_IN_USE"
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
-class JobError(Exception):
-    retryable = False
+# The worker's surroundings are wrong, not the job: fix the setting, and every job works again.
+ENVIRONMENT_CODES = frozenset({
+    ErrorCode.STORAGE_MISCONFIGURED, ErrorCode.WORK_DIR_UNUSABLE, ErrorCode.CALLBACK_MISCONFIGURED,
+})
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
+
+class JobError(Exception):
     def __init__(self, code: ErrorCode, message: str):
         super().__init__(message)
         self.code = code
@@ -49,14 +66,48 @@ class JobError(Exception):
     def __str__(self) -> str:
         return f"[{self.code.value}] {self.message}"
 
+    @property
+    def is_environment(self) -> bool:
+        return self.code in ENVIRONMENT_CODES
+
 
 class PermanentError(JobError):
-    retryable = False
+    pass
 
 
 class RetryableError(JobError):
-    retryable = True
+    pass
+
+
+class ResultNotReported(RetryableError):
+    """The result is in S3 but Spring has not acknowledged COMPLETED: retry the report later, and
+    never report FAILED for this job (that would contradict a result that exists)."""
 
 
 class JobCancelled(Exception):
     """The worker is shutting down: stop the job and hand its message back to the queue."""
+
+
+def classify(exc: BaseException) -> JobError | JobCancelled:
+    """What an exception raised while a job ran means for the job."""
+    if isinstance(exc, (JobError, JobCancelled)):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        error = RetryableError(ErrorCode.INSUFFICIENT_DISK, f"the work directory is full: {exc.strerror}")
+    elif isinstance(exc, MemoryError):
+        error = RetryableError(ErrorCode.OUT_OF_MEMORY, "the worker ran out of memory")
+    else:
+        error = RetryableError(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def human_bytes(count: float) -> str:
+    """1536 -> '1.5 KB': sizes in messages people read (decimal units, as df -H prints them)."""
+    if abs(count) < 1000:
+        return f"{count:.0f} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        count /= 1000
+        if abs(count) < 1000:
+            return f"{count:.1f} {unit}"
+    return f"{count / 1000:.1f} PB"

@@ -1,6 +1,7 @@
 """The contract with Spring: the job message we read and the callback we send (docs/job-contract.md)."""
 
 import json
+import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
@@ -85,22 +86,42 @@ def job_message_body(job_id: str, source_s3_key: str, *, scale: int, device: str
     })
 
 
+def reportable_job_id(value: Any) -> str | None:
+    """`value` as a job id that can be reported to Spring, or None. Wider than the contract's
+    pattern (so that a message that breaks the contract in another way can still be reported), but
+    never something that could change the callback URL's path or forge a log line: 1-128
+    printable characters without whitespace, slashes or backslashes, and not `.` or `..`."""
+    value = _id_to_str(value)
+    if not isinstance(value, str) or not 0 < len(value) <= 128 or value in (".", ".."):
+        return None
+    if not value.isprintable() or re.search(r"[\s/\\]", value):
+        return None
+    return value
+
+
+def _load(body: str) -> Any:
+    """json.loads that treats nesting too deep to parse as what it is: not a usable message."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def read_job_id(body: str) -> str | None:
     """The jobId of a message, if one can be read at all (to report a message that is otherwise invalid)."""
     try:
-        data = json.loads(body)
+        data = _load(body)
     except (TypeError, ValueError):
         return None
-    job_id = _id_to_str(data.get("jobId")) if isinstance(data, dict) else None
-    return job_id if isinstance(job_id, str) and 0 < len(job_id) <= 128 else None
+    return reportable_job_id(data.get("jobId")) if isinstance(data, dict) else None
 
 
 def parse_job(body: str) -> JobMessage:
     """The validated job, or a PermanentError saying what is wrong with the message."""
     try:
-        data = json.loads(body)
+        data = _load(body)
     except (TypeError, ValueError) as exc:
-        raise PermanentError(ErrorCode.INVALID_MESSAGE, f"message body is not JSON: {exc}") from None
+        raise PermanentError(ErrorCode.INVALID_MESSAGE, f"message body is not JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise PermanentError(ErrorCode.INVALID_MESSAGE, "message body is not a JSON object")
     if "taskType" in data and data["taskType"] != UPSCALE:
@@ -113,6 +134,16 @@ def parse_job(body: str) -> JobMessage:
         only_parameters = all(err["loc"][:1] == ("parameters",) and len(err["loc"]) > 1 for err in errors)
         code = ErrorCode.INVALID_PARAMETERS if only_parameters else ErrorCode.INVALID_MESSAGE
         raise PermanentError(code, f"message does not match the job contract: {problems}") from None
+
+
+# An absolute path of two or more parts (the worker's files, ffmpeg's messages about them).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\":]+/)+([^\s/'\":]*)")
+
+
+def without_paths(text: str) -> str:
+    """`text` with absolute file paths cut down to their last part: Spring and its users learn what
+    failed, not how the worker's disk is laid out."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "<dir>", text)
 
 
 class JobStatus(str, Enum):
@@ -145,7 +176,8 @@ class CallbackPayload(BaseModel):
 
     @classmethod
     def failed(cls, job_id: str, error: JobError) -> "CallbackPayload":
-        return cls(job_id=job_id, status=JobStatus.FAILED, error_code=error.code.value, error_message=error.message)
+        return cls(job_id=job_id, status=JobStatus.FAILED, error_code=error.code.value,
+                   error_message=without_paths(error.message))
 
     def to_json(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)

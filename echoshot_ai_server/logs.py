@@ -29,10 +29,15 @@ def configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def printable(text: str) -> str:
+    """`text` with anything that could break a log line (newlines, control characters) escaped."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 @contextmanager
 def job_context(job_id: str) -> Iterator[None]:
-    """Within this block (in this thread) log lines carry `job_id`."""
-    token = _job_id.set(job_id)
+    """Within this block (in this thread) log lines carry `job_id` (escaped: it may come from anyone)."""
+    token = _job_id.set(printable(job_id))
     try:
         yield
     finally:

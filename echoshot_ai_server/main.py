@@ -10,18 +10,19 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
 
 from echoshot_ai_server.callback import SpringCallback  # noqa: E402
 from echoshot_ai_server.config import Settings  # noqa: E402
-from echoshot_ai_server.errors import ErrorCode, PermanentError  # noqa: E402
+from echoshot_ai_server.errors import ErrorCode, PermanentError, RetryableError  # noqa: E402
 from echoshot_ai_server.job_queue import JobQueue  # noqa: E402
+from echoshot_ai_server.job_records import JobRecords  # noqa: E402
 from echoshot_ai_server.monitoring import Monitoring  # noqa: E402
 from echoshot_ai_server.scaling import AutoScaling, ScaleInProtection, ec2_instance_id  # noqa: E402
 from echoshot_ai_server.storage import Storage  # noqa: E402
 from echoshot_ai_server.tasks.upscale_task import UpscaleTask  # noqa: E402
 from echoshot_ai_server.upscaler import (  # noqa: E402
-    Upscaler, gpu_memory_stats, load_upscalers, resolve_device, torch_cuda_available,
+    GPU_FALLBACK_WARNING, Upscaler, gpu_memory_stats, load_upscalers, resolve_device, torch_cuda_available,
 )
 from echoshot_ai_server.video import EncoderSettings  # noqa: E402
 from echoshot_ai_server.worker import Worker  # noqa: E402
-from echoshot_ai_server.workspace import remove_stale_worker_dirs, worker_dir  # noqa: E402
+from echoshot_ai_server.workspace import WorkerDirectory, check_writable, remove_stale_worker_dirs  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +34,24 @@ def required(settings: Settings, *names: str) -> None:
 
 
 def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) -> Worker:
-    """The worker as the settings describe it. `upscalers` replaces the model loading (tests)."""
+    """The worker as the settings describe it. `upscalers` replaces the model loading (tests).
+
+    Checks first that the worker can work at all (the queue, the bucket, the work directory), so
+    that a misspelt setting stops it at start with one clear line instead of failing every job."""
     required(settings, "sqs_queue_url", "s3_bucket_name", "spring_callback_url")
     requested = settings.worker_device
     if requested == "auto":
         requested = "gpu" if torch_cuda_available() else "cpu"
     device = resolve_device(requested)
+    if device != requested:
+        log.warning(GPU_FALLBACK_WARNING)
     slots = settings.gpu_worker_count if device == "gpu" else settings.cpu_worker_count
 
     timeouts = dict(connect_timeout_s=settings.aws_connect_timeout_s, read_timeout_s=settings.aws_read_timeout_s)
     job_queue = JobQueue(settings.sqs_queue_url, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url,
                          **timeouts)
+    storage = Storage(settings.s3_bucket_name, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url,
+                      **timeouts)
     monitoring = Monitoring(
         queue_stale_after_s=settings.poll_wait_s + settings.aws_read_timeout_s + 30,
         gpu_memory=gpu_memory_stats if device == "gpu" else None,
@@ -52,6 +60,20 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) ->
     monitoring.queue_answered()
     if redrive_max is None:
         log.warning("queue has no redrive policy: failed jobs are dropped after %d attempts", settings.max_receive_count)
+    storage.check_bucket()
+    for stale in remove_stale_worker_dirs(settings.work_dir):
+        log.warning("removed the files of a worker that died: %s", stale)
+    directory = WorkerDirectory(settings.work_dir).open()
+    log.info("work directory: %s", directory.path)
+
+    def preflight() -> None:
+        storage.check_bucket()
+        try:
+            directory.path.mkdir(mode=0o700, exist_ok=True)
+            check_writable(directory.path)
+        except OSError as exc:
+            raise RetryableError(ErrorCode.WORK_DIR_UNUSABLE, f"cannot write in {directory.path}: {exc.strerror}") from exc
+
     callback = SpringCallback(
         settings.spring_callback_url,
         token=settings.spring_callback_token.get_secret_value() if settings.spring_callback_token else None,
@@ -61,13 +83,11 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) ->
         backoff_base_s=settings.callback_backoff_base_s,
         backoff_max_s=settings.callback_backoff_max_s,
     )
-    for stale in remove_stale_worker_dirs(settings.work_dir):
-        log.warning("removed the files of a worker that died: %s", stale)
     task = UpscaleTask(
-        storage=Storage(settings.s3_bucket_name, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url,
-                        **timeouts),
+        storage=storage,
         callback=callback,
-        work_dir=worker_dir(settings.work_dir, os.getpid()),
+        records=JobRecords(storage, lease_s=settings.visibility_timeout_s),
+        work_dir=directory.path,
         encoder=EncoderSettings(settings.x264_preset, settings.x264_crf, settings.audio_bitrate, settings.ffmpeg_bin),
         ffprobe=settings.ffprobe_bin,
         progress_interval_s=settings.progress_callback_interval_s,
@@ -75,8 +95,12 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) ->
         allowed_source_prefixes=tuple(settings.allowed_source_prefixes),
         disk_headroom_bytes=settings.disk_headroom_bytes,
     )
-    if upscalers is None:
-        upscalers = load_upscalers(settings.weights_path, device, settings.device_profile(device), settings.pre_pad, slots)
+    try:
+        if upscalers is None:
+            upscalers = load_upscalers(settings.weights_path, device, settings.device_profile(device), settings.pre_pad, slots)
+    except BaseException:
+        directory.close()
+        raise
     log.info("업스케일러 초기화 완료 - %s, slots: %d", upscalers[0].describe(), slots)
     monitoring.model_loaded = True
     return Worker(
@@ -95,6 +119,8 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) ->
         monitoring=monitoring,
         protection=scale_in_protection(settings),
         metrics_address=(settings.metrics_host, settings.metrics_port) if settings.metrics_enabled else None,
+        directory=directory,
+        preflight=preflight,
     )
 
 

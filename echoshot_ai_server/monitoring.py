@@ -32,7 +32,7 @@ class Monitoring:
         self.last_fps = Gauge("echoshot_last_job_frames_per_second", "Frames per second of the last completed job",
                               registry=self.registry)
         self.in_flight = Gauge("echoshot_jobs_in_flight", "Jobs running now", registry=self.registry)
-        self.ready = Gauge("echoshot_ready", "1 when the model is loaded and the queue answered lately",
+        self.ready = Gauge("echoshot_ready", "1 when the model is loaded, the queue answered lately and nothing is wrong",
                            registry=self.registry)
         self.ready.set_function(lambda: 1.0 if self.is_ready()[0] else 0.0)
         if gpu_memory is not None:
@@ -40,6 +40,7 @@ class Monitoring:
             for kind in ("allocated", "reserved"):
                 gauge.labels(kind).set_function(lambda kind=kind: gpu_memory()[kind])
         self.queue_stale_after_s = queue_stale_after_s
+        self.problems: dict[str, str] = {}  # what is wrong with the worker's surroundings, by kind
         self.model_loaded = False
         self._queue_ok_at: float | None = None
         self._queue_error: str | None = None
@@ -52,6 +53,14 @@ class Monitoring:
 
     def queue_failed(self, error: str) -> None:
         self._queue_error = error
+
+    def problem(self, kind: str, description: str) -> None:
+        """Not ready until `clear(kind)`: a bucket that is gone, a work directory that cannot be
+        written, credentials that Spring refuses."""
+        self.problems[kind] = description
+
+    def clear(self, kind: str) -> None:
+        self.problems.pop(kind, None)
 
     def job_received(self, sent_at_ms: int | None) -> None:
         self.in_flight.inc()
@@ -72,7 +81,10 @@ class Monitoring:
         details = {"model_loaded": self.model_loaded, "queue_reachable": queue_ok}
         if self._queue_error:
             details["queue_error"] = self._queue_error
-        return self.model_loaded and queue_ok, details
+        problems = dict(self.problems)
+        if problems:
+            details["problems"] = problems
+        return self.model_loaded and queue_ok and not problems, details
 
     # -- the HTTP side ----------------------------------------------------------------------
     def serve(self, host: str, port: int) -> int:

@@ -1,7 +1,6 @@
 """Operators' commands: replay the dead-letter queue, publish the autoscaling backlog."""
 
 import logging
-import time
 
 from echoshot_ai_server.job import read_job_id
 from echoshot_ai_server.job_queue import JobQueue
@@ -27,7 +26,9 @@ def replay_dead_letters(dead_letters: JobQueue, target: JobQueue, *, limit: int 
             if list_only:
                 held.append(message)
                 continue
-            target.send(message.body, group_id=job_id, dedup_id=f"{job_id}-replay-{int(time.time())}")
+            # One deduplication id per dead letter: two copies of a job are two replays (the job's
+            # record keeps it from being done twice), and a replay repeated after a crash is one.
+            target.send(message.body, group_id=job_id, dedup_id=f"replay-{message.message_id}")
             dead_letters.delete(message)
             log.info("replayed %s", job_id)
     for message in held:

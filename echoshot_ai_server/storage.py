@@ -1,15 +1,38 @@
-"""S3: where sources come from and results go."""
+"""S3: where sources come from, results go, and each job's record is kept."""
 
+import json
 import logging
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from botocore.exceptions import BotoCoreError, ClientError
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from s3transfer.exceptions import CancelledError
 
 from echoshot_ai_server import aws
-from echoshot_ai_server.errors import ErrorCode, PermanentError
+from echoshot_ai_server.errors import ErrorCode, JobCancelled, PermanentError, RetryableError, human_bytes
 
 log = logging.getLogger(__name__)
-AWS_ERRORS = (ClientError, BotoCoreError)
+
+CHUNK_BYTES = 1 << 20
+RESUMES = 3  # a download cut off in the middle goes on from where it stopped, this many times
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One version of an object, as a HEAD request saw it."""
+
+    key: str
+    size: int
+    etag: str
+    version_id: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Progress:
+    bytes: int
 
 
 class Storage:
@@ -20,40 +43,116 @@ class Storage:
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
-    def download(self, key: str, path: Path) -> int:
-        """Fetch an object into `path`; returns its size in bytes."""
+    def _translated(self, what: str, not_found: ErrorCode | None = None):
+        return aws.translated(what, ErrorCode.STORAGE_UNAVAILABLE, not_found=not_found,
+                              misconfigured=ErrorCode.STORAGE_MISCONFIGURED)
+
+    def check_bucket(self) -> None:
+        """Raises RetryableError(STORAGE_MISCONFIGURED) unless the bucket exists and can be reached."""
+        with self._translated(f"bucket {self.bucket}", not_found=ErrorCode.STORAGE_MISCONFIGURED):
+            self._s3.head_bucket(Bucket=self.bucket)
+
+    def head(self, key: str) -> StoredObject | None:
+        """The object at `key`, or None when there is none. A missing bucket is not a missing object:
+        it raises RetryableError(STORAGE_MISCONFIGURED)."""
         try:
-            self._s3.download_file(self.bucket, key, str(path))
-        except AWS_ERRORS as exc:
-            raise aws.translate(exc, f"download {self.url(key)}", ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.SOURCE_NOT_FOUND)
-        return path.stat().st_size
+            with self._translated(f"head {self.url(key)}", not_found=ErrorCode.SOURCE_NOT_FOUND):
+                head = self._s3.head_object(Bucket=self.bucket, Key=key)
+        except PermanentError:  # HEAD answers have no body: a 404 may also mean "no such bucket"
+            self.check_bucket()
+            return None
+        return StoredObject(key, int(head["ContentLength"]), head["ETag"], head.get("VersionId"), head.get("Metadata", {}))
 
-    def upload(self, path: Path, key: str, *, content_type: str, metadata: dict[str, str]) -> None:
-        """Put a file at `key`. S3 makes the object visible only once it is complete."""
+    def download(self, source: StoredObject, path: Path, *, max_bytes: int = 0,
+                 should_stop: Callable[[], bool] = lambda: False) -> int:
+        """Fetch exactly the version of `source` that was seen (its ETag, and its version id where
+        the bucket keeps versions) into `path`; returns its size.
+
+        Raises RetryableError(SOURCE_CHANGED) when the object was replaced in between,
+        PermanentError(INPUT_TOO_LARGE) as soon as more than `max_bytes` arrive, JobCancelled when
+        `should_stop()` turns true."""
+        pinned = {"IfMatch": source.etag, **({"VersionId": source.version_id} if source.version_id else {})}
+        written = 0
+        with open(path, "wb") as file:
+            for attempt in range(RESUMES + 1):
+                ranged = {"Range": f"bytes={written}-"} if written else {}
+                progress = _Progress(written)
+                try:
+                    with self._translated(f"download {self.url(source.key)}", not_found=ErrorCode.SOURCE_NOT_FOUND):
+                        written = self._stream(source, pinned | ranged, file, progress, max_bytes, should_stop)
+                    break
+                except RetryableError as exc:
+                    if aws.is_precondition_failure(exc.__cause__):
+                        raise RetryableError(ErrorCode.SOURCE_CHANGED,
+                                             f"{self.url(source.key)} was replaced while it was being fetched") from exc
+                    # Going on is worth it only where the stream broke off after some data: a request
+                    # that failed outright has been retried by boto3 already.
+                    if progress.bytes == written or attempt == RESUMES or exc.code != ErrorCode.STORAGE_UNAVAILABLE:
+                        raise
+                    written = progress.bytes
+                    log.warning("download cut off after %s (%s); going on from there", human_bytes(written), exc)
+        if written != source.size:
+            raise RetryableError(ErrorCode.STORAGE_UNAVAILABLE,
+                                 f"download of {self.url(source.key)} ended after {written} of {source.size} bytes")
+        return written
+
+    def _stream(self, source: StoredObject, args: dict, file, progress: "_Progress", max_bytes: int,
+                should_stop: Callable[[], bool]) -> int:
+        body = self._s3.get_object(Bucket=self.bucket, Key=source.key, **args)["Body"]
         try:
-            self._s3.upload_file(
-                str(path), self.bucket, key, ExtraArgs={"ContentType": content_type, "Metadata": metadata}
-            )
-        except AWS_ERRORS as exc:
-            raise aws.translate(exc, f"upload {self.url(key)}", ErrorCode.STORAGE_UNAVAILABLE)
+            for chunk in body.iter_chunks(CHUNK_BYTES):
+                if should_stop():
+                    raise JobCancelled()
+                if max_bytes and progress.bytes + len(chunk) > max_bytes:
+                    raise PermanentError(ErrorCode.INPUT_TOO_LARGE,
+                                         f"source is larger than {max_bytes} bytes (MAX_DOWNLOAD_BYTES)")
+                file.write(chunk)
+                progress.bytes += len(chunk)
+        finally:
+            body.close()
+        return progress.bytes
 
-    def size(self, key: str) -> int:
-        """The size of an object in bytes; SOURCE_NOT_FOUND when there is none."""
-        head = self._head(key)
-        if head is None:
-            raise PermanentError(ErrorCode.SOURCE_NOT_FOUND, f"{self.url(key)}: not found")
-        return int(head["ContentLength"])
+    def upload(self, path: Path, key: str, *, content_type: str, metadata: dict[str, str],
+               should_stop: Callable[[], bool] = lambda: False) -> None:
+        """Put a file at `key` (in parts, in parallel, when it is large). S3 makes the object visible
+        only once it is complete. JobCancelled when `should_stop()` turns true meanwhile."""
+        with self._translated(f"upload {self.url(key)}"), create_transfer_manager(self._s3, TransferConfig()) as manager:
+            future = manager.upload(str(path), self.bucket, key,
+                                    extra_args={"ContentType": content_type, "Metadata": metadata})
+            while not future.done():
+                if should_stop():
+                    future.cancel()
+                    break
+                time.sleep(0.1)
+            try:
+                future.result()
+            except CancelledError:
+                raise JobCancelled() from None
 
-    def metadata(self, key: str) -> dict[str, str] | None:
-        """The user metadata of an object, or None when there is no such object."""
-        head = self._head(key)
-        return None if head is None else head.get("Metadata", {})
-
-    def _head(self, key: str) -> dict | None:
+    def read_json(self, key: str) -> tuple[dict, str] | None:
+        """A small JSON object and its ETag, or None when there is none (or it is not JSON)."""
         try:
-            return self._s3.head_object(Bucket=self.bucket, Key=key)
-        except AWS_ERRORS as exc:
-            error = aws.translate(exc, f"head {self.url(key)}", ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.SOURCE_NOT_FOUND)
-            if error.code == ErrorCode.SOURCE_NOT_FOUND:
+            with self._translated(f"read {self.url(key)}", not_found=ErrorCode.SOURCE_NOT_FOUND):
+                response = self._s3.get_object(Bucket=self.bucket, Key=key)
+                raw = response["Body"].read(CHUNK_BYTES)
+        except PermanentError:
+            return None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = None
+        return (data if isinstance(data, dict) else {}), response["ETag"]
+
+    def put_json(self, key: str, data: dict, *, if_match: str | None = None, if_absent: bool = False) -> str | None:
+        """Write a small JSON object only if the object is still the version `if_match` (or, with
+        `if_absent`, there is none). Returns the new ETag, or None when the condition did not hold."""
+        condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"} if if_absent else {}
+        try:
+            with self._translated(f"write {self.url(key)}"):
+                response = self._s3.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(data).encode(),
+                                               ContentType="application/json", **condition)
+        except RetryableError as exc:
+            if condition and aws.is_precondition_failure(exc.__cause__):
                 return None
-            raise error
+            raise
+        return response["ETag"]

@@ -160,12 +160,13 @@ def torch_cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# The guide's warning, logged wherever a GPU was asked for and the CPU does the work.
+GPU_FALLBACK_WARNING = "GPU가 요청되었지만 사용 불가능합니다. CPU로 대체합니다."
+
+
 def resolve_device(requested: Device) -> Device:
     """The device that will really be used: the GPU only when CUDA is there."""
-    if requested == "gpu" and not torch.cuda.is_available():
-        log.warning("GPU가 요청되었지만 사용 불가능합니다. CPU로 대체합니다.")
-        return "cpu"
-    return requested
+    return "cpu" if requested == "gpu" and not torch.cuda.is_available() else requested
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

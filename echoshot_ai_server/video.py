@@ -14,16 +14,19 @@ import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
 
-from echoshot_ai_server.errors import ErrorCode, PermanentError, RetryableError
+from echoshot_ai_server.errors import ErrorCode, JobCancelled, PermanentError, RetryableError
 
 log = logging.getLogger(__name__)
 
 STDERR_TAIL_CHARS = 2000
+# ffmpeg reports a full disk and still exits 0 when it happens while the trailer is written.
+DISK_FULL_MESSAGES = ("No space left on device", "Disk quota exceeded")
+StopCheck = Callable[[], bool]
 
 
 # Subtitle codecs that MP4 can carry once converted to mov_text; bitmap subtitles cannot be.
@@ -82,11 +85,23 @@ def _arg(path: Path) -> str:
     return str(path.absolute())
 
 
-def _run_tool(args: list[str], what: str) -> subprocess.CompletedProcess:
+def _run_tool(args: list[str], what: str, should_stop: StopCheck | None = None) -> subprocess.CompletedProcess:
+    """Run ffprobe/ffmpeg to the end; JobCancelled (the tool killed) as soon as `should_stop()` turns true."""
     try:
-        return subprocess.run(args, capture_output=True, text=True, check=False)
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, errors="replace")
     except FileNotFoundError as exc:
         raise PermanentError(ErrorCode.TOOL_MISSING, f"{args[0]} not found: install ffmpeg ({what})") from exc
+    with process:
+        while True:
+            try:
+                stdout, stderr = process.communicate(timeout=0.2)
+                return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+            except subprocess.TimeoutExpired:
+                if should_stop is not None and should_stop():
+                    process.kill()
+                    process.communicate()
+                    raise JobCancelled() from None
 
 
 def _fraction(text: str | None) -> Fraction | None:
@@ -104,12 +119,13 @@ def _float(text) -> float | None:
         return None
 
 
-def probe(path: Path, ffprobe: str = "ffprobe") -> VideoInfo:
+def probe(path: Path, ffprobe: str = "ffprobe", should_stop: StopCheck | None = None) -> VideoInfo:
     """Size, frame rate, frame count, duration and audio of a video file, as ffprobe reads them."""
     if not path.is_file():
         raise PermanentError(ErrorCode.INPUT_NOT_FOUND, f"input file not found: {path}")
     result = _run_tool(
-        [ffprobe, "-v", "error", "-print_format", "json", "-show_format", "-show_streams", "-i", _arg(path)], "probe"
+        [ffprobe, "-v", "error", "-print_format", "json", "-show_format", "-show_streams", "-i", _arg(path)], "probe",
+        should_stop,
     )
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unreadable"
@@ -124,7 +140,7 @@ def probe(path: Path, ffprobe: str = "ffprobe") -> VideoInfo:
         raise PermanentError(ErrorCode.INVALID_VIDEO, f"{path.name} has no video stream")
     width, height = int(video.get("width") or 0), int(video.get("height") or 0)
     duration = _float(data.get("format", {}).get("duration")) or _float(video.get("duration")) or 0.0
-    frame_count = int(video.get("nb_frames") or 0) or _count_frames(path, ffprobe)
+    frame_count = int(video.get("nb_frames") or 0) or _count_frames(path, ffprobe, should_stop)
     fps = _fraction(video.get("avg_frame_rate"))
     if fps is None and frame_count and duration:
         # Matroska stores no average rate; for variable-rate video r_frame_rate is only the fastest
@@ -165,12 +181,12 @@ def _rotation(stream: dict) -> int:
     return int(float(stream.get("tags", {}).get("rotate", 0) or 0)) % 360
 
 
-def _count_frames(path: Path, ffprobe: str) -> int:
+def _count_frames(path: Path, ffprobe: str, should_stop: StopCheck | None) -> int:
     # Containers such as mkv and webm do not store a frame count: count the packets instead.
     result = _run_tool(
         [ffprobe, "-v", "error", "-select_streams", "v:0", "-count_packets",
          "-show_entries", "stream=nb_read_packets", "-of", "csv=p=0", "-i", _arg(path)],
-        "count frames",
+        "count frames", should_stop,
     )
     try:
         return int(result.stdout.strip().split(",")[0])
@@ -178,10 +194,11 @@ def _count_frames(path: Path, ffprobe: str) -> int:
         return 0
 
 
-def audio_problem(path: Path, ffmpeg: str = "ffmpeg") -> str | None:
+def audio_problem(path: Path, ffmpeg: str = "ffmpeg", should_stop: StopCheck | None = None) -> str | None:
     """None when every audio stream decodes, else why the audio cannot be used."""
     result = _run_tool(
-        [ffmpeg, "-nostdin", "-v", "error", "-i", _arg(path), "-map", "0:a", "-f", "null", "-"], "audio check"
+        [ffmpeg, "-nostdin", "-v", "error", "-i", _arg(path), "-map", "0:a", "-f", "null", "-"], "audio check",
+        should_stop,
     )
     if result.returncode == 0:
         return None
@@ -339,14 +356,22 @@ class FrameWriter:
                 self._process.stdin.close()
             except OSError:
                 pass
-            if self._process.wait() != 0 or self._pipe_error is not None:
+            if self._process.wait() != 0 or self._pipe_error is not None or self._disk_full():
                 raise self._failure()
         finally:
             self._stderr.close()
 
-    def _failure(self) -> RetryableError:
+    def _messages(self) -> str:
         self._stderr.seek(0)
-        tail = self._stderr.read().decode(errors="replace").strip()[-STDERR_TAIL_CHARS:]
+        return self._stderr.read().decode(errors="replace").strip()
+
+    def _disk_full(self) -> bool:
+        return any(message in self._messages() for message in DISK_FULL_MESSAGES)
+
+    def _failure(self) -> RetryableError:
+        tail = self._messages()[-STDERR_TAIL_CHARS:]
+        if self._disk_full():
+            return RetryableError(ErrorCode.INSUFFICIENT_DISK, f"the disk filled up while encoding: {tail}")
         return RetryableError(
             ErrorCode.ENCODE_FAILED, f"ffmpeg exited with {self._process.returncode}: {tail or 'no message'}"
         )

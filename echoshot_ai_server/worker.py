@@ -3,62 +3,108 @@
 import logging
 import queue as stdlib_queue
 import random
-import shutil
 import signal
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
+from dataclasses import dataclass, field
+from typing import Callable
 
 from echoshot_ai_server.callback import SpringCallback
-from echoshot_ai_server.errors import ErrorCode, JobCancelled, JobError, PermanentError, RetryableError
+from echoshot_ai_server.errors import (
+    ErrorCode, JobCancelled, JobError, PermanentError, ResultNotReported, RetryableError, classify,
+)
 from echoshot_ai_server.job import CallbackPayload, parse_job, read_job_id
 from echoshot_ai_server.job_queue import JobQueue, QueueMessage
 from echoshot_ai_server.logs import job_context
 from echoshot_ai_server.monitoring import Monitoring
 from echoshot_ai_server.scaling import ScaleInProtection
-from echoshot_ai_server.tasks.upscale_task import UpscaleTask
+from echoshot_ai_server.tasks.upscale_task import JobAttempt, TaskOutcome, UpscaleTask
 from echoshot_ai_server.upscaler import Upscaler
+from echoshot_ai_server.workspace import WorkerDirectory
 
 log = logging.getLogger(__name__)
 
+SETUP, CALLBACK = "setup", "callback"  # kinds of problems with the worker's surroundings
+# After the grace period, running jobs are told to stop; this is how long they get to do so before
+# their messages are released anyway and the worker exits.
+STOP_WAIT_S = 15
+
+
+@dataclass
+class _Beat:
+    message: QueueMessage
+    renewals: list[Callable[[], None]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    tracked: bool = True
+
 
 class VisibilityHeartbeat:
-    """Keeps the messages of running jobs invisible, so that no second worker picks them up."""
+    """Keeps the messages of running jobs invisible, so that no second worker picks them up, and
+    renews whatever else a job holds for as long (its job record)."""
 
-    def __init__(self, job_queue: JobQueue, *, timeout_s: int, every_s: float):
+    def __init__(self, job_queue: JobQueue, *, timeout_s: int, every_s: float, on_success: Callable[[], None] = lambda: None):
         self.queue = job_queue
         self.timeout_s = timeout_s
         self.every_s = every_s
-        self._messages: dict[str, QueueMessage] = {}
+        self.on_success = on_success
+        self._beats: dict[str, _Beat] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="visibility-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="visibility-heartbeat", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     def track(self, message: QueueMessage) -> None:
         with self._lock:
-            self._messages[message.message_id] = message
+            self._beats[message.message_id] = _Beat(message)
+
+    def attach(self, message: QueueMessage, renew: Callable[[], None]) -> None:
+        """Also call `renew` on every beat while the message is tracked."""
+        with self._lock:
+            beat = self._beats.get(message.message_id)
+        if beat is not None:
+            beat.renewals.append(renew)
 
     def untrack(self, message: QueueMessage) -> None:
-        # Holding the lock means no extension of this message is in flight once we return, so a
-        # release that follows cannot be undone by a late extension.
+        # Waiting for this message's own beat (and no other) means no extension of it is in flight
+        # once we return, so a release that follows cannot be undone by a late extension.
         with self._lock:
-            self._messages.pop(message.message_id, None)
+            beat = self._beats.pop(message.message_id, None)
+        if beat is not None:
+            with beat.lock:
+                beat.tracked = False
 
-    def _beat(self) -> None:
+    def _run(self) -> None:
         while not self._stop.wait(self.every_s):
             with self._lock:
-                for message in self._messages.values():
-                    try:
-                        self.queue.extend_visibility(message, self.timeout_s)
-                    except JobError as exc:
-                        log.warning("could not extend visibility of message %s: %s", message.message_id, exc)
+                beats = list(self._beats.values())
+            for beat in beats:
+                try:
+                    self._beat(beat)
+                except Exception:  # noqa: BLE001 - whatever happens, the next beat must come
+                    log.exception("heartbeat of message %s failed", beat.message.message_id)
+
+    def _beat(self, beat: _Beat) -> None:
+        with beat.lock:
+            if not beat.tracked:
+                return
+            try:
+                self.queue.extend_visibility(beat.message, self.timeout_s)
+                self.on_success()
+            except JobError as exc:
+                log.warning("could not extend visibility of message %s: %s", beat.message.message_id, exc)
+            for renew in beat.renewals:
+                try:
+                    renew()
+                except Exception as exc:  # noqa: BLE001 - a failed renewal is retried on the next beat
+                    log.warning("could not renew the job record of message %s: %s", beat.message.message_id, exc)
 
 
 class Worker:
@@ -80,6 +126,9 @@ class Worker:
         monitoring: Monitoring | None = None,
         metrics_address: tuple[str, int] | None = None,
         protection: ScaleInProtection | None = None,
+        directory: WorkerDirectory | None = None,
+        preflight: Callable[[], None] = lambda: None,
+        recheck_every_s: float = 30,
     ):
         self.queue = job_queue
         self.task = task
@@ -94,13 +143,17 @@ class Worker:
         self.monitoring = monitoring or Monitoring()
         self.protection = protection
         self.metrics_address = metrics_address
-        self.heartbeat = VisibilityHeartbeat(job_queue, timeout_s=visibility_timeout_s, every_s=visibility_extend_every_s)
+        self.directory = directory
+        self.preflight = preflight  # raises JobError while the worker's surroundings are wrong
+        self.recheck_every_s = recheck_every_s
+        self.heartbeat = VisibilityHeartbeat(job_queue, timeout_s=visibility_timeout_s, every_s=visibility_extend_every_s,
+                                             on_success=self.monitoring.queue_answered)
         self._slot_count = len(upscalers)
         self._slots: stdlib_queue.Queue[Upscaler] = stdlib_queue.Queue()
         for upscaler in upscalers:
             self._slots.put(upscaler)
-        self._executor = ThreadPoolExecutor(max_workers=len(upscalers), thread_name_prefix="job")
-        self._in_flight: set[Future] = set()
+        self._running: dict[Future, QueueMessage] = {}
+        self._next_recheck = 0.0
         self.stopping = threading.Event()  # no new messages
         self.cancel = threading.Event()  # running jobs stop now and hand their messages back
 
@@ -123,10 +176,13 @@ class Worker:
 
     def run_once(self) -> list[Future]:
         """Receive as many messages as there are free slots and start them. Returns their futures."""
-        self._in_flight = {f for f in self._in_flight if not f.done()}
-        free = self._slot_count - len(self._in_flight)
+        self._running = {f: m for f, m in self._running.items() if not f.done()}
+        free = self._slot_count - len(self._running)
         if free <= 0:
-            wait(self._in_flight, timeout=1, return_when="FIRST_COMPLETED")
+            wait(list(self._running), timeout=1, return_when="FIRST_COMPLETED")
+            return []
+        if not self._surroundings_ok():
+            self.stopping.wait(min(self.recheck_every_s, 5))
             return []
         try:
             messages = self.queue.receive(free, wait_s=self.poll_wait_s, visibility_timeout_s=self.visibility_timeout_s)
@@ -138,24 +194,63 @@ class Worker:
             for message in messages:
                 self.queue.release(message)
             return []
-        futures = [self._executor.submit(self._handle_in_slot, message) for message in messages]
-        self._in_flight.update(futures)
-        return futures
+        return [self._start(message) for message in messages]
+
+    def _surroundings_ok(self) -> bool:
+        """While a job has found the worker's surroundings wrong (bucket, work directory), take no
+        message: check again now and then, and go back to work once the check passes."""
+        if SETUP not in self.monitoring.problems:
+            return True
+        if time.monotonic() < self._next_recheck:
+            return False
+        self._next_recheck = time.monotonic() + self.recheck_every_s
+        try:
+            self.preflight()
+        except JobError as exc:
+            log.error("still not working: %s; checking again in %.0fs", exc, self.recheck_every_s)
+            self.monitoring.problem(SETUP, str(exc))
+            return False
+        log.info("the problem is gone: taking jobs again")
+        self.monitoring.clear(SETUP)
+        return True
+
+    def _start(self, message: QueueMessage) -> Future:
+        future: Future = Future()
+        self._running[future] = message
+
+        def work():
+            try:
+                self._handle_in_slot(message)
+            finally:
+                future.set_result(None)
+
+        # Daemon threads: a job stuck in a network call can never keep the process from exiting.
+        threading.Thread(target=work, name=f"job-{message.message_id[:8]}", daemon=True).start()
+        return future
 
     def drain(self) -> None:
         """Let running jobs finish within the grace period; then stop them and release their messages."""
-        pending = {f for f in self._in_flight if not f.done()}
+        pending = [f for f in self._running if not f.done()]
         if pending:
             log.info("waiting up to %.0fs for %d running job(s)", self.shutdown_grace_s, len(pending))
             _, pending = wait(pending, timeout=self.shutdown_grace_s)
         if pending:
             log.warning("grace period over: stopping %d job(s), their messages go back to the queue", len(pending))
             self.cancel.set()
-            wait(pending)
-        self._executor.shutdown(wait=True)
+            _, pending = wait(pending, timeout=STOP_WAIT_S)
+        for future in pending:  # stuck in a call that ignores the stop: hand the message back ourselves
+            message = self._running[future]
+            log.error("job of message %s did not stop within %ds; releasing its message", message.message_id, STOP_WAIT_S)
+            self.heartbeat.untrack(message)
+            try:
+                self.queue.release(message)
+            except JobError as exc:
+                log.error("could not release message %s (%s): it reappears after its visibility timeout",
+                          message.message_id, exc)
         self.heartbeat.stop()
         self.monitoring.close()
-        shutil.rmtree(self.task.work_dir, ignore_errors=True)
+        if self.directory is not None and not pending:
+            self.directory.close()
 
     def request_stop(self, signum: int | None = None, _frame=None) -> None:
         if self.stopping.is_set():
@@ -175,42 +270,47 @@ class Worker:
         upscaler = self._slots.get()
         try:
             self.handle(message, upscaler)
-        except Exception:  # a bug must not kill the slot; the message reappears after its timeout
-            log.exception("unexpected error while settling message %s", message.message_id)
+        except Exception:  # settling failed (SQS down): the message reappears after its timeout
+            log.exception("could not settle message %s", message.message_id)
         finally:
             self._slots.put(upscaler)
 
     def handle(self, message: QueueMessage, upscaler: Upscaler) -> None:
         job_id = read_job_id(message.body)
         started = time.monotonic()
-        self.monitoring.job_received(message.sent_at_ms)
-        if self.protection:
-            self.protection.job_started()
-        frames = 0
         with job_context(job_id or f"message:{message.message_id}"):
+            self.heartbeat.track(message)  # first: nothing slow happens before the message is kept invisible
+            self.monitoring.job_received(message.sent_at_ms)
             log.info("message received (attempt %d/%d)", message.receive_count, self.max_receive_count)
-            self.heartbeat.track(message)
+            if self.protection:
+                self.protection.job_started()
+            result, error = None, None
             try:
                 job = parse_job(message.body)
-                result = self.task.run(job, upscaler, self.cancel)
-                frames = result.frame_count if result else 0
-                error = None
-            except Exception as exc:  # classified below, in one place
-                error = exc
+                attempt = JobAttempt(message.message_id, self.cancel, lambda renew: self.heartbeat.attach(message, renew),
+                                     final=message.receive_count >= self.max_receive_count)
+                result = self.task.run(job, upscaler, attempt)
+            except BaseException as exc:  # noqa: BLE001 - classified in one place
+                error = classify(exc)
             finally:
                 self.heartbeat.untrack(message)
             outcome = "error"
             try:
-                outcome = self._settle(message, job_id, error)
+                outcome = self._settle(message, job_id, result.outcome if result else None, error)
             finally:
-                self.monitoring.job_settled(outcome, time.monotonic() - started, frames)
+                self.monitoring.job_settled(outcome, time.monotonic() - started, result.frames if result else 0)
                 if self.protection:
                     self.protection.job_ended()
 
-    def _settle(self, message: QueueMessage, job_id: str | None, error: BaseException | None) -> str:
+    def _settle(self, message: QueueMessage, job_id: str | None, outcome: TaskOutcome | None,
+                error: JobError | JobCancelled | None) -> str:
         """Delete, release, back off or report: the one place that decides. Returns the outcome."""
+        self._watch_surroundings(error, outcome)
         if error is None:
             self.queue.delete(message)
+            if outcome is TaskOutcome.DUPLICATE:
+                log.info("job already done or in progress under another message: this one is dropped")
+                return "duplicate"
             log.info("job done, message deleted")
             return "completed"
         if isinstance(error, JobCancelled):
@@ -220,25 +320,44 @@ class Worker:
         if isinstance(error, PermanentError):
             log.error("job failed: %s", error)
             return self._report_failure_then(message, job_id, error, settle=self.queue.delete)
-        if not isinstance(error, RetryableError):
-            log.exception("unexpected error", exc_info=error)
-            error = RetryableError(ErrorCode.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
-        if message.receive_count >= self.max_receive_count:
+        if error.code == ErrorCode.INTERNAL_ERROR:
+            log.error("unexpected error", exc_info=error.__cause__ or error)
+        last_attempt = message.receive_count >= self.max_receive_count
+        # With a redrive policy the next receive moves the message to the dead-letter queue.
+        give_up = self.queue.release if self.dead_letter_queue else self.queue.delete
+        if last_attempt and isinstance(error, ResultNotReported):
+            log.error("COMPLETED never acknowledged after %d attempts, giving up (the result stays in S3): %s",
+                      message.receive_count, error)
+            give_up(message)
+            return "failed"
+        if last_attempt:
             log.error("job failed after %d attempts, giving up: %s", message.receive_count, error)
-            # With a redrive policy the next receive moves the message to the dead-letter queue.
-            give_up = self.queue.release if self.dead_letter_queue else self.queue.delete
             return self._report_failure_then(message, job_id, error, settle=give_up)
         delay = self._retry_delay(message.receive_count)
         log.warning("job failed (attempt %d/%d), retry in %ds: %s", message.receive_count, self.max_receive_count, delay, error)
         self.queue.release(message, delay)
         return "retried"
 
+    def _watch_surroundings(self, error: JobError | JobCancelled | None, outcome: TaskOutcome | None = None) -> None:
+        """Not ready while a job says the worker's surroundings are wrong. A wrong bucket or work
+        directory also pauses polling until the start-up checks pass again (`_surroundings_ok`);
+        refused callback credentials do not (no check can tell when Spring accepts them again, only
+        the next callback that goes through)."""
+        if isinstance(error, JobError) and error.is_environment:
+            log.error("the worker's setup is wrong, not the job: %s", error)
+            kind = CALLBACK if error.code == ErrorCode.CALLBACK_MISCONFIGURED else SETUP
+            self.monitoring.problem(kind, str(error))
+            self._next_recheck = time.monotonic() + self.recheck_every_s
+        elif error is None and outcome is not TaskOutcome.DUPLICATE:
+            self.monitoring.clear(CALLBACK)
+
     def _report_failure_then(self, message: QueueMessage, job_id: str | None, error: JobError, settle) -> str:
         """Tell Spring, then settle. If Spring cannot be told, keep the message for a later attempt."""
         if job_id is not None:
             try:
-                self.callback.notify(CallbackPayload.failed(job_id, error))
-            except RetryableError as exc:
+                self.callback.notify(CallbackPayload.failed(job_id, error), stop=self.cancel)
+            except (RetryableError, JobCancelled) as exc:
+                self._watch_surroundings(exc)
                 delay = self._retry_delay(message.receive_count)
                 log.error("FAILED callback not delivered (%s); message kept, retry in %ds", exc, delay)
                 self.queue.release(message, delay)

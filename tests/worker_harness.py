@@ -55,10 +55,10 @@ def statuses(stack, job_id):
 
 
 def leftovers(work_dir) -> list:
-    """Job directories and files left under the work directory (the workers' own folders aside)."""
+    """Job directories and files left under the work directory (the workers' own folders and locks aside)."""
     if not work_dir.exists():
         return []
-    return sorted(p for p in work_dir.rglob("*") if not (p.is_dir() and p.name.startswith("worker-")))
+    return sorted(p for p in work_dir.rglob("*") if not p.name.startswith("worker-"))
 
 
 class SlowUpscaler:

@@ -10,19 +10,23 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
+from enum import Enum
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from echoshot_ai_server.background import Prefetch
 from echoshot_ai_server.config import Device, InputLimits
-from echoshot_ai_server.errors import ErrorCode, JobCancelled, JobError, PermanentError, RetryableError
+from echoshot_ai_server.errors import (
+    ErrorCode, JobCancelled, JobError, PermanentError, ResultNotReported, RetryableError, human_bytes,
+)
 from echoshot_ai_server.job import CallbackPayload, JobMessage, JobStatus, ResultMetadata, check_source_key
-from echoshot_ai_server.upscaler import SUPPORTED_SCALES, Upscaler
+from echoshot_ai_server.job_records import Claim, Decision, JobRecords, fingerprint
+from echoshot_ai_server.upscaler import GPU_FALLBACK_WARNING, SUPPORTED_SCALES, Upscaler
 from echoshot_ai_server.video import EncoderSettings, FrameReader, FrameWriter, VideoInfo, audio_problem, probe
 from echoshot_ai_server.workspace import job_workspace
 
-if TYPE_CHECKING:  # the frame pipeline itself needs neither boto3 nor requests
+if TYPE_CHECKING:  # the frame pipeline itself needs neither boto3 nor the callback's HTTP
     from echoshot_ai_server.callback import SpringCallback
     from echoshot_ai_server.storage import Storage
 
@@ -108,12 +112,12 @@ class _ProgressLog:
             self.next_percent += PROGRESS_LOG_STEP_PERCENT
 
 
-def _streams_to_keep(source: Path, info: VideoInfo, ffmpeg: str) -> tuple[bool, tuple[int, ...]]:
+def _streams_to_keep(source: Path, info: VideoInfo, ffmpeg: str, should_stop) -> tuple[bool, tuple[int, ...]]:
     """Whether the audio goes along (all of it, when it decodes) and which subtitle streams do."""
     audio = False
     if info.audio is None:
         log.info("오디오 트랙이 없습니다")
-    elif (problem := audio_problem(source, ffmpeg)) is not None:
+    elif (problem := audio_problem(source, ffmpeg, should_stop)) is not None:
         log.warning("오디오 추출 실패 - 오디오 없이 진행합니다: %s", problem)
     else:
         log.info("오디오 트랙 발견 - 코덱: %s", ", ".join(a.codec for a in info.audio_streams))
@@ -155,7 +159,7 @@ def upscale_video(
     validate_scale(scale)
     log.info("업스케일 작업 시작 - Scale: %dx, Device: %s", scale, device.upper())
 
-    info = probe(source, ffprobe)
+    info = probe(source, ffprobe, should_stop)
     width, height = info.display_size
     log.info("비디오 정보 - 해상도: %dx%d, FPS: %.1f, 프레임: %d", width, height, float(info.fps), info.frame_count)
     if info.is_still_image:
@@ -165,9 +169,11 @@ def upscale_video(
     check_limits(info, scale, limits)
 
     upscaler = get_upscaler()
+    if device == "gpu" and upscaler.device != "gpu":
+        log.warning(GPU_FALLBACK_WARNING)
     log.info("업스케일러 초기화 완료 - %s", upscaler.describe())
 
-    audio, subtitles = _streams_to_keep(source, info, encoder.ffmpeg)
+    audio, subtitles = _streams_to_keep(source, info, encoder.ffmpeg, should_stop)
     out_w, out_h = width * scale, height * scale
     log.info("비디오 인코딩 중 (%s)...", "오디오 포함" if audio else "오디오 없음")
     progress = _ProgressLog(info.frame_count)
@@ -196,7 +202,7 @@ def upscale_video(
             raise PermanentError(ErrorCode.NO_FRAMES, f"{source.name}: no frame could be decoded")
         log.info("프레임 업스케일 완료: %d/%d 프레임 처리", done, info.frame_count)
     _check_every_frame_decoded(done, info.frame_count)
-    result_info = probe(output, ffprobe)
+    result_info = _probe_result(output, ffprobe, should_stop)
     if (result_info.width, result_info.height, result_info.frame_count) != (out_w, out_h, writer.frames_written):
         raise PermanentError(
             ErrorCode.OUTPUT_MISMATCH,
@@ -215,30 +221,97 @@ def upscale_video(
     )
 
 
-class _ProgressCallbacks:
-    """PROCESSING callbacks with percent and ETA, at most one per interval; never fails the job."""
+def _probe_result(output: Path, ffprobe: str, should_stop) -> VideoInfo:
+    """The encoded file's facts. The file is of our own making: if it is missing or unreadable,
+    something happened to the disk or the encoder, which is worth another attempt."""
+    try:
+        return probe(output, ffprobe, should_stop)
+    except PermanentError as exc:
+        raise RetryableError(ErrorCode.ENCODE_FAILED, f"the encoded file cannot be read back: {exc.message}") from exc
 
-    def __init__(self, callback: "SpringCallback", job_id: str, interval_s: float):
+
+class ProgressReporter:
+    """PROCESSING callbacks with percent and ETA, sent by a thread of their own.
+
+    The frame loop only records how far it is (`update`) and never waits on the network. At most one
+    callback per interval, always the latest figure; the first one and the one at 100 % go at once.
+    One attempt each: progress is best effort and never fails the job."""
+
+    def __init__(self, callback: "SpringCallback", job_id: str, interval_s: float, stop: threading.Event):
         self.callback = callback
         self.job_id = job_id
         self.interval_s = interval_s
+        self._stop = stop
         self.started = time.monotonic()
-        self.last_sent = float("-inf")
+        self._pending: tuple[int, int] | None = None
+        self._closing = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f"progress-{job_id}", daemon=True)
+        self._thread.start()
 
-    def send(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self.last_sent < self.interval_s and done < total:
-            return
-        self.last_sent = now
-        eta = (now - self.started) / done * (total - done) if done else None
+    def update(self, done: int, total: int) -> None:
+        with self._changed:
+            self._pending = (done, total)
+            self._changed.notify()
+
+    def close(self) -> None:
+        """Send what is pending (the 100 % figure), then stop; waits at most one callback's deadline."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify()
+        self._thread.join(timeout=self.callback.timeout_s + 1)
+
+    def _run(self) -> None:
+        last_sent = float("-inf")
+        while True:
+            with self._changed:
+                while True:
+                    final = self._pending is not None and self._pending[0] >= self._pending[1]
+                    if self._closing and not final:
+                        return  # a figure short of 100 % is not worth a callback once the job has ended
+                    wait_s = None if self._pending is None else 0 if final else last_sent + self.interval_s - time.monotonic()
+                    if wait_s is not None and wait_s <= 0:
+                        done, total = self._pending
+                        self._pending = None
+                        break
+                    self._changed.wait(wait_s)
+            last_sent = time.monotonic()
+            self._send(done, total)
+
+    def _send(self, done: int, total: int) -> None:
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / done * (total - done) if done else None
         payload = CallbackPayload(
             job_id=self.job_id, status=JobStatus.PROCESSING,
             progress=round(100.0 * done / max(total, 1), 1), eta_seconds=None if eta is None else round(eta, 1),
         )
         try:
-            self.callback.notify(payload, attempts=1)
-        except JobError as exc:
-            log.warning("progress callback not delivered: %s", exc)
+            self.callback.notify(payload, attempts=1, stop=self._stop)
+        except (JobError, JobCancelled) as exc:
+            log.warning("progress callback not delivered: %s", exc or "stopped")
+
+
+class TaskOutcome(str, Enum):
+    COMPLETED = "completed"  # computed, uploaded, COMPLETED acknowledged
+    REPORTED = "reported"  # the result existed: COMPLETED sent for it
+    DUPLICATE = "duplicate"  # done, or being done, under another message: nothing to do
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    outcome: TaskOutcome
+    frames: int = 0
+
+
+class JobAttempt:
+    """What the worker hands the task about one delivery of a message."""
+
+    def __init__(self, message_id: str, cancel: threading.Event, keep_alive: Callable[[Callable[[], None]], None],
+                 final: bool = False):
+        self.message_id = message_id
+        self.cancel = cancel
+        self.keep_alive = keep_alive  # registers something to renew while the job runs (with the message's heartbeat)
+        self.final = final  # the queue's last attempt: a failure now is the job's end
 
 
 @dataclass
@@ -247,6 +320,7 @@ class UpscaleTask:
 
     storage: "Storage"
     callback: "SpringCallback"
+    records: JobRecords
     work_dir: Path
     encoder: EncoderSettings
     ffprobe: str = "ffprobe"
@@ -255,62 +329,105 @@ class UpscaleTask:
     allowed_source_prefixes: tuple[str, ...] = ("uploads/",)
     disk_headroom_bytes: int = 2**30
 
-    def run(self, job: JobMessage, upscaler: Upscaler, cancel: threading.Event) -> UpscaleResult | None:
-        """Do the job and send COMPLETED. Returns what was computed (None when the result already
-        existed). Raises JobError or JobCancelled; the caller settles the message."""
+    def run(self, job: JobMessage, upscaler: Upscaler, attempt: JobAttempt) -> TaskResult:
+        """Do the job, or find that it is done or being done. Raises JobError or JobCancelled; the
+        caller settles the message."""
         check_source_key(job.source_s3_key, list(self.allowed_source_prefixes))
-        key = output_key(job.job_id, job.source_s3_key)
-        existing = self.storage.metadata(key)
-        if existing is not None:
-            log.info("result already in %s: not recomputed, COMPLETED sent again", self.storage.url(key))
-            self._completed(job, key, ResultMetadata.model_validate(existing), cancel)
-            return None
+        wanted = fingerprint(job.source_s3_key, job.parameters.model_dump(mode="json"))
+        decision, claim = self.records.claim(job.job_id, wanted, attempt.message_id)
+        if decision is Decision.DUPLICATE:
+            return TaskResult(TaskOutcome.DUPLICATE)
+        if decision is Decision.BUSY:
+            raise RetryableError(ErrorCode.JOB_ID_IN_USE, "another message with this jobId but other work is in progress")
+        attempt.keep_alive(lambda: self.records.renew(claim))
+        try:
+            if decision is Decision.REPORT:
+                log.info("result already in %s: not recomputed, COMPLETED sent again",
+                         self.storage.url(claim.record.output_key))
+                self._report_completed(job, claim, attempt.cancel)
+                return TaskResult(TaskOutcome.REPORTED)
+            result, key, metadata = self._compute(job, upscaler, attempt.cancel)
+            self.records.completed(claim, key, metadata.model_dump())
+            self._report_completed(job, claim, attempt.cancel)
+            return TaskResult(TaskOutcome.COMPLETED, result.frame_count)
+        except JobError as exc:
+            if isinstance(exc, PermanentError) or attempt.final:
+                self._let_go(claim)
+            raise
 
-        size = self.storage.size(job.source_s3_key)
-        if self.limits.max_download_bytes and size > self.limits.max_download_bytes:
-            raise PermanentError(
-                ErrorCode.INPUT_TOO_LARGE, f"source is {size} bytes, more than {self.limits.max_download_bytes}"
-            )
-        self._check_disk(size, job.parameters.scale_factor)
-        progress = _ProgressCallbacks(self.callback, job.job_id, self.progress_interval_s)
-        progress.send(0, 1)
-        with job_workspace(self.work_dir, job.job_id) as workspace:
-            # The source's own name never reaches the file system: only its extension.
-            source = workspace / f"source{Path(job.source_s3_key).suffix[:10]}"
-            self.storage.download(job.source_s3_key, source)
-            log.info("source downloaded: %s (%.1f MB)", self.storage.url(job.source_s3_key), size / 1e6)
-            result = upscale_video(
-                source,
-                workspace / "output.mp4",
-                scale=job.parameters.scale_factor,
-                device=job.parameters.device,
-                get_upscaler=lambda: upscaler,
-                encoder=self.encoder,
-                ffprobe=self.ffprobe,
-                on_progress=progress.send,
-                should_stop=cancel.is_set,
-                limits=self.limits,
-            )
-            metadata = ResultMetadata.model_validate(result.metadata())
-            self.storage.upload(
-                workspace / "output.mp4", key, content_type="video/mp4",
-                metadata={k: str(v) for k, v in metadata.model_dump().items()},
-            )
+    def _let_go(self, claim: Claim) -> None:
+        try:
+            self.records.let_go(claim)
+        except Exception as exc:  # noqa: BLE001 - the job's own error is the one to report; the hold expires anyway
+            log.warning("could not free the job record: %s", exc)
+
+    def _compute(self, job: JobMessage, upscaler: Upscaler, cancel: threading.Event):
+        source_object = self.storage.head(job.source_s3_key)
+        if source_object is None:
+            raise PermanentError(ErrorCode.SOURCE_NOT_FOUND, f"{self.storage.url(job.source_s3_key)}: not found")
+        max_bytes = self.limits.max_download_bytes
+        if max_bytes and source_object.size > max_bytes:
+            raise PermanentError(ErrorCode.INPUT_TOO_LARGE, f"source is {source_object.size} bytes, more than {max_bytes}")
+        self._check_disk(source_object.size, job.parameters.scale_factor)
+        progress = ProgressReporter(self.callback, job.job_id, self.progress_interval_s, cancel)
+        progress.update(0, 1)
+        key = output_key(job.job_id, job.source_s3_key)
+        try:
+            with job_workspace(self.work_dir, job.job_id) as workspace:
+                # The source's own name never reaches the file system: only its extension.
+                source = workspace / f"source{Path(job.source_s3_key).suffix[:10]}"
+                self.storage.download(source_object, source, max_bytes=max_bytes, should_stop=cancel.is_set)
+                log.info("source downloaded: %s (%s)", self.storage.url(job.source_s3_key), human_bytes(source_object.size))
+                result = self._upscale(job, source, workspace / "output.mp4", upscaler, progress, cancel)
+                metadata = ResultMetadata.model_validate(result.metadata())
+                self.storage.upload(
+                    workspace / "output.mp4", key, content_type="video/mp4",
+                    metadata={k: str(v) for k, v in metadata.model_dump().items()}, should_stop=cancel.is_set,
+                )
+        finally:
+            progress.close()
         log.info("result uploaded: %s (%.1fs)", self.storage.url(key), result.elapsed_s)
-        self._completed(job, key, metadata, cancel)
-        return result
+        return result, key, metadata
+
+    def _upscale(self, job: JobMessage, source: Path, output: Path, upscaler: Upscaler, progress: ProgressReporter,
+                 cancel: threading.Event) -> UpscaleResult:
+        try:
+            return upscale_video(
+                source, output, scale=job.parameters.scale_factor, device=job.parameters.device,
+                get_upscaler=lambda: upscaler, encoder=self.encoder, ffprobe=self.ffprobe,
+                on_progress=progress.update, should_stop=cancel.is_set, limits=self.limits,
+            )
+        except PermanentError as exc:
+            if exc.code == ErrorCode.INPUT_NOT_FOUND:  # our own download vanished: not the job's fault
+                raise RetryableError(ErrorCode.WORK_DIR_UNUSABLE, "the downloaded source disappeared from the work directory") from exc
+            raise
 
     def _check_disk(self, source_bytes: int, scale: int) -> None:
         """Room for the source and a result that may be scale^2 times its size, plus headroom."""
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(self.work_dir).free
+        except OSError as exc:
+            raise RetryableError(ErrorCode.WORK_DIR_UNUSABLE, f"work directory unusable: {exc.strerror}") from exc
         needed = source_bytes * (1 + scale * scale) + self.disk_headroom_bytes
-        free = shutil.disk_usage(self.work_dir).free
         if free < needed:
             raise RetryableError(
-                ErrorCode.INSUFFICIENT_DISK, f"{free / 1e9:.1f} GB free in the work directory, {needed / 1e9:.1f} GB needed"
+                ErrorCode.INSUFFICIENT_DISK, f"{human_bytes(free)} free in the work directory, {human_bytes(needed)} needed "
+                f"(a {human_bytes(source_bytes)} source, its result, and {human_bytes(self.disk_headroom_bytes)} to spare)",
             )
 
-    def _completed(self, job: JobMessage, key: str, metadata: ResultMetadata, cancel: threading.Event) -> None:
-        payload = CallbackPayload(job_id=job.job_id, status=JobStatus.COMPLETED, output_s3_key=key, metadata=metadata)
-        self.callback.notify(payload, stop=cancel)
-        log.info("COMPLETED callback delivered")
+    def _report_completed(self, job: JobMessage, claim: Claim, cancel: threading.Event) -> None:
+        """COMPLETED for a result that is in S3. From here on the job can no longer fail: a callback
+        that does not go through is retried later, never turned into FAILED."""
+        record = claim.record
+        payload = CallbackPayload(job_id=job.job_id, status=JobStatus.COMPLETED, output_s3_key=record.output_key,
+                                  metadata=ResultMetadata.model_validate(record.metadata))
+        try:
+            self.callback.notify(payload, stop=cancel)
+        except PermanentError as exc:
+            log.error("%s; the result stays at %s", exc, self.storage.url(record.output_key))
+        except RetryableError as exc:
+            raise ResultNotReported(exc.code, exc.message) from exc
+        else:
+            log.info("COMPLETED callback delivered")
+        self.records.reported(claim)

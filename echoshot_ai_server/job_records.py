@@ -1,0 +1,146 @@
+"""Who works on a job, and whether it is done: one small JSON record per job in S3.
+
+SQS delivers a message at least once, and Spring may send one job twice. So that a job is computed,
+uploaded and reported COMPLETED once however many messages carry it, each attempt first claims the
+job's record (`processed/jobs/{jobId}.json`) with a conditional write: `If-None-Match: *` when
+there is none, `If-Match: <ETag>` to take one over. Of two workers that race, exactly one write
+succeeds. A record names its owner (the SQS message id of the attempt) and is held until
+`expiresAt`; the owner renews it while it works, like the message's visibility. The same message
+delivered again may always take its own record back (the worker that had it died, or the attempt
+was retried); another message may take it only once it has expired.
+
+A record also holds what the job asked for (a fingerprint of the source key and the parameters), so that a job id reused for other work is done again instead of answered with the old
+result, and, once done, where its result is and whether Spring has acknowledged COMPLETED.
+"""
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from echoshot_ai_server.storage import Storage
+
+log = logging.getLogger(__name__)
+
+RECORD_PREFIX = "processed/jobs/"
+State = Literal["running", "completed", "failed"]
+
+
+def record_key(job_id: str) -> str:
+    return f"{RECORD_PREFIX}{job_id}.json"
+
+
+def fingerprint(source_key: str, parameters: dict) -> str:
+    """What makes two messages with one job id the same work: the source and the parameters."""
+    text = json.dumps({"source": source_key, "parameters": parameters}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    fingerprint: str
+    state: State
+    owner: str
+    expires_at: float
+    output_key: str | None = None
+    metadata: dict | None = None
+    reported: bool = False  # Spring acknowledged the final callback
+
+    @classmethod
+    def from_json(cls, data: dict) -> "JobRecord | None":
+        try:
+            record = cls(**data)
+        except TypeError:
+            return None
+        if record.state not in ("running", "completed", "failed") or not isinstance(record.expires_at, (int, float)):
+            return None
+        return record
+
+
+class Decision(str, Enum):
+    WORK = "work"  # claimed: compute the job
+    REPORT = "report"  # claimed: the result exists, Spring has not acknowledged it yet
+    DUPLICATE = "duplicate"  # done and reported, or being done by another message: drop this one
+    BUSY = "busy"  # another message does other work under this job id: try again later
+
+
+@dataclass
+class Claim:
+    """An attempt's hold on a job's record."""
+
+    job_id: str
+    record: JobRecord
+    etag: str
+
+    @property
+    def key(self) -> str:
+        return record_key(self.job_id)
+
+
+class LostClaim(Exception):
+    """The record was taken over by another attempt (ours had expired)."""
+
+
+class JobRecords:
+    def __init__(self, storage: "Storage", *, lease_s: float):
+        self.storage = storage
+        self.lease_s = lease_s
+
+    def claim(self, job_id: str, wanted: str, owner: str) -> tuple[Decision, Claim | None]:
+        """Decide what this attempt does with the job, taking its record when it is to work on it."""
+        for _ in range(5):  # each round loses at most one race to another attempt
+            found = self.storage.read_json(record_key(job_id))
+            current = JobRecord.from_json(found[0]) if found else None
+            decision = _decide(current, wanted, owner)
+            if decision in (Decision.DUPLICATE, Decision.BUSY):
+                log.info("job record: %s (%s by %s)", decision.value, current.state, current.owner)
+                return decision, None
+            if decision is Decision.REPORT:
+                record = replace(current, owner=owner, expires_at=time.time() + self.lease_s)
+            else:
+                record = JobRecord(wanted, "running", owner, time.time() + self.lease_s)
+            etag = self.storage.put_json(record_key(job_id), asdict(record), if_match=found[1] if found else None,
+                                         if_absent=not found)
+            if etag is not None:
+                return decision, Claim(job_id, record, etag)
+        raise RuntimeError(f"could not claim the record of job {job_id}: it keeps changing")
+
+    def renew(self, claim: Claim) -> None:
+        self._write(claim, replace(claim.record, expires_at=time.time() + self.lease_s))
+
+    def completed(self, claim: Claim, output_key: str, metadata: dict) -> None:
+        self._write(claim, replace(claim.record, state="completed", output_key=output_key, metadata=metadata,
+                                   expires_at=time.time() + self.lease_s))
+
+    def reported(self, claim: Claim) -> None:
+        """Spring acknowledged the final callback: the record is settled, and free for a new attempt
+        (which, for a completed job, will find nothing to do)."""
+        self._write(claim, replace(claim.record, reported=True, expires_at=0))
+
+    def let_go(self, claim: Claim) -> None:
+        """The attempt failed for good (or gave up): a later message with this job id, such as a
+        replay from the dead-letter queue, may take the job at once."""
+        state = "failed" if claim.record.state == "running" else claim.record.state
+        self._write(claim, replace(claim.record, state=state, expires_at=0))
+
+    def _write(self, claim: Claim, record: JobRecord) -> None:
+        etag = self.storage.put_json(claim.key, asdict(record), if_match=claim.etag)
+        if etag is None:
+            raise LostClaim(f"the record of job {claim.job_id} was taken over by another attempt")
+        claim.record, claim.etag = record, etag
+
+
+def _decide(current: JobRecord | None, wanted: str, owner: str) -> Decision:
+    if current is None:
+        return Decision.WORK
+    same_work = current.fingerprint == wanted
+    held_by_another = current.owner != owner and current.expires_at > time.time()
+    if held_by_another:
+        return Decision.DUPLICATE if same_work else Decision.BUSY
+    if same_work and current.state == "completed":
+        return Decision.DUPLICATE if current.reported else Decision.REPORT
+    return Decision.WORK
