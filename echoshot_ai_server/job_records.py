@@ -16,8 +16,9 @@ result, and, once done, where its result is and whether Spring has acknowledged 
 import hashlib
 import json
 import logging
+import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Literal
 
@@ -70,11 +71,14 @@ class Decision(str, Enum):
 
 @dataclass
 class Claim:
-    """An attempt's hold on a job's record."""
+    """An attempt's hold on a job's record. Written by the job and by the heartbeat (renewals), so
+    writes take turns; once settled (reported, or let go), renewals stop."""
 
     job_id: str
     record: JobRecord
     etag: str
+    settled: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def key(self) -> str:
@@ -110,28 +114,32 @@ class JobRecords:
         raise RuntimeError(f"could not claim the record of job {job_id}: it keeps changing")
 
     def renew(self, claim: Claim) -> None:
-        self._write(claim, replace(claim.record, expires_at=time.time() + self.lease_s))
+        self._write(claim, lambda record: replace(record, expires_at=time.time() + self.lease_s))
 
     def completed(self, claim: Claim, output_key: str, metadata: dict) -> None:
-        self._write(claim, replace(claim.record, state="completed", output_key=output_key, metadata=metadata,
-                                   expires_at=time.time() + self.lease_s))
+        self._write(claim, lambda record: replace(record, state="completed", output_key=output_key, metadata=metadata,
+                                                  expires_at=time.time() + self.lease_s))
 
     def reported(self, claim: Claim) -> None:
         """Spring acknowledged the final callback: the record is settled, and free for a new attempt
         (which, for a completed job, will find nothing to do)."""
-        self._write(claim, replace(claim.record, reported=True, expires_at=0))
+        self._write(claim, lambda record: replace(record, reported=True, expires_at=0), settle=True)
 
     def let_go(self, claim: Claim) -> None:
         """The attempt failed for good (or gave up): a later message with this job id, such as a
         replay from the dead-letter queue, may take the job at once."""
-        state = "failed" if claim.record.state == "running" else claim.record.state
-        self._write(claim, replace(claim.record, state=state, expires_at=0))
+        self._write(claim, lambda record: replace(record, state="failed" if record.state == "running" else record.state,
+                                                  expires_at=0), settle=True)
 
-    def _write(self, claim: Claim, record: JobRecord) -> None:
-        etag = self.storage.put_json(claim.key, asdict(record), if_match=claim.etag)
-        if etag is None:
-            raise LostClaim(f"the record of job {claim.job_id} was taken over by another attempt")
-        claim.record, claim.etag = record, etag
+    def _write(self, claim: Claim, change, settle: bool = False) -> None:
+        with claim.lock:
+            if claim.settled:
+                return
+            record = change(claim.record)
+            etag = self.storage.put_json(claim.key, asdict(record), if_match=claim.etag)
+            if etag is None:
+                raise LostClaim(f"the record of job {claim.job_id} was taken over by another attempt")
+            claim.record, claim.etag, claim.settled = record, etag, settle
 
 
 def _decide(current: JobRecord | None, wanted: str, owner: str) -> Decision:

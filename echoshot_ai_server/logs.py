@@ -19,10 +19,13 @@ def _record_with_job_id(*args, **kwargs) -> logging.LogRecord:
 logging.setLogRecordFactory(_record_with_job_id)
 
 
+LOG_FORMAT = "%(asctime)s [%(levelname)s] %(name)s [job=%(job_id)s]: %(message)s"
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s [%(levelname)s] %(name)s [job=%(job_id)s]: %(message)s",
+        format=LOG_FORMAT,
         datefmt="%Y-%m-%d %H:%M:%S",
     )
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):

@@ -15,7 +15,7 @@ from echoshot_ai_server.errors import ErrorCode, JobCancelled, PermanentError, R
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 64 * 1024  # a stop is seen between two chunks
 RESUMES = 3  # a download cut off in the middle goes on from where it stopped, this many times
 
 

@@ -7,7 +7,9 @@ source's audio in the same pass: no intermediate video file, no second encode.
 
 import json
 import logging
+import os
 import queue
+import signal
 import subprocess
 import tempfile
 import threading
@@ -88,8 +90,9 @@ def _arg(path: Path) -> str:
 def _run_tool(args: list[str], what: str, should_stop: StopCheck | None = None) -> subprocess.CompletedProcess:
     """Run ffprobe/ffmpeg to the end; JobCancelled (the tool killed) as soon as `should_stop()` turns true."""
     try:
+        # A session of its own, so that a stop ends the tool and anything it started (a wrapper's children)
         process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, errors="replace")
+                                   text=True, errors="replace", start_new_session=True)
     except FileNotFoundError as exc:
         raise PermanentError(ErrorCode.TOOL_MISSING, f"{args[0]} not found: install ffmpeg ({what})") from exc
     with process:
@@ -99,7 +102,7 @@ def _run_tool(args: list[str], what: str, should_stop: StopCheck | None = None) 
                 return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
             except subprocess.TimeoutExpired:
                 if should_stop is not None and should_stop():
-                    process.kill()
+                    os.killpg(process.pid, signal.SIGKILL)
                     process.communicate()
                     raise JobCancelled() from None
 

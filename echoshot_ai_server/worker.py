@@ -129,6 +129,7 @@ class Worker:
         directory: WorkerDirectory | None = None,
         preflight: Callable[[], None] = lambda: None,
         recheck_every_s: float = 30,
+        stop_wait_s: float = STOP_WAIT_S,
     ):
         self.queue = job_queue
         self.task = task
@@ -146,6 +147,7 @@ class Worker:
         self.directory = directory
         self.preflight = preflight  # raises JobError while the worker's surroundings are wrong
         self.recheck_every_s = recheck_every_s
+        self.stop_wait_s = stop_wait_s
         self.heartbeat = VisibilityHeartbeat(job_queue, timeout_s=visibility_timeout_s, every_s=visibility_extend_every_s,
                                              on_success=self.monitoring.queue_answered)
         self._slot_count = len(upscalers)
@@ -237,10 +239,11 @@ class Worker:
         if pending:
             log.warning("grace period over: stopping %d job(s), their messages go back to the queue", len(pending))
             self.cancel.set()
-            _, pending = wait(pending, timeout=STOP_WAIT_S)
+            _, pending = wait(pending, timeout=self.stop_wait_s)
         for future in pending:  # stuck in a call that ignores the stop: hand the message back ourselves
             message = self._running[future]
-            log.error("job of message %s did not stop within %ds; releasing its message", message.message_id, STOP_WAIT_S)
+            log.error("job of message %s did not stop within %.0fs; releasing its message", message.message_id,
+                      self.stop_wait_s)
             self.heartbeat.untrack(message)
             try:
                 self.queue.release(message)

@@ -87,6 +87,14 @@ def make_clip(tmp_path):
     return make
 
 
+def make_noise_clip(path: Path, size: str = "64x48", seconds: float = 1.95, lossless: bool = False) -> Path:
+    """Random noise at 10 fps: a clip that does not compress (about 33 KB for the defaults, x264 CRF 23)."""
+    quality = ["-crf", "0"] if lossless else []
+    ffmpeg("-f", "lavfi", "-i", f"nullsrc=s={size}:r=10:d={seconds},geq=lum='random(1)*255':cb=128:cr=128",
+           "-c:v", "libx264", *quality, "-pix_fmt", "yuv420p", str(path))
+    return path
+
+
 def make_tiny_model(seed: int = 0) -> torch.nn.Module:
     """A small randomly initialised RRDBNet whose output depends visibly on its input."""
     torch.manual_seed(seed)

@@ -14,8 +14,12 @@ class FaultProxy:
     def __init__(self, upstream: str):
         self.upstream = upstream.rstrip("/")
         self._rules: list[list] = []  # [match, remaining (None = forever), status]
+        self._hooks: list[tuple[Match, Callable[[], None]]] = []  # run before forwarding, once each
+        self._lie_about_size: list[tuple[Match, int]] = []
+        self._trickle: list[tuple[Match, float]] = []
         self._lock = threading.Lock()
         self.failed = 0
+        self._sent: dict[str, int] = {}  # bytes of successful GET answers handed to the client, by path
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -35,6 +39,7 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(payload)
                     return
+                proxy._run_hooks(self.command, self.path, dict(self.headers))
                 response = requests.request(
                     self.command, proxy.upstream + self.path, data=body,
                     headers={k: v for k, v in self.headers.items() if k.lower() != "host"}, stream=True, timeout=60,
@@ -48,9 +53,21 @@ class FaultProxy:
                     self.send_header("Content-Encoding", response.headers["content-encoding"])
                 # A HEAD answer has no body but keeps the size of the object it describes.
                 length = response.headers.get("content-length") if self.command == "HEAD" else None
+                if self.command == "HEAD" and (lie := proxy._first(proxy._lie_about_size, self)) is not None:
+                    length = str(lie)
                 self.send_header("Content-Length", length or str(len(content)))
                 self.end_headers()
-                self.wfile.write(content)
+                seconds_per_kb = proxy._first(proxy._trickle, self)
+                piece = 1024 if seconds_per_kb else max(len(content), 1)
+                for start in range(0, len(content), piece):
+                    chunk = content[start:start + piece]
+                    self.wfile.write(chunk)
+                    if self.command == "GET" and response.ok:
+                        with proxy._lock:
+                            proxy._sent[self.path] = proxy._sent.get(self.path, 0) + len(chunk)
+                    if seconds_per_kb:
+                        self.wfile.flush()
+                        time.sleep(seconds_per_kb)
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 
@@ -82,6 +99,36 @@ class FaultProxy:
         with self._lock:
             self._rules.append([match, times, -seconds])
 
+    def bytes_sent(self, key_part: str) -> int:
+        """Bytes of GET answers (2xx) sent for paths containing `key_part`."""
+        with self._lock:
+            return sum(count for path, count in self._sent.items() if key_part in path)
+
+    def before(self, match: Match, action: Callable[[], None]) -> None:
+        """Run `action` before forwarding the next matching request (once)."""
+        with self._lock:
+            self._hooks.append((match, action))
+
+    def lie_about_size(self, match: Match, size: int) -> None:
+        """HEAD answers of matching requests say the object has `size` bytes."""
+        self._lie_about_size.append((match, size))
+
+    def trickle(self, match: Match, seconds_per_kb: float) -> None:
+        """Answer matching requests' bodies 1 KB at a time, waiting between pieces."""
+        self._trickle.append((match, seconds_per_kb))
+
+    def _run_hooks(self, method: str, path: str, headers: dict) -> None:
+        with self._lock:
+            due = [hook for hook in self._hooks if hook[0](method, path, headers)]
+            for hook in due:
+                self._hooks.remove(hook)
+        for _, action in due:
+            action()
+
+    @staticmethod
+    def _first(rules: list, handler):
+        return next((value for match, value in rules if match(handler.command, handler.path, dict(handler.headers))), None)
+
     def clear(self) -> None:
         with self._lock:
             self._rules.clear()
@@ -96,6 +143,10 @@ class FaultProxy:
                     self.failed += 1
                     return status
         return None
+
+
+def s3_head(key_part: str) -> Match:
+    return lambda method, path, headers: method == "HEAD" and key_part in path
 
 
 def s3_get(key_part: str) -> Match:

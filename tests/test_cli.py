@@ -100,3 +100,16 @@ def test_invalid_setting_is_one_clear_line(echoshot_cli):
     run = echoshot_cli("check-env", env={"CPU_TILE": "big"})
     assert run.returncode == 1 and no_traceback(run.stderr)
     assert re.search(r"^error: invalid setting CPU_TILE", run.stderr, re.M)
+
+
+def test_the_daemon_logs_the_traceback_of_a_bug(monkeypatch, capsys, caplog):
+    from echoshot_ai_server import cli
+
+    def broken(settings):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "build_worker", broken)
+    assert cli.main(["worker"]) == 1
+    assert capsys.readouterr().err.strip() == "error: KeyError: 'a bug'"
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert "the worker stopped on an unexpected error" in record.getMessage()

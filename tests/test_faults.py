@@ -5,8 +5,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
-from conftest import BUCKET, REGION, REPO_ROOT
+from conftest import BUCKET, REGION, REPO_ROOT, make_noise_clip
 from fault_proxy import FaultProxy, s3_get, sqs_call
 from worker_harness import (
     SlowUpscaler, enqueue, leftovers, make_worker, queue_counts, run_jobs, statuses, upload_clip, wait_until,
@@ -101,3 +102,143 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_completes_once(stack, m
             first.kill()
     assert uploads_of(stack, "j-killed") == 1
     assert leftovers(stack.work_dir) == [] and list(stack.work_dir.iterdir()) == []  # the stale files were swept
+
+
+def test_the_heartbeat_survives_an_unexpected_error(stack, make_clip):
+    # Given a heartbeat whose first extension fails with something no one planned for
+    enqueue(stack, upload_clip(stack, make_clip, frames=10), "j-beat")
+    worker = make_worker(stack, [SlowUpscaler(0.4)], visibility_timeout_s=2, visibility_extend_every_s=0.4)
+    extend = worker.queue.extend_visibility
+    calls = []
+
+    def flaky(message, timeout_s):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("something unexpected")
+        return extend(message, timeout_s)
+
+    worker.queue.extend_visibility = flaky
+    worker.heartbeat.start()
+    try:
+        [future] = worker.run_once()
+        stolen = []
+        while not future.done():
+            stolen += stack.sqs.receive_message(QueueUrl=stack.queue_url, WaitTimeSeconds=1).get("Messages", [])
+        future.result()
+    finally:
+        worker.heartbeat.stop()
+    # Then it keeps beating: no second worker ever gets the running job's message
+    assert stolen == [] and len(calls) > 3
+    assert statuses(stack, "j-beat")[-1] == "COMPLETED"
+
+
+class _Queue:
+    """A queue whose visibility extension of one message hangs until released."""
+
+    def __init__(self):
+        self.release_a = threading.Event()
+
+    def extend_visibility(self, message, timeout_s):
+        if message.message_id == "a":
+            self.release_a.wait(30)
+
+
+def test_a_slow_extension_of_one_message_does_not_hold_up_another_jobs_end():
+    from echoshot_ai_server.job_queue import QueueMessage
+    from echoshot_ai_server.worker import VisibilityHeartbeat
+
+    queue = _Queue()
+    heartbeat = VisibilityHeartbeat(queue, timeout_s=30, every_s=0.05)
+    a, b = (QueueMessage(name, "r", "{}", 1, None) for name in ("a", "b"))
+    heartbeat.track(a)
+    heartbeat.track(b)
+    heartbeat.start()
+    try:
+        time.sleep(0.3)  # the beat is now stuck extending a
+        started = time.monotonic()
+        heartbeat.untrack(b)
+        assert time.monotonic() - started < 1
+    finally:
+        queue.release_a.set()
+        heartbeat.stop()
+
+
+def test_the_message_is_kept_invisible_before_scale_in_protection_is_asked_for(stack, make_clip):
+    from test_operations import autoscaling_group
+
+    asg = autoscaling_group(stack, size=1)
+    instance = asg.describe_auto_scaling_groups(AutoScalingGroupNames=["workers"])["AutoScalingGroups"][0]["Instances"][0]
+    enqueue(stack, upload_clip(stack, make_clip), "j-protect")
+    worker = make_worker(stack, protect_instance_while_busy=True, autoscaling_group_name="workers",
+                         ec2_instance_id=instance["InstanceId"], visibility_timeout_s=2, visibility_extend_every_s=0.3)
+    protect = worker.protection.autoscaling.protect
+    worker.protection.autoscaling.protect = lambda *args: time.sleep(3) or protect(*args)  # a slow Auto Scaling API
+    worker.heartbeat.start()
+    try:
+        [future] = worker.run_once()
+        stolen = []
+        while not future.done():
+            stolen += stack.sqs.receive_message(QueueUrl=stack.queue_url, WaitTimeSeconds=1).get("Messages", [])
+        future.result()
+    finally:
+        worker.heartbeat.stop()
+    assert stolen == []
+    assert statuses(stack, "j-protect")[-1] == "COMPLETED"
+
+
+def test_a_stop_is_seen_while_probing(stack, make_clip, tmp_path):
+    marker = tmp_path / "probing"
+    wrapper = tmp_path / "ffprobe"
+    wrapper.write_text(f"#!/bin/sh\ntouch {marker}\nsleep 60\nexec ffprobe \"$@\"\n")
+    wrapper.chmod(0o755)
+    enqueue(stack, upload_clip(stack, make_clip), "j-probe")
+    worker = make_worker(stack, ffprobe_bin=str(wrapper))
+    [future] = worker.run_once()
+    wait_until(marker.exists, 30, "probe never started")
+
+    started = time.monotonic()
+    worker.cancel.set()
+    future.result(timeout=30)
+
+    assert time.monotonic() - started < 10  # not the minute the probe would take
+    assert queue_counts(stack) == (1, 0) and leftovers(stack.work_dir) == []
+
+
+def test_a_stop_is_seen_while_downloading(stack, tmp_path):
+    clip = make_noise_clip(tmp_path / "big.mp4", size="160x120", seconds=3, lossless=True)
+    size = clip.stat().st_size
+    stack.s3.upload_file(str(clip), BUCKET, "uploads/user123/big.mp4")
+    enqueue(stack, "uploads/user123/big.mp4", "j-download")
+    with FaultProxy(stack.moto.endpoint_url) as proxy:
+        proxy.trickle(s3_get("big.mp4"), seconds_per_kb=0.01)  # 100 KB/s
+        worker = make_worker(stack, aws_endpoint_url=proxy.url)
+        [future] = worker.run_once()
+        wait_until(lambda: proxy.bytes_sent("big.mp4") > 20_000, 30, "the download never started")
+
+        worker.cancel.set()
+        future.result(timeout=30)
+        sent = proxy.bytes_sent("big.mp4")
+    assert size > 500_000 and sent < size / 2  # it stopped long before the end
+    assert queue_counts(stack) == (1, 0) and leftovers(stack.work_dir) == []
+
+
+def test_a_job_stuck_in_a_call_that_ignores_the_stop_does_not_keep_the_worker_from_exiting(stack, make_clip):
+    # Given a job whose upload hangs on S3 far longer than the grace period
+    enqueue(stack, upload_clip(stack, make_clip), "j-stuck")
+    with FaultProxy(stack.moto.endpoint_url) as proxy:
+        proxy.slow(lambda method, path, headers: method == "PUT" and "processed/upscaled" in path, seconds=60)
+        worker = make_worker(stack, aws_endpoint_url=proxy.url, aws_read_timeout_s=120, shutdown_grace_s=0.5)
+        worker.stop_wait_s = 1
+        runner = threading.Thread(target=worker.run)
+        runner.start()
+        wait_until(lambda: statuses(stack, "j-stuck").count("PROCESSING") >= 2, 60, "the job never reached its upload")
+        time.sleep(0.5)
+
+        # When the worker is asked to stop
+        started = time.monotonic()
+        worker.request_stop()
+        runner.join(timeout=60)
+        stopped_s = time.monotonic() - started
+        # Then it exits within its grace period and stop wait, handing the message back
+        assert not runner.is_alive() and stopped_s < 30
+        assert queue_counts(stack) == (1, 0)

@@ -2,6 +2,9 @@
 
 import hashlib
 import hmac
+import io
+import json
+import logging
 import os
 import stat
 import time
@@ -9,14 +12,15 @@ from fractions import Fraction
 
 import pytest
 
-from conftest import BUCKET, tiny_upscaler
+from conftest import BUCKET, make_noise_clip, tiny_upscaler
 from echoshot_ai_server.config import InputLimits, Settings
 from echoshot_ai_server.errors import ErrorCode, PermanentError
 from echoshot_ai_server.tasks.upscale_task import check_limits, output_key, upscale_video
 from echoshot_ai_server.video import EncoderSettings, VideoInfo
 from echoshot_ai_server.workspace import job_workspace
-from fault_proxy import FaultProxy, s3_get
-from worker_harness import enqueue, leftovers, make_worker, queue_counts, run_jobs, statuses, upload_clip
+from echoshot_ai_server.logs import LOG_FORMAT, job_context
+from fault_proxy import FaultProxy, s3_get, s3_head
+from worker_harness import enqueue, leftovers, make_worker, queue_counts, run_jobs, send, statuses, upload_clip
 
 DEFAULTS = Settings().input_limits
 
@@ -160,3 +164,73 @@ def test_callbacks_are_signed_and_secrets_never_appear(stack, make_clip, caplog,
     everything = caplog.text + "".join(c.raw.decode() for c in stack.receiver.received)
     for value in (secret, token, "aws-secret-value-123", "testing"):
         assert value not in everything
+
+
+def test_a_source_replaced_after_its_size_was_checked_is_never_downloaded(stack, make_clip, tmp_path, caplog):
+    # Given a small source that is swapped for a large one between the size check and the download
+    key = upload_clip(stack, make_clip)
+    big = make_noise_clip(tmp_path / "big.mp4", size="160x120", seconds=3, lossless=True)
+    limit = 100_000
+    assert stack.s3.head_object(Bucket=BUCKET, Key=key)["ContentLength"] < limit < big.stat().st_size
+    enqueue(stack, key, "j-swap")
+    with FaultProxy(stack.moto.endpoint_url) as proxy:
+        proxy.before(s3_get("clip.mp4"), lambda: stack.s3.upload_file(str(big), BUCKET, key))
+        worker = make_worker(stack, aws_endpoint_url=proxy.url, max_download_bytes=limit)
+
+        # When the worker downloads it, it gets the version it checked or nothing
+        run_jobs(worker)
+        assert "[SOURCE_CHANGED]" in caplog.text and proxy.bytes_sent("clip.mp4") == 0
+        assert queue_counts(stack) == (1, 0)
+
+        # And the next attempt checks the new version's size
+        run_jobs(worker)
+        assert proxy.bytes_sent("clip.mp4") == 0
+    assert stack.receiver.wait_for("j-swap", timeout_s=1)["errorCode"] == "INPUT_TOO_LARGE"
+
+
+def test_the_download_limit_holds_while_downloading(stack, make_clip):
+    # Given an S3 whose HEAD answer understates the object's size
+    enqueue(stack, upload_clip(stack, make_clip), "j-lie")
+    with FaultProxy(stack.moto.endpoint_url) as proxy:
+        proxy.lie_about_size(s3_head("clip.mp4"), 100)
+        run_jobs(make_worker(stack, aws_endpoint_url=proxy.url, max_download_bytes=1000))
+    failed = stack.receiver.wait_for("j-lie", timeout_s=1)
+    assert failed["errorCode"] == "INPUT_TOO_LARGE" and "larger than 1000 bytes" in failed["errorMessage"]
+    assert leftovers(stack.work_dir) == []
+
+
+def production_log(target: io.StringIO) -> logging.Handler:
+    handler = logging.StreamHandler(target)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    return handler
+
+
+def test_a_job_id_cannot_forge_a_log_line(stack):
+    forged = "2026-11-27 12:00:00 [INFO] echoshot_ai_server.worker [job=x]: job done, message deleted"
+    send(stack, json.dumps({"jobId": f"x\n{forged}", "taskType": "UPSCALE", "sourceS3Key": "uploads/a.mp4",
+                            "parameters": {"device": "cpu", "scale_factor": 2}}))
+    output = io.StringIO()
+    handler = production_log(output)
+    logging.getLogger().addHandler(handler)
+    try:
+        run_jobs(make_worker(stack))
+        with job_context(f"y\n{forged}"):
+            logging.getLogger("echoshot_ai_server.test").info("a line of a job")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = output.getvalue().splitlines()
+    assert lines and not any(line.startswith(forged[:19]) for line in lines)
+    assert any("[job=y\\n2026-11-27" in line for line in lines)
+
+
+def test_failures_are_reported_without_the_workers_paths(stack, make_clip, tmp_path):
+    wrapper = tmp_path / "ffmpeg"
+    wrapper.write_text('#!/bin/sh\ncase "$*" in *pipe:0*) for last; do :; done\n'
+                       '  echo "Could not open $last: Permission denied" >&2; exit 1;; esac\nexec ffmpeg "$@"\n')
+    wrapper.chmod(0o755)
+    enqueue(stack, upload_clip(stack, make_clip), "j-paths")
+    run_jobs(make_worker(stack, ffmpeg_bin=str(wrapper)), rounds=3)
+    failed = stack.receiver.wait_for("j-paths", timeout_s=1)
+    assert failed["errorCode"] == "ENCODE_FAILED"
+    assert "Could not open output.mp4: Permission denied" in failed["errorMessage"]
+    assert str(tmp_path) not in failed["errorMessage"] and "/tmp" not in failed["errorMessage"]

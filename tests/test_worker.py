@@ -275,3 +275,22 @@ def test_sigterm_during_a_job(stack, make_clip, shared_weights_dir, tmp_path, gr
         assert statuses(stack, "j-term")[-1] == "COMPLETED"
         assert queue_counts(stack) == (0, 0)
     assert "[job=j-term]" in logs and "worker stopped" in logs
+
+
+@pytest.mark.parametrize("body", [
+    "[" * 100_000 + "]" * 100_000,  # 200 KB, 100,000 levels: too deep for any JSON parser's stack
+    '{"jobId": "j-deep", "parameters": ' + "[" * 100_000 + "]" * 100_000 + "}",
+], ids=["nested-array", "nested-inside-a-job"])
+def test_a_poison_message_ends_in_one_outcome(stack, body):
+    send(stack, body)
+    run_jobs(make_worker(stack))
+    assert queue_counts(stack) == (0, 0)  # settled at once, not left to come back forever
+    assert stack.receiver.received == []  # no readable jobId: nobody to report to
+
+
+def test_a_gpu_job_on_a_cpu_worker_says_so(stack, make_clip, caplog):
+    enqueue(stack, upload_clip(stack, make_clip), "j-gpu-on-cpu", device="gpu")
+    run_jobs(make_worker(stack))
+    assert "GPU가 요청되었지만 사용 불가능합니다. CPU로 대체합니다." in caplog.text
+    assert "업스케일러 초기화 완료 - Device: CPU" in caplog.text
+    assert statuses(stack, "j-gpu-on-cpu")[-1] == "COMPLETED"

@@ -21,7 +21,7 @@ from echoshot_ai_server.errors import (
     ErrorCode, JobCancelled, JobError, PermanentError, ResultNotReported, RetryableError, human_bytes,
 )
 from echoshot_ai_server.job import CallbackPayload, JobMessage, JobStatus, ResultMetadata, check_source_key
-from echoshot_ai_server.job_records import Claim, Decision, JobRecords, fingerprint
+from echoshot_ai_server.job_records import Claim, Decision, JobRecords, LostClaim, fingerprint
 from echoshot_ai_server.upscaler import GPU_FALLBACK_WARNING, SUPPORTED_SCALES, Upscaler
 from echoshot_ai_server.video import EncoderSettings, FrameReader, FrameWriter, VideoInfo, audio_problem, probe
 from echoshot_ai_server.workspace import job_workspace
@@ -38,6 +38,7 @@ PROGRESS_LOG_STEP_PERCENT = 5.0
 # decodes clearly fewer frames than it declares is truncated or corrupt.
 MISSING_FRAMES_TOLERATED = 2
 MISSING_SHARE_TOLERATED = 0.02
+PROGRESS_CLOSE_WAIT_S = 5
 
 
 @dataclass(frozen=True)
@@ -237,11 +238,11 @@ class ProgressReporter:
     callback per interval, always the latest figure; the first one and the one at 100 % go at once.
     One attempt each: progress is best effort and never fails the job."""
 
-    def __init__(self, callback: "SpringCallback", job_id: str, interval_s: float, stop: threading.Event):
+    def __init__(self, callback: "SpringCallback", job_id: str, interval_s: float):
         self.callback = callback
         self.job_id = job_id
         self.interval_s = interval_s
-        self._stop = stop
+        self._abort = threading.Event()  # ends a callback in flight
         self.started = time.monotonic()
         self._pending: tuple[int, int] | None = None
         self._closing = False
@@ -255,11 +256,15 @@ class ProgressReporter:
             self._changed.notify()
 
     def close(self) -> None:
-        """Send what is pending (the 100 % figure), then stop; waits at most one callback's deadline."""
+        """Send what is pending (the 100 % figure), then stop. A Spring that takes longer than a few
+        seconds does not hold up the job: the callback in flight is abandoned (so that no PROCESSING
+        can arrive after the job's final callback)."""
         with self._changed:
             self._closing = True
             self._changed.notify()
-        self._thread.join(timeout=self.callback.timeout_s + 1)
+        self._thread.join(timeout=PROGRESS_CLOSE_WAIT_S)
+        self._abort.set()
+        self._thread.join()
 
     def _run(self) -> None:
         last_sent = float("-inf")
@@ -286,7 +291,7 @@ class ProgressReporter:
             progress=round(100.0 * done / max(total, 1), 1), eta_seconds=None if eta is None else round(eta, 1),
         )
         try:
-            self.callback.notify(payload, attempts=1, stop=self._stop)
+            self.callback.notify(payload, attempts=1, stop=self._abort)
         except (JobError, JobCancelled) as exc:
             log.warning("progress callback not delivered: %s", exc or "stopped")
 
@@ -350,6 +355,9 @@ class UpscaleTask:
             self.records.completed(claim, key, metadata.model_dump())
             self._report_completed(job, claim, attempt.cancel)
             return TaskResult(TaskOutcome.COMPLETED, result.frame_count)
+        except LostClaim as exc:  # our hold lapsed (a stall longer than the lease) and another attempt has the job
+            log.warning("%s: it reports the job, this attempt stops", exc)
+            return TaskResult(TaskOutcome.DUPLICATE)
         except JobError as exc:
             if isinstance(exc, PermanentError) or attempt.final:
                 self._let_go(claim)
@@ -369,7 +377,7 @@ class UpscaleTask:
         if max_bytes and source_object.size > max_bytes:
             raise PermanentError(ErrorCode.INPUT_TOO_LARGE, f"source is {source_object.size} bytes, more than {max_bytes}")
         self._check_disk(source_object.size, job.parameters.scale_factor)
-        progress = ProgressReporter(self.callback, job.job_id, self.progress_interval_s, cancel)
+        progress = ProgressReporter(self.callback, job.job_id, self.progress_interval_s)
         progress.update(0, 1)
         key = output_key(job.job_id, job.source_s3_key)
         try:
