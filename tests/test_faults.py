@@ -10,7 +10,8 @@ import time
 from conftest import BUCKET, REGION, REPO_ROOT, make_noise_clip
 from fault_proxy import FaultProxy, s3_get, sqs_call
 from worker_harness import (
-    SlowUpscaler, enqueue, leftovers, make_worker, queue_counts, run_jobs, statuses, upload_clip, wait_until,
+    SlowUpscaler, enqueue, leftovers, make_worker, messages_stolen_during_one_job, queue_counts, run_jobs, statuses,
+    upload_clip, wait_until,
 )
 
 
@@ -118,15 +119,7 @@ def test_the_heartbeat_survives_an_unexpected_error(stack, make_clip):
         return extend(message, timeout_s)
 
     worker.queue.extend_visibility = flaky
-    worker.heartbeat.start()
-    try:
-        [future] = worker.run_once()
-        stolen = []
-        while not future.done():
-            stolen += stack.sqs.receive_message(QueueUrl=stack.queue_url, WaitTimeSeconds=1).get("Messages", [])
-        future.result()
-    finally:
-        worker.heartbeat.stop()
+    stolen = messages_stolen_during_one_job(stack, worker)
     # Then it keeps beating: no second worker ever gets the running job's message
     assert stolen == [] and len(calls) > 3
     assert statuses(stack, "j-beat")[-1] == "COMPLETED"
@@ -173,15 +166,7 @@ def test_the_message_is_kept_invisible_before_scale_in_protection_is_asked_for(s
                          ec2_instance_id=instance["InstanceId"], visibility_timeout_s=2, visibility_extend_every_s=0.3)
     protect = worker.protection.autoscaling.protect
     worker.protection.autoscaling.protect = lambda *args: time.sleep(3) or protect(*args)  # a slow Auto Scaling API
-    worker.heartbeat.start()
-    try:
-        [future] = worker.run_once()
-        stolen = []
-        while not future.done():
-            stolen += stack.sqs.receive_message(QueueUrl=stack.queue_url, WaitTimeSeconds=1).get("Messages", [])
-        future.result()
-    finally:
-        worker.heartbeat.stop()
+    stolen = messages_stolen_during_one_job(stack, worker)
     assert stolen == []
     assert statuses(stack, "j-protect")[-1] == "COMPLETED"
 

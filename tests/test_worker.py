@@ -16,6 +16,7 @@ from fault_proxy import FaultProxy, s3_get
 from worker_harness import (
     SlowUpscaler,
     leftovers,
+    messages_stolen_during_one_job,
     wait_until,
     BUCKET, REGION, enqueue, make_worker, queue_counts, run_jobs, send, statuses, upload_clip,
 )
@@ -205,16 +206,7 @@ def test_transient_failure_on_the_last_attempt_reports_failed_and_goes_to_the_dl
 def test_visibility_is_extended_while_a_long_job_runs(stack, make_clip):
     enqueue(stack, upload_clip(stack, make_clip, frames=10), "j-long")
     worker = make_worker(stack, [SlowUpscaler(0.5)], visibility_timeout_s=2, visibility_extend_every_s=0.5)
-    worker.heartbeat.start()
-    try:
-        # The job takes about 5 s, more than twice the visibility timeout
-        [future] = worker.run_once()
-        stolen = []
-        while not future.done():
-            stolen += stack.sqs.receive_message(QueueUrl=stack.queue_url, WaitTimeSeconds=1).get("Messages", [])
-        future.result()
-    finally:
-        worker.heartbeat.stop()
+    stolen = messages_stolen_during_one_job(stack, worker)  # the job takes about 5 s, twice the visibility timeout
 
     assert stolen == [], "a second worker received the message of a running job"
     assert statuses(stack, "j-long")[-1] == "COMPLETED"

@@ -84,3 +84,18 @@ def wait_until(predicate, timeout_s: float, what: str):
             return value
         time.sleep(0.2)
     raise TimeoutError(what)
+
+
+def messages_stolen_during_one_job(stack, worker) -> list:
+    """Run one job with the worker's heartbeat on, while a second consumer polls the queue all along.
+    Returns what that second consumer received (nothing, when the heartbeat does its work)."""
+    worker.heartbeat.start()
+    try:
+        [future] = worker.run_once()
+        stolen = []
+        while not future.done():
+            stolen += stack.sqs.receive_message(QueueUrl=stack.queue_url, WaitTimeSeconds=1).get("Messages", [])
+        future.result()
+    finally:
+        worker.heartbeat.stop()
+    return stolen

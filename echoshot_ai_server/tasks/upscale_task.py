@@ -292,8 +292,10 @@ class ProgressReporter:
         )
         try:
             self.callback.notify(payload, attempts=1, stop=self._abort)
-        except (JobError, JobCancelled) as exc:
-            log.warning("progress callback not delivered: %s", exc or "stopped")
+        except JobCancelled:
+            log.warning("progress callback abandoned: the job has ended")
+        except Exception as exc:  # noqa: BLE001 - best effort: nothing may end this thread early
+            log.warning("progress callback not delivered: %s", exc)
 
 
 class TaskOutcome(str, Enum):
@@ -308,15 +310,14 @@ class TaskResult:
     frames: int = 0
 
 
+@dataclass(frozen=True)
 class JobAttempt:
     """What the worker hands the task about one delivery of a message."""
 
-    def __init__(self, message_id: str, cancel: threading.Event, keep_alive: Callable[[Callable[[], None]], None],
-                 final: bool = False):
-        self.message_id = message_id
-        self.cancel = cancel
-        self.keep_alive = keep_alive  # registers something to renew while the job runs (with the message's heartbeat)
-        self.final = final  # the queue's last attempt: a failure now is the job's end
+    message_id: str
+    cancel: threading.Event  # set: stop now, the message goes back to the queue
+    keep_alive: Callable[[Callable[[], None]], None]  # registers a renewal to run with the message's heartbeat
+    final: bool = False  # the queue's last attempt: a failure now is the job's end
 
 
 @dataclass
