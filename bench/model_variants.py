@@ -17,7 +17,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from echoshot_ai_server.upscaler import X4PLUS, Upscaler, build_model  # noqa: E402
+from echoshot_ai_server.engine.models import build_model  # noqa: E402
+from echoshot_ai_server.engine.specs import X4PLUS, RRDBNetArch  # noqa: E402
+from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler  # noqa: E402
 
 MFLOP_PER_PIXEL = 35.85
 FEAT_CHANNELS = 64
@@ -36,8 +38,8 @@ def timed(fn, repeats: int) -> float:
 
 
 def engine(model, tile: int, batch: int, channels_last: bool = True, kind: str = "eager") -> Upscaler:
-    return Upscaler(model, device="gpu", half=True, tile=tile, tile_pad=10, fallback_tile=128,
-                    batch_frames=batch, channels_last=channels_last, engine=kind)
+    return Upscaler(model, device="gpu", profile=RunProfile(tile, 10, 128, half=True, batch_frames=batch, engine=kind,
+                                                            channels_last=channels_last))
 
 
 def encoder_fps(ffmpeg: str, width: int, height: int, frames: int, pix_fmt: str) -> float:
@@ -63,8 +65,7 @@ def encoder_fps(ffmpeg: str, width: int, height: int, frames: int, pix_fmt: str)
 def layer_rows(results: dict, args, w: int, h: int, batch: int = 4) -> None:
     """One dense block's convolutions at batch 4: cuDNN (contiguous channels-last input, as after a
     torch.cat) against the Triton kernel reading its input in place from the 192-channel buffer."""
-    from echoshot_ai_server.fused_trunk import _Conv, _conv3x3_padded_tuned, _dense_steps, dense_step_views
-    from echoshot_ai_server.upscaler import ModelSpec
+    from echoshot_ai_server.engine.fused_trunk import PackedConv, conv3x3_tuned, dense_steps, dense_step_views
 
     torch.backends.cudnn.benchmark = True
     rows = batch * (h + 2) * (w + 2)
@@ -73,18 +74,18 @@ def layer_rows(results: dict, args, w: int, h: int, batch: int = 4) -> None:
         conv = torch.nn.Conv2d(cin, cout, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
         dense = torch.randn(batch, cin, h, w, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
         cudnn_s = timed(lambda: conv(dense), 20)
-        packed = _Conv.of(conv, torch.float16)
+        packed = PackedConv.of(conv, torch.float16)
         out = torch.empty(rows, cout, device="cuda", dtype=torch.float16)
         if cout == FEAT_CHANNELS:  # conv5: the residual epilogue, as in the trunk
             triton_s = timed(lambda: packed(buffer, out, (h, w), res1=buffer[:, :cout], scale=0.2), 20)
         else:
             triton_s = timed(lambda: packed(buffer[:, :cin], out, (h, w), lrelu=True), 20)
         flop = 2 * 9 * cin * cout * batch * h * w
-        timings = getattr(_conv3x3_padded_tuned, "configs_timings", None) or {}
+        timings = getattr(conv3x3_tuned, "configs_timings", None) or {}
         for cfg, ms in sorted(timings.items(), key=lambda item: item[1][0] if isinstance(item[1], list) else item[1])[:12]:
             ms = ms[0] if isinstance(ms, list) else ms
             print(f"    {cin}->{cout} {ms * 1e3:8.0f} us  {cfg}", flush=True)
-        best = [str(cfg) for key, cfg in _conv3x3_padded_tuned.cache.items() if cin in key and cout in key]
+        best = [str(cfg) for key, cfg in conv3x3_tuned.cache.items() if cin in key and cout in key]
         row = {"variant": f"conv {cin}->{cout}, batch {batch}", "cudnn_us": round(cudnn_s * 1e6), "triton_us": round(triton_s * 1e6),
                "cudnn_tflops": round(flop / cudnn_s / 1e12, 1), "triton_tflops": round(flop / triton_s / 1e12, 1),
                "triton_config": best[:1]}
@@ -93,8 +94,8 @@ def layer_rows(results: dict, args, w: int, h: int, batch: int = 4) -> None:
         args.json.write_text(json.dumps(results, indent=2))
 
     # conv1..conv4 regrouped by input (the engine's dense steps), against the four convolutions above
-    rdb = build_model(ModelSpec(num_block=1)).body[0].rdb1.cuda()
-    steps = _dense_steps(rdb, 64, 32, torch.float16)
+    rdb = build_model(RRDBNetArch(num_block=1)).body[0].rdb1.cuda()
+    steps = dense_steps(rdb, 64, 32, torch.float16)
     partials = [torch.randn(rows, 128, device="cuda", dtype=torch.float16), torch.randn(rows, 96, device="cuda", dtype=torch.float16)]
     total = 0.0
     for j, step in enumerate(steps):
@@ -126,7 +127,7 @@ def main() -> int:
     args = parser.parse_args()
     w, h = (int(v) for v in args.size.split("x"))
     torch.manual_seed(0)
-    model = build_model(X4PLUS)
+    model = build_model(X4PLUS.arch)
     results = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "size": args.size, "rows": []}
 
     def record(name: str, seconds_per_batch: float, batch: int, extra: dict | None = None) -> None:
@@ -141,7 +142,7 @@ def main() -> int:
     if args.layers:
         layer_rows(results, args, w, h)
     if args.fused or args.only_fused:
-        from echoshot_ai_server.fused_trunk import FusedRRDBNet
+        from echoshot_ai_server.engine.fused_trunk import FusedRRDBNet
 
         reference = engine(model, 0, 1)
         expected = reference.upscale_tensor(frames[:1], 4).float()
@@ -190,7 +191,7 @@ def main() -> int:
         for batch in (int(b) for b in args.compile_batches.split(",")):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            up = engine(build_model(X4PLUS), 0, batch, kind="compile")
+            up = engine(build_model(X4PLUS.arch), 0, batch, kind="compile")
             started = time.perf_counter()
             up.upscale_tensor(frames[:batch], 4)
             torch.cuda.synchronize()

@@ -12,7 +12,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from echoshot_ai_server.upscaler import X4PLUS, Upscaler, build_model  # noqa: E402
+from echoshot_ai_server.engine.models import build_model  # noqa: E402
+from echoshot_ai_server.engine.specs import X4PLUS  # noqa: E402
+from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler  # noqa: E402
 
 
 def category(name: str) -> str:
@@ -26,8 +28,8 @@ def category(name: str) -> str:
 
 def profile(w: int, h: int, batch: int) -> None:
     torch.manual_seed(0)
-    up = Upscaler(build_model(X4PLUS), device="gpu", half=True, tile=0, tile_pad=10, fallback_tile=128, batch_frames=batch,
-                  engine="fused")
+    up = Upscaler(build_model(X4PLUS.arch), device="gpu",
+                  profile=RunProfile(0, 10, 128, half=True, batch_frames=batch, engine="fused"))
     frames = torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device="cuda")
     for _ in range(3):
         up.upscale_tensor(frames, 4)

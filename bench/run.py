@@ -11,6 +11,7 @@ peak GPU memory; PSNR of our frames against fp32 RealESRGANer reference frames, 
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -31,7 +32,10 @@ sys.path.insert(0, str(REPO))
 
 from echoshot_ai_server.config import Settings  # noqa: E402
 from echoshot_ai_server.tasks.upscale_task import upscale_video  # noqa: E402
-from echoshot_ai_server.upscaler import X4PLUS, build_model, load_upscaler  # noqa: E402
+from echoshot_ai_server.engine.models import build_model  # noqa: E402
+from echoshot_ai_server.engine.specs import X4PLUS  # noqa: E402
+from echoshot_ai_server.engine.upscaler import load_upscalers  # noqa: E402
+from echoshot_ai_server.main import run_profile  # noqa: E402
 from echoshot_ai_server.video import EncoderSettings  # noqa: E402
 
 FULL_CASES = [((640, 480), 4), ((1280, 720), 2), ((640, 480), 2), ((1280, 720), 4)]
@@ -67,7 +71,7 @@ def weights_file(choice: str, workdir: Path) -> tuple[Path, str]:
     if choice != "random":
         return Path(choice), Path(choice).name
     torch.manual_seed(0)
-    model = build_model(X4PLUS)
+    model = build_model(X4PLUS.arch)
     with torch.no_grad():
         model.conv_last.bias.fill_(0.5)
         model.conv_last.weight.mul_(4.0)
@@ -93,7 +97,7 @@ def seed_enhancer(weights: Path, device: str):
 
     gpu = device == "cuda"
     return RealESRGANer(
-        scale=4, model_path=str(weights), model=build_model(X4PLUS), tile=256 if gpu else 128,
+        scale=4, model_path=str(weights), model=build_model(X4PLUS.arch), tile=256 if gpu else 128,
         tile_pad=10 if gpu else 5, pre_pad=0, half=gpu, device=torch.device(device),
     )
 
@@ -188,7 +192,7 @@ def reference_frames(weights: Path, frames: list[np.ndarray], scale: int, device
 
     gpu = device == "cuda"
     reference = RealESRGANer(
-        scale=4, model_path=str(weights), model=build_model(X4PLUS), tile=256 if gpu else 128,
+        scale=4, model_path=str(weights), model=build_model(X4PLUS.arch), tile=256 if gpu else 128,
         tile_pad=10 if gpu else 5, pre_pad=0, half=False, device=torch.device(device),
     )
     return [reference.enhance(frame, outscale=scale)[0] for frame in frames]
@@ -203,7 +207,9 @@ def bench_case(size, scale, args, weights, workdir, seed, flops_px, peak_tflops)
 
     settings = Settings(ffmpeg_bin=args.ffmpeg, ffprobe_bin=args.ffprobe, gpu_engine=args.engine)
     engine_device = "gpu" if args.device == "cuda" else "cpu"
-    upscaler = load_upscaler(weights, engine_device, settings.device_profile(engine_device), settings.pre_pad)
+    spec = dataclasses.replace(X4PLUS, weights_file=weights.name)
+    [upscaler] = load_upscalers(weights.parent, spec, engine_device, run_profile(settings, engine_device),
+                                memory_limit_gb=settings.gpu_memory_limit_gb)
     started = time.perf_counter()
     upscaler.upscale(np.stack(frames[: upscaler.batch_frames]), scale)  # warm-up: autotuning, compilation
     warmup_s = time.perf_counter() - started
@@ -316,7 +322,7 @@ def main() -> int:
     args.seconds = args.seconds or (0.4 if args.quick else 2.0)
     args.model_repeats = args.model_repeats or (2 if args.quick else 10)
     if args.weights is None:
-        default = Settings().weights_path
+        default = Settings().weights_dir / X4PLUS.weights_file
         args.weights = str(default) if default.is_file() else "random"
     cases = QUICK_CASES if args.quick else FULL_CASES
     if args.cases:
@@ -325,7 +331,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="echoshot-bench-") as tmp:
         workdir = Path(tmp)
         weights, weights_label = weights_file(args.weights, workdir)
-        flops_px = flops_per_input_pixel(build_model(X4PLUS))
+        flops_px = flops_per_input_pixel(build_model(X4PLUS.arch))
         peak = round(matmul_tflops(), 1) if args.device == "cuda" else None
         log(f"model: {flops_px / 1e6:.2f} MFLOP per input pixel; bf16 matrix rate: {peak} TFLOP/s")
         seed = None if args.skip_seed else seed_enhancer(weights, args.device)

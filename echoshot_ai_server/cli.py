@@ -20,11 +20,12 @@ from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError
 from echoshot_ai_server.job import job_message_body
 from echoshot_ai_server.job_queue import JobQueue
 from echoshot_ai_server.logs import configure_logging, job_context
-from echoshot_ai_server.main import build_worker
+from echoshot_ai_server.main import build_worker, load_engine
 from echoshot_ai_server.operations import publish_backlog, replay_dead_letters
 from echoshot_ai_server.scaling import AutoScaling
 from echoshot_ai_server.tasks.upscale_task import output_key, upscale_video, validate_scale
-from echoshot_ai_server.upscaler import load_upscaler, resolve_device
+from echoshot_ai_server.engine.device import resolve_device
+from echoshot_ai_server.engine.specs import SUPPORTED_SCALES
 from echoshot_ai_server.video import EncoderSettings
 from echoshot_ai_server.workspace import job_workspace
 
@@ -63,8 +64,7 @@ def upscale(args: argparse.Namespace, settings: Settings) -> None:
     )
 
     def get_upscaler():
-        device = resolve_device(args.device)
-        return load_upscaler(settings.weights_path, device, settings.device_profile(device), settings.pre_pad)
+        return load_engine(settings, resolve_device(args.device))[0]
 
     encoder = EncoderSettings(settings.x264_preset, settings.x264_crf, settings.audio_bitrate, settings.ffmpeg_bin)
     bars = []
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("upscale", help="upscale a local video file")
     up.add_argument("--input", required=True, help="video file to upscale")
-    up.add_argument("--scale", type=int, choices=(2, 4), default=2, help="output scale (default 2)")
+    up.add_argument("--scale", type=int, choices=SUPPORTED_SCALES, default=2, help="output scale (default 2)")
     up.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="device (default cpu)")
     up.add_argument("--output", default="output_upscaled", help="output directory (default output_upscaled/)")
     up.add_argument("--no-validation", action="store_true", help="skip the environment report")

@@ -8,28 +8,6 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-Device = Literal["gpu", "cpu"]
-WorkerDevice = Literal["auto", "gpu", "cpu"]
-# How whole frames run on the GPU: fused Triton trunk (Hopper and later), torch.compile, or plain PyTorch.
-Engine = Literal["auto", "fused", "compile", "eager"]
-
-WEIGHTS_FILE = "RealESRGAN_x4plus.pth"
-WEIGHTS_URL = "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth"
-
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    """How the upscaler runs on one kind of device."""
-
-    tile: int  # 0: whole frames, or the largest tiles that fit the memory limit
-    tile_pad: int
-    fallback_tile: int
-    half: bool
-    batch_frames: int
-    engine: Engine = "eager"
-    memory_limit_gb: float = 0  # 0: the whole device
-
-
 @dataclass(frozen=True)
 class InputLimits:
     """What a job may ask for, checked before any heavy work (0 = no limit)."""
@@ -55,7 +33,7 @@ class Settings(BaseSettings):
     gpu_tile_pad: int = Field(10, ge=0)
     gpu_tile_fallback: int = Field(128, ge=0)
     gpu_batch_frames: int = Field(4, ge=1)
-    gpu_engine: Engine = "auto"
+    gpu_engine: Literal["auto", "fused", "compile", "eager"] = "auto"
     gpu_memory_limit_gb: float = Field(0, ge=0)
     cpu_tile: int = Field(128, ge=0)
     cpu_tile_pad: int = Field(5, ge=0)
@@ -92,7 +70,7 @@ class Settings(BaseSettings):
     aws_read_timeout_s: float = Field(60, gt=0)
 
     # The worker
-    worker_device: WorkerDevice = "auto"
+    worker_device: Literal["auto", "gpu", "cpu"] = "auto"
     gpu_worker_count: int = Field(1, ge=1)
     cpu_worker_count: int = Field(2, ge=1)
     poll_wait_s: int = Field(20, ge=0, le=20)
@@ -139,15 +117,3 @@ class Settings(BaseSettings):
             self.max_input_width, self.max_input_height, self.max_input_pixels, self.max_duration_s,
             self.max_frame_count, self.max_output_pixels, self.max_download_bytes,
         )
-
-    @property
-    def weights_path(self) -> Path:
-        return self.weights_dir / WEIGHTS_FILE
-
-    def device_profile(self, device: Device) -> DeviceProfile:
-        if device == "gpu":
-            return DeviceProfile(
-                self.gpu_tile, self.gpu_tile_pad, self.gpu_tile_fallback, True, self.gpu_batch_frames,
-                self.gpu_engine, self.gpu_memory_limit_gb,
-            )
-        return DeviceProfile(self.cpu_tile, self.cpu_tile_pad, self.cpu_tile_fallback, False, self.cpu_batch_frames)

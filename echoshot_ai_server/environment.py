@@ -2,9 +2,10 @@
 
 from dataclasses import dataclass, field
 
-from echoshot_ai_server.config import WEIGHTS_URL, Settings
+from echoshot_ai_server.config import Settings
+from echoshot_ai_server.engine.device import torch_runtime
+from echoshot_ai_server.engine.specs import X4PLUS
 from echoshot_ai_server.errors import JobError
-from echoshot_ai_server.upscaler import torch_runtime
 from echoshot_ai_server.video import ffmpeg_version
 
 
@@ -33,11 +34,11 @@ def check_environment(settings: Settings) -> EnvironmentReport:
         except JobError as exc:
             report.problems.append(exc.message)
             report.lines.append(f"❌ {exc.message}")
-    weights = settings.weights_path
+    weights = settings.weights_dir / X4PLUS.weights_file
     if weights.is_file():
         report.lines.append(f"✅ 모델 가중치 확인: {weights}")
     else:
-        problem = f"model weights not found: {weights} (download {WEIGHTS_URL} there, or set WEIGHTS_DIR)"
+        problem = f"model weights not found: {weights} (download {X4PLUS.url} there, or set WEIGHTS_DIR)"
         report.problems.append(problem)
         report.lines.append(f"❌ {problem}")
     return report

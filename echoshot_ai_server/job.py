@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from echoshot_ai_server.engine.specs import scale_problem
 from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError
 
 UPSCALE = "UPSCALE"
@@ -41,8 +42,8 @@ class JobParameters(BaseModel):
     @field_validator("scale_factor")
     @classmethod
     def _supported(cls, value: int) -> int:
-        if value not in (2, 4):
-            raise ValueError(f"must be 2 or 4, got {value}")
+        if (problem := scale_problem(value)) is not None:
+            raise ValueError(problem)
         return value
 
 

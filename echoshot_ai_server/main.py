@@ -17,9 +17,10 @@ from echoshot_ai_server.monitoring import Monitoring  # noqa: E402
 from echoshot_ai_server.scaling import AutoScaling, ScaleInProtection, ec2_instance_id  # noqa: E402
 from echoshot_ai_server.storage import Storage  # noqa: E402
 from echoshot_ai_server.tasks.upscale_task import UpscaleTask  # noqa: E402
-from echoshot_ai_server.upscaler import (  # noqa: E402
-    GPU_FALLBACK_WARNING, Upscaler, gpu_memory_stats, load_upscalers, resolve_device, torch_cuda_available,
-)
+from echoshot_ai_server.engine.device import gpu_memory_stats, resolve_device  # noqa: E402
+from echoshot_ai_server.engine.specs import X4PLUS, Device  # noqa: E402
+from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler, load_upscalers  # noqa: E402
+from echoshot_ai_server.tasks.upscale_task import GPU_FALLBACK_WARNING  # noqa: E402
 from echoshot_ai_server.video import EncoderSettings  # noqa: E402
 from echoshot_ai_server.worker import Worker  # noqa: E402
 from echoshot_ai_server.workspace import WorkerDirectory, check_writable, remove_stale_worker_dirs  # noqa: E402
@@ -39,11 +40,9 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) ->
     Checks first that the worker can work at all (the queue, the bucket, the work directory), so
     that a misspelt setting stops it at start with one clear line instead of failing every job."""
     required(settings, "sqs_queue_url", "s3_bucket_name", "spring_callback_url")
-    requested = settings.worker_device
-    if requested == "auto":
-        requested = "gpu" if torch_cuda_available() else "cpu"
+    requested = "gpu" if settings.worker_device == "auto" else settings.worker_device
     device = resolve_device(requested)
-    if device != requested:
+    if device != requested and settings.worker_device != "auto":
         log.warning(GPU_FALLBACK_WARNING)
     slots = settings.gpu_worker_count if device == "gpu" else settings.cpu_worker_count
 
@@ -97,7 +96,7 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) ->
     )
     try:
         if upscalers is None:
-            upscalers = load_upscalers(settings.weights_path, device, settings.device_profile(device), settings.pre_pad, slots)
+            upscalers = load_engine(settings, device, slots)
     except BaseException:
         directory.close()
         raise
@@ -122,6 +121,30 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) ->
         directory=directory,
         preflight=preflight,
     )
+
+
+def run_profile(settings: Settings, device: Device) -> RunProfile:
+    """How the upscaler runs on `device`, as the settings say."""
+    if device == "gpu":
+        return RunProfile(settings.gpu_tile, settings.gpu_tile_pad, settings.gpu_tile_fallback, half=True,
+                          batch_frames=settings.gpu_batch_frames, engine=settings.gpu_engine, pre_pad=settings.pre_pad)
+    return RunProfile(settings.cpu_tile, settings.cpu_tile_pad, settings.cpu_tile_fallback, half=False,
+                      batch_frames=settings.cpu_batch_frames, pre_pad=settings.pre_pad)
+
+
+def load_engine(settings: Settings, device: Device, count: int = 1) -> list[Upscaler]:
+    """The model loaded `count` times for `device`; weights that are missing or wrong are a clear error."""
+    try:
+        return load_upscalers(settings.weights_dir, X4PLUS, device, run_profile(settings, device), count=count,
+                              memory_limit_gb=settings.gpu_memory_limit_gb)
+    except FileNotFoundError as exc:
+        raise PermanentError(
+            ErrorCode.WEIGHTS_MISSING,
+            f"{exc}. Download them with 'mkdir -p {settings.weights_dir} && curl -L {X4PLUS.url} -o "
+            f"{settings.weights_dir / X4PLUS.weights_file}' or point WEIGHTS_DIR at their folder",
+        ) from exc
+    except ValueError as exc:
+        raise PermanentError(ErrorCode.WEIGHTS_INVALID, str(exc)) from exc
 
 
 def scale_in_protection(settings: Settings) -> ScaleInProtection | None:

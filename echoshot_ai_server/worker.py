@@ -20,7 +20,7 @@ from echoshot_ai_server.logs import job_context
 from echoshot_ai_server.monitoring import Monitoring
 from echoshot_ai_server.scaling import ScaleInProtection
 from echoshot_ai_server.tasks.upscale_task import JobAttempt, TaskOutcome, UpscaleTask
-from echoshot_ai_server.upscaler import Upscaler
+from echoshot_ai_server.engine.upscaler import Upscaler
 from echoshot_ai_server.workspace import WorkerDirectory
 
 log = logging.getLogger(__name__)

@@ -15,14 +15,16 @@ import torch
 from types import SimpleNamespace
 
 from echoshot_ai_server.devtools import CallbackReceiver, MotoServer, create_bucket, create_queue_with_dlq
-from echoshot_ai_server.upscaler import ModelSpec, Upscaler, build_model
+from echoshot_ai_server.engine.models import build_model
+from echoshot_ai_server.engine.specs import RRDBNetArch
+from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The official weights live beside the project (nothing can be downloaded in tests).
 SHARED_WEIGHTS_DIR = REPO_ROOT.parent / "shared" / "weights"
 REGION = "ap-northeast-2"
 BUCKET = "echoshotx-videos"
-TINY_SPEC = ModelSpec(num_feat=8, num_block=1, num_grow_ch=4, scale=4)
+TINY_ARCH = RRDBNetArch(num_feat=8, num_block=1, num_grow_ch=4, scale=4)
 
 
 def ffmpeg(*args: str) -> None:
@@ -98,7 +100,7 @@ def make_noise_clip(path: Path, size: str = "64x48", seconds: float = 1.95, loss
 def make_tiny_model(seed: int = 0) -> torch.nn.Module:
     """A small randomly initialised RRDBNet whose output depends visibly on its input."""
     torch.manual_seed(seed)
-    model = build_model(TINY_SPEC).eval()
+    model = build_model(TINY_ARCH).eval()
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d):
             module.reset_parameters()
@@ -117,9 +119,8 @@ def tiny_checkpoint(tmp_path) -> Path:
 
 def tiny_upscaler(tile: int = 32, tile_pad: int = 4, fallback_tile: int = 16, batch_frames: int = 2) -> Upscaler:
     return Upscaler(
-        make_tiny_model(), device="cpu", half=False, tile=tile, tile_pad=tile_pad,
-        fallback_tile=fallback_tile, batch_frames=batch_frames,
-    )
+        make_tiny_model(), device="cpu", profile=RunProfile(half=False, tile=tile, tile_pad=tile_pad,
+        fallback_tile=fallback_tile, batch_frames=batch_frames))
 
 
 @pytest.fixture
@@ -149,13 +150,13 @@ def _quiet_logs(caplog):
     caplog.set_level(logging.INFO)
 
 
-def reference_enhancer(checkpoint: Path, spec: ModelSpec, *, tile: int, tile_pad: int, pre_pad: int = 0):
+def reference_enhancer(checkpoint: Path, arch: RRDBNetArch, *, tile: int, tile_pad: int, pre_pad: int = 0):
     """realesrgan's own RealESRGANer, fp32 on the CPU: the reference our pixels must equal."""
-    model = build_model(spec)  # also installs the torchvision shim that realesrgan's import needs
+    model = build_model(arch)  # also installs the torchvision shim that realesrgan's import needs
     from realesrgan import RealESRGANer
 
     return RealESRGANer(
-        scale=spec.scale, model_path=str(checkpoint), model=model, tile=tile, tile_pad=tile_pad,
+        scale=arch.scale, model_path=str(checkpoint), model=model, tile=tile, tile_pad=tile_pad,
         pre_pad=pre_pad, half=False, device=torch.device("cpu"),
     )
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import decode_frames, psnr, reference_enhancer, streams_of
-from echoshot_ai_server.upscaler import X4PLUS
+from echoshot_ai_server.engine.specs import X4PLUS
 
 
 def luma(frame: np.ndarray) -> np.ndarray:
@@ -39,7 +39,7 @@ def test_upscale_with_the_official_weights(echoshot_cli, make_clip, shared_weigh
     assert len(streams_of(output, "audio")) == 1
 
     # And its pixels are Real-ESRGAN's (up to H.264's loss, so compared on luma), not a plain resize
-    reference = reference_enhancer(shared_weights_dir / "RealESRGAN_x4plus.pth", X4PLUS, tile=128, tile_pad=5)
+    reference = reference_enhancer(shared_weights_dir / X4PLUS.weights_file, X4PLUS.arch, tile=128, tile_pad=5)
     for got, frame in zip(decode_frames(output), decode_frames(source)):
         expected, _ = reference.enhance(frame, outscale=2)
         resized = cv2.resize(frame, (80, 60), interpolation=cv2.INTER_LANCZOS4)

@@ -1,4 +1,4 @@
-"""The fused engine (echoshot_ai_server/fused_trunk.py) computes RRDBNet: its Triton kernel runs in
+"""The fused engine (echoshot_ai_server/engine/fused_trunk.py) computes RRDBNet: its Triton kernel runs in
 Triton's interpreter here (CI has no GPU), in a subprocess because the interpreter is chosen at import."""
 
 import os
@@ -8,18 +8,22 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TINY_SPEC
-from echoshot_ai_server.fused_trunk import fused_unsupported_reason
-from echoshot_ai_server.upscaler import ModelSpec, build_model, resolve_engine
+from conftest import REPO_ROOT, TINY_ARCH
+from echoshot_ai_server.engine.fused_trunk import fused_unsupported_reason
+from echoshot_ai_server.engine.models import build_model
+from echoshot_ai_server.engine.specs import RRDBNetArch
+from echoshot_ai_server.engine.upscaler import resolve_engine
 
 PRELUDE = """
 import sys, numpy as np, torch
 sys.path[:0] = [{repo!r}]
-from echoshot_ai_server.upscaler import ModelSpec, Upscaler, build_model
+from echoshot_ai_server.engine.models import build_model
+from echoshot_ai_server.engine.specs import RRDBNetArch
+from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler
 torch.manual_seed(0)
 
 def random_model(feat, blocks, grow):
-    model = build_model(ModelSpec(num_feat=feat, num_block=blocks, num_grow_ch=grow)).eval()
+    model = build_model(RRDBNetArch(num_feat=feat, num_block=blocks, num_grow_ch=grow)).eval()
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d):
             module.reset_parameters()  # basicsr scales its init down; keep the activations lively
@@ -27,7 +31,7 @@ def random_model(feat, blocks, grow):
 """
 
 MODEL_CHECK = """
-from echoshot_ai_server.fused_trunk import FusedRRDBNet
+from echoshot_ai_server.engine.fused_trunk import FusedRRDBNet
 model = random_model(64, 2, 32)  # RealESRGAN_x4plus's widths, two blocks
 x = torch.rand(2, 3, 9, 11)
 with torch.no_grad():
@@ -41,8 +45,8 @@ ENGINE_CHECK = """
 frames = np.random.default_rng(1).integers(0, 256, (3, 10, 14, 3), dtype=np.uint8)
 def upscaler(engine):
     torch.manual_seed(0)
-    return Upscaler(random_model(16, 1, 16), device="cpu", half=False, tile=0, tile_pad=4, fallback_tile=8,
-                    batch_frames=2, engine=engine)
+    return Upscaler(random_model(16, 1, 16), device="cpu", profile=RunProfile(half=False, tile=0, tile_pad=4, fallback_tile=8,
+                    batch_frames=2, engine=engine))
 eager, fused = upscaler("eager"), upscaler("fused")
 assert fused.engine == "fused" and fused.fixed_shapes
 shapes = []
@@ -75,10 +79,10 @@ def test_fused_engine_equals_the_eager_one_and_keeps_its_shape():
 
 
 def test_engine_choice(monkeypatch, caplog):
-    x4plus_like = build_model(ModelSpec(num_feat=16, num_block=1, num_grow_ch=16))
+    x4plus_like = build_model(RRDBNetArch(num_feat=16, num_block=1, num_grow_ch=16))
     assert fused_unsupported_reason(x4plus_like, torch.device("cpu")) is None
-    assert "power-of-two" in fused_unsupported_reason(build_model(TINY_SPEC), torch.device("cpu"))
-    assert "x4" in fused_unsupported_reason(build_model(ModelSpec(num_feat=16, num_block=1, num_grow_ch=16, scale=2)),
+    assert "power-of-two" in fused_unsupported_reason(build_model(TINY_ARCH), torch.device("cpu"))
+    assert "x4" in fused_unsupported_reason(build_model(RRDBNetArch(num_feat=16, num_block=1, num_grow_ch=16, scale=2)),
                                             torch.device("cpu"))
     # Cards before Hopper have no TMA: `auto` takes torch.compile, an explicit `fused` says why it cannot
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
@@ -97,19 +101,20 @@ def test_engine_choice(monkeypatch, caplog):
 @pytest.mark.parametrize("engine", ["auto", "fused", "compile", "eager"])
 def test_engine_setting(engine):
     from echoshot_ai_server.config import Settings
+    from echoshot_ai_server.main import run_profile
 
-    assert Settings(gpu_engine=engine).device_profile("gpu").engine == engine
-    assert Settings(gpu_engine=engine).device_profile("cpu").engine == "eager"
+    assert run_profile(Settings(gpu_engine=engine), "gpu").engine == engine
+    assert run_profile(Settings(gpu_engine=engine), "cpu").engine == "eager"
 
 
 def test_launch_grid(monkeypatch):
     from types import SimpleNamespace
 
-    from echoshot_ai_server.fused_trunk import _programs
+    from echoshot_ai_server.engine.fused_trunk import launch_grid
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=0: SimpleNamespace(multi_processor_count=132))
     rows = 4 * 482 * 642  # four padded 640x480 frames
-    assert _programs(rows, {"BLOCK_M": 256, "PER_SM": 0}) == (4836,)  # one program per tile
-    assert _programs(rows, {"BLOCK_M": 256, "PER_SM": 1}) == (132,)  # persistent: one per multiprocessor
-    assert _programs(rows, {"BLOCK_M": 128, "PER_SM": 2}) == (264,)
-    assert _programs(1000, {"BLOCK_M": 256, "PER_SM": 2}) == (4,)  # never more programs than tiles
+    assert launch_grid(rows, {"BLOCK_M": 256, "PER_SM": 0}) == (4836,)  # one program per tile
+    assert launch_grid(rows, {"BLOCK_M": 256, "PER_SM": 1}) == (132,)  # persistent: one per multiprocessor
+    assert launch_grid(rows, {"BLOCK_M": 128, "PER_SM": 2}) == (264,)
+    assert launch_grid(1000, {"BLOCK_M": 256, "PER_SM": 2}) == (4,)  # never more programs than tiles

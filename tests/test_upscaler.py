@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_SPEC, make_tiny_model, reference_enhancer, tiny_upscaler
-from echoshot_ai_server.errors import ErrorCode, PermanentError, RetryableError
-from echoshot_ai_server.upscaler import (
-    BYTES_PER_INPUT_PIXEL, X4PLUS, Upscaler, plan_forward, lanczos4_weights, lanczos_half, load_model, load_upscaler, read_state_dict, resolve_device,
-    tile_windows,
-)
+from conftest import TINY_ARCH, make_tiny_model, reference_enhancer, tiny_upscaler
 from echoshot_ai_server.config import Settings
+from echoshot_ai_server.engine.device import DeviceOutOfMemory, resolve_device
+from echoshot_ai_server.engine.models import load_model, read_state_dict
+from echoshot_ai_server.engine.resize import lanczos4_weights, lanczos_half
+from echoshot_ai_server.engine.specs import X4PLUS
+from echoshot_ai_server.engine.tiling import BYTES_PER_INPUT_PIXEL, plan_forward, tile_windows
+from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler
+from echoshot_ai_server.errors import ErrorCode, PermanentError
+from echoshot_ai_server.main import load_engine, run_profile
 
 
 def random_frames(n: int, h: int, w: int, seed: int = 1) -> np.ndarray:
@@ -42,10 +45,9 @@ def test_frames_equal_realesrganer_enhance(tiny_checkpoint, outscale, pre_pad):
     # Given three frames of a size that is no multiple of 8 and several tiles per frame
     frames = random_frames(3, 37, 45)
     ours = Upscaler(
-        load_model(tiny_checkpoint, TINY_SPEC), device="cpu", half=False, tile=16, tile_pad=5,
-        fallback_tile=8, pre_pad=pre_pad,
-    )
-    reference = reference_enhancer(tiny_checkpoint, TINY_SPEC, tile=16, tile_pad=5, pre_pad=pre_pad)
+        load_model(tiny_checkpoint, TINY_ARCH), device="cpu", profile=RunProfile(half=False, tile=16, tile_pad=5,
+        fallback_tile=8, pre_pad=pre_pad))
+    reference = reference_enhancer(tiny_checkpoint, TINY_ARCH, tile=16, tile_pad=5, pre_pad=pre_pad)
 
     # When our upscaler takes them as one batch
     out = ours.upscale(frames, outscale)
@@ -62,10 +64,11 @@ def test_frames_equal_realesrganer_enhance(tiny_checkpoint, outscale, pre_pad):
 def test_official_weights_equal_realesrganer(shared_weights_dir):
     # The production model, CPU profile (tile 128, pad 5, fp32), on a frame that needs two tiles
     settings = Settings(weights_dir=shared_weights_dir)
-    profile = settings.device_profile("cpu")
+    profile = run_profile(settings, "cpu")
     frames = random_frames(1, 40, 150, seed=7)
-    ours = load_upscaler(settings.weights_path, "cpu", profile)
-    reference = reference_enhancer(settings.weights_path, X4PLUS, tile=profile.tile, tile_pad=profile.tile_pad)
+    [ours] = load_engine(settings, "cpu")
+    reference = reference_enhancer(shared_weights_dir / X4PLUS.weights_file, X4PLUS.arch, tile=profile.tile,
+                                   tile_pad=profile.tile_pad)
 
     expected, _ = reference.enhance(frames[0], outscale=2)
     out = ours.upscale(frames, 2)[0]
@@ -88,7 +91,7 @@ def test_checkpoint_formats(tmp_path, key):
 
 def test_missing_weights_name_the_path_and_how_to_get_them(tmp_path):
     with pytest.raises(PermanentError) as err:
-        load_model(tmp_path / "weights" / "RealESRGAN_x4plus.pth")
+        load_engine(Settings(weights_dir=tmp_path / "weights"), "cpu")
     assert err.value.code == ErrorCode.WEIGHTS_MISSING
     assert str(tmp_path / "weights" / "RealESRGAN_x4plus.pth") in err.value.message
     assert "releases/download/v0.1.0/RealESRGAN_x4plus.pth" in err.value.message
@@ -102,17 +105,15 @@ def test_unreadable_or_mismatched_weights(tmp_path, content):
     else:
         path.write_bytes(content)
     with pytest.raises(PermanentError) as err:
-        load_model(path, X4PLUS)
+        load_engine(Settings(weights_dir=tmp_path), "cpu")
     assert err.value.code == ErrorCode.WEIGHTS_INVALID
     assert str(path) in err.value.message
 
 
 @pytest.mark.parametrize("scale", [1, 3, 8])
 def test_unsupported_scale_is_a_clear_error(scale):
-    with pytest.raises(PermanentError) as err:
+    with pytest.raises(ValueError, match="scale must be 2 or 4"):
         tiny_upscaler().upscale(random_frames(1, 8, 8), scale)
-    assert err.value.code == ErrorCode.INVALID_PARAMETERS
-    assert "scale must be 2 or 4" in err.value.message
 
 
 class RunsOutOfMemoryAbove(torch.nn.Module):
@@ -135,25 +136,22 @@ def test_out_of_memory_retries_the_frame_with_the_fallback_tile(caplog):
     frames = random_frames(2, 40, 40)
     expected = tiny_upscaler(tile=16, tile_pad=4).upscale(frames, 4)
     flaky = Upscaler(
-        RunsOutOfMemoryAbove(make_tiny_model(), limit=16 + 2 * 4), device="cpu", half=False,
-        tile=32, tile_pad=4, fallback_tile=16,
-    )
+        RunsOutOfMemoryAbove(make_tiny_model(), limit=16 + 2 * 4), device="cpu", profile=RunProfile(half=False,
+        tile=32, tile_pad=4, fallback_tile=16))
 
     out = flaky.upscale(frames, 4)
 
     assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1  # one frame per pass now: float rounding
     assert any("32 → 16" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
-    assert flaky.tile == 32  # the next batch tries the normal tile size again
+    assert flaky.profile.tile == 32  # the next batch tries the normal tile size again
 
 
-def test_out_of_memory_even_with_the_fallback_tile_is_retryable():
+def test_out_of_memory_even_with_the_fallback_tile_is_its_own_error():
     flaky = Upscaler(
-        RunsOutOfMemoryAbove(make_tiny_model(), limit=4), device="cpu", half=False,
-        tile=32, tile_pad=4, fallback_tile=16,
-    )
-    with pytest.raises(RetryableError) as err:
+        RunsOutOfMemoryAbove(make_tiny_model(), limit=4), device="cpu", profile=RunProfile(half=False,
+        tile=32, tile_pad=4, fallback_tile=16))
+    with pytest.raises(DeviceOutOfMemory, match="even with tile 16"):
         flaky.upscale(random_frames(1, 40, 40), 4)
-    assert err.value.code == ErrorCode.OUT_OF_MEMORY
 
 
 def test_other_model_errors_are_not_mistaken_for_out_of_memory():
@@ -161,7 +159,7 @@ def test_other_model_errors_are_not_mistaken_for_out_of_memory():
         def forward(self, x):
             raise RuntimeError("Given groups=1, weight of size [64, 3, 3, 3], expected input to have 3 channels")
 
-    upscaler = Upscaler(Broken(), device="cpu", half=False, tile=16, tile_pad=2, fallback_tile=8)
+    upscaler = Upscaler(Broken(), device="cpu", profile=RunProfile(half=False, tile=16, tile_pad=2, fallback_tile=8))
     with pytest.raises(RuntimeError, match="expected input"):
         upscaler.upscale(random_frames(1, 20, 20), 4)
 
@@ -173,17 +171,17 @@ def test_gpu_requested_without_cuda_falls_back_to_cpu(monkeypatch):
 
 def test_device_profiles():
     settings = Settings()
-    gpu, cpu = settings.device_profile("gpu"), settings.device_profile("cpu")
+    gpu, cpu = run_profile(settings, "gpu"), run_profile(settings, "cpu")
     # GPU: fp16, whole frames (or the largest tiles the memory limit allows), 128-px tiles after an OOM
     assert (gpu.tile, gpu.tile_pad, gpu.fallback_tile, gpu.half, gpu.engine) == (0, 10, 128, True, "auto")
     # CPU: the guide's fp32, 128-px tiles with 5 px of padding, 64 after an OOM
     assert (cpu.tile, cpu.tile_pad, cpu.fallback_tile, cpu.half, cpu.engine) == (128, 5, 64, False, "eager")
     # the guide's GPU tiles remain one setting away
-    assert Settings(gpu_tile=256).device_profile("gpu").tile == 256
+    assert run_profile(Settings(gpu_tile=256), "gpu").tile == 256
 
 
 def test_cpu_upscaler_never_runs_in_half_precision(tiny_checkpoint):
-    upscaler = Upscaler(load_model(tiny_checkpoint, TINY_SPEC), device="cpu", half=True, tile=16, tile_pad=2, fallback_tile=8)
+    upscaler = Upscaler(load_model(tiny_checkpoint, TINY_ARCH), device="cpu", profile=RunProfile(half=True, tile=16, tile_pad=2, fallback_tile=8))
     assert upscaler.half is False
     assert next(upscaler.model.parameters()).dtype == torch.float32
 
@@ -212,10 +210,9 @@ def test_the_gpu_code_path_on_the_cpu_equals_realesrganer(tiny_checkpoint, outsc
     # channels-last memory, post-processing and the x2 resize on the device, as on the GPU
     frames = random_frames(2, 37, 45)
     ours = Upscaler(
-        load_model(tiny_checkpoint, TINY_SPEC), device="cpu", half=False, tile=tile, tile_pad=5,
-        fallback_tile=8, channels_last=True, resize_on_device=True,
-    )
-    reference = reference_enhancer(tiny_checkpoint, TINY_SPEC, tile=tile, tile_pad=5)
+        load_model(tiny_checkpoint, TINY_ARCH), device="cpu", profile=RunProfile(half=False, tile=tile, tile_pad=5,
+        fallback_tile=8, channels_last=True, resize_on_device=True))
+    reference = reference_enhancer(tiny_checkpoint, TINY_ARCH, tile=tile, tile_pad=5)
 
     out = ours.upscale(frames, outscale)
 
@@ -247,13 +244,13 @@ def test_plan_forward_fits_the_memory_budget(frames, h, w, budget, expected):
 
 def test_auto_tiles_under_a_small_budget_equal_the_whole_frame_result(tiny_checkpoint):
     frames = random_frames(3, 40, 56)
-    model = load_model(tiny_checkpoint, TINY_SPEC)
-    whole = Upscaler(model, device="cpu", half=False, tile=0, tile_pad=8, fallback_tile=16, batch_frames=3)
+    model = load_model(tiny_checkpoint, TINY_ARCH)
+    whole = Upscaler(model, device="cpu", profile=RunProfile(half=False, tile=0, tile_pad=8, fallback_tile=16, batch_frames=3))
     budget = BYTES_PER_INPUT_PIXEL * 40 * 56 * 2  # two frames per pass
-    split = Upscaler(model, device="cpu", half=False, tile=0, tile_pad=8, fallback_tile=16, batch_frames=3,
-                     memory_budget_bytes=budget)
-    tiled = Upscaler(model, device="cpu", half=False, tile=0, tile_pad=8, fallback_tile=16, batch_frames=3,
-                     memory_budget_bytes=BYTES_PER_INPUT_PIXEL * 36 * 36)  # 36 px padded: 16 px tiles
+    split = Upscaler(model, device="cpu", profile=RunProfile(half=False, tile=0, tile_pad=8, fallback_tile=16, batch_frames=3,
+                     memory_budget_bytes=budget))
+    tiled = Upscaler(model, device="cpu", profile=RunProfile(half=False, tile=0, tile_pad=8, fallback_tile=16, batch_frames=3,
+                     memory_budget_bytes=BYTES_PER_INPUT_PIXEL * 36 * 36))  # 36 px padded: 16 px tiles
 
     reference = whole.upscale(frames, 4)
     assert np.abs(split.upscale(frames, 4).astype(int) - reference.astype(int)).max() <= 1
@@ -263,8 +260,8 @@ def test_auto_tiles_under_a_small_budget_equal_the_whole_frame_result(tiny_check
 
 def test_out_of_memory_on_whole_frames_falls_back_to_tiles(caplog):
     frames = random_frames(2, 40, 40)
-    flaky = Upscaler(RunsOutOfMemoryAbove(make_tiny_model(), limit=16 + 2 * 4), device="cpu", half=False,
-                     tile=0, tile_pad=4, fallback_tile=16, batch_frames=2)
+    flaky = Upscaler(RunsOutOfMemoryAbove(make_tiny_model(), limit=16 + 2 * 4), device="cpu", profile=RunProfile(half=False,
+                     tile=0, tile_pad=4, fallback_tile=16, batch_frames=2))
     out = flaky.upscale(frames, 4)
     expected = tiny_upscaler(tile=16, tile_pad=4).upscale(frames, 4)
     assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
@@ -273,10 +270,10 @@ def test_out_of_memory_on_whole_frames_falls_back_to_tiles(caplog):
 
 def test_compiled_engine_equals_the_eager_one_and_keeps_its_shape(tiny_checkpoint):
     frames = random_frames(3, 24, 32)
-    model = load_model(tiny_checkpoint, TINY_SPEC)
-    eager = Upscaler(model, device="cpu", half=False, tile=0, tile_pad=4, fallback_tile=16, batch_frames=2)
-    compiled = Upscaler(load_model(tiny_checkpoint, TINY_SPEC), device="cpu", half=False, tile=0, tile_pad=4,
-                        fallback_tile=16, batch_frames=2, engine="compile")
+    model = load_model(tiny_checkpoint, TINY_ARCH)
+    eager = Upscaler(model, device="cpu", profile=RunProfile(half=False, tile=0, tile_pad=4, fallback_tile=16, batch_frames=2))
+    compiled = Upscaler(load_model(tiny_checkpoint, TINY_ARCH), device="cpu", profile=RunProfile(half=False, tile=0, tile_pad=4,
+                        fallback_tile=16, batch_frames=2, engine="compile"))
     shapes = []
     compiled.model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
 

@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from echoshot_ai_server.background import Prefetch
-from echoshot_ai_server.config import Device, InputLimits
+from echoshot_ai_server.config import InputLimits
+from echoshot_ai_server.engine.device import DeviceOutOfMemory
+from echoshot_ai_server.engine.specs import Device, scale_problem
+from echoshot_ai_server.engine.upscaler import Upscaler
 from echoshot_ai_server.errors import (
     ErrorCode, JobCancelled, JobError, PermanentError, ResultNotReported, RetryableError, human_bytes,
 )
 from echoshot_ai_server.job import CallbackPayload, JobMessage, JobStatus, ResultMetadata, check_source_key
 from echoshot_ai_server.job_records import Claim, Decision, JobRecords, LostClaim, fingerprint
-from echoshot_ai_server.upscaler import GPU_FALLBACK_WARNING, SUPPORTED_SCALES, Upscaler
 from echoshot_ai_server.video import EncoderSettings, FrameReader, FrameWriter, VideoInfo, audio_problem, probe
 from echoshot_ai_server.workspace import job_workspace
 
@@ -38,6 +40,8 @@ PROGRESS_LOG_STEP_PERCENT = 5.0
 # decodes clearly fewer frames than it declares is truncated or corrupt.
 MISSING_FRAMES_TOLERATED = 2
 MISSING_SHARE_TOLERATED = 0.02
+# The guide's warning, logged wherever a GPU was asked for and the CPU does the work.
+GPU_FALLBACK_WARNING = "GPU가 요청되었지만 사용 불가능합니다. CPU로 대체합니다."
 PROGRESS_CLOSE_WAIT_S = 5
 
 
@@ -93,8 +97,8 @@ def check_limits(info: VideoInfo, scale: int, limits: InputLimits) -> None:
 
 
 def validate_scale(scale: int) -> None:
-    if scale not in SUPPORTED_SCALES:
-        raise PermanentError(ErrorCode.INVALID_PARAMETERS, f"scale must be 2 or 4, got {scale}")
+    if (problem := scale_problem(scale)) is not None:
+        raise PermanentError(ErrorCode.INVALID_PARAMETERS, problem)
 
 
 class _ProgressLog:
@@ -194,7 +198,10 @@ def upscale_video(
         for batch in batches:
             if should_stop():
                 raise JobCancelled()
-            writer.write(upscaler.upscale(batch, scale))
+            try:
+                writer.write(upscaler.upscale(batch, scale))
+            except DeviceOutOfMemory as exc:
+                raise RetryableError(ErrorCode.OUT_OF_MEMORY, str(exc)) from exc
             done += len(batch)
             progress.update(done)
             if on_progress:

@@ -7,7 +7,7 @@ row = (n * (H + 2) + y + 1) * (W + 2) + x + 1. In that layout a 3x3 convolution 
 operand, for each of the nine taps, is the same run of rows shifted by a constant
 (dy * (W + 2) + dx): the kernel loads it with the tensor-memory accelerator (TMA), which also
 fills rows beyond the ends of the buffer with zeros. conv1..conv4 run as four "dense steps"
-(see `_dense_steps`): step j reads the newest G (first: F) channels in place, writes the finished
+(see `dense_steps`): step j reads the newest G (first: F) channels in place, writes the finished
 conv_(j+1), LeakyReLU'd, straight into the next G channels and leaves partial sums of the later
 convolutions in a side buffer. conv5 reads all F + 4G channels and writes `conv * 0.2 + input`
 (for the third RDB also the RRDB's own residual) into the next block's buffer. Every store writes
@@ -30,7 +30,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 @triton.jit
-def _conv3x3_padded(
+def conv3x3_kernel(
     x_desc,  # [rows, CIN] input channels (a prefix of a buffer's channels)
     w_desc,  # [9 * CIN, COUT] weights, tap-major
     b_ptr,  # [COUT] bias, fp32
@@ -100,16 +100,16 @@ TUNING_CONFIGS = [  # (BLOCK_M, BLOCK_K, warps, stages, programs per SM; 0 = one
     (128, 32, 4, 4, 0), (128, 64, 4, 4, 0), (128, 32, 8, 4, 0), (128, 32, 4, 4, 2),
 ]
 _CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-_conv3x3_padded_tuned = triton.autotune(
+conv3x3_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "PERSISTENT": per_sm > 0, "PER_SM": per_sm}, num_warps=w,
                            num_stages=s, pre_hook=_set_block_shapes)
              for bm, bk, w, s, per_sm in TUNING_CONFIGS],
     key=["CIN", "COUT", "row_pitch", "H"],
     **_CACHE_RESULTS,
-)(_conv3x3_padded)
+)(conv3x3_kernel)
 
 
-def _programs(rows: int, meta: dict) -> tuple[int]:
+def launch_grid(rows: int, meta: dict) -> tuple[int]:
     tiles = triton.cdiv(rows, meta["BLOCK_M"])
     if meta.get("PER_SM", 0) == 0:
         return (tiles,)
@@ -120,7 +120,7 @@ def _descriptor(t: torch.Tensor) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t, [1, 1])  # the block shape is set per configuration
 
 
-class _Conv:
+class PackedConv:
     """A 3x3 convolution's weights as the kernel reads them: [9 * CIN, COUT], tap-major."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype):
@@ -130,7 +130,7 @@ class _Conv:
         self.bias = bias.detach().float().contiguous()
 
     @classmethod
-    def of(cls, conv: nn.Conv2d, dtype: torch.dtype) -> "_Conv":
+    def of(cls, conv: nn.Conv2d, dtype: torch.dtype) -> "PackedConv":
         return cls(conv.weight, conv.bias, dtype)
 
     def __call__(self, src: torch.Tensor, out: torch.Tensor, frame: tuple[int, int], *, lrelu=False,
@@ -145,16 +145,16 @@ class _Conv:
         flags = dict(CIN=self.cin, COUT=self.cout, LRELU=lrelu, RES1=res1 is not None, RES2=res2 is not None,
                      PRE_RES=pre_res is not None, PARTIAL=partial is not None)
         if src.is_cuda:
-            _conv3x3_padded_tuned[lambda meta: _programs(rows, meta)](*args, **flags)
+            conv3x3_tuned[lambda meta: launch_grid(rows, meta)](*args, **flags)
         else:
             block_m, block_k = 32, 16
             _set_block_shapes({"BLOCK_M": block_m, "BLOCK_K": block_k, "x_desc": descs[0], "w_desc": descs[1],
                                "out_desc": descs[2], "r1_desc": descs[3], "r2_desc": descs[4], "part_desc": descs[5]})
             # a few programs, each walking over several tiles: the persistent loop is exercised too
-            _conv3x3_padded[(3,)](*args, **flags, BLOCK_M=block_m, BLOCK_K=block_k, PERSISTENT=True)
+            conv3x3_kernel[(3,)](*args, **flags, BLOCK_M=block_m, BLOCK_K=block_k, PERSISTENT=True)
 
 
-def _dense_steps(rdb: nn.Module, feat: int, grow: int, dtype: torch.dtype) -> list[_Conv]:
+def dense_steps(rdb: nn.Module, feat: int, grow: int, dtype: torch.dtype) -> list[PackedConv]:
     """conv1..conv4 of a dense block regrouped by input: step j reads only the newest features x_j
     (x, then x1, x2, x3) and computes their share of every later convolution at once (conv_(j+1)
     finished, conv_(j+2).. as partial sums). A GEMM with 128 or 64 output columns instead of four
@@ -171,7 +171,7 @@ def _dense_steps(rdb: nn.Module, feat: int, grow: int, dtype: torch.dtype) -> li
             weight[t * grow:(t + 1) * grow] = conv.weight[:, first:first + cin]
         bias = torch.zeros(cout, dtype=torch.float32, device=weight.device)
         bias[:grow] = targets[0].bias  # each bias once, in the step that finishes its convolution
-        steps.append(_Conv(weight, bias, dtype))
+        steps.append(PackedConv(weight, bias, dtype))
     return steps
 
 
@@ -228,11 +228,11 @@ class FusedRRDBNet(nn.Module):
         self.dtype = dtype = model.conv_first.weight.dtype
         self.feat, self.grow = _widths(model)
         self.blocks = [
-            [(_dense_steps(rdb, self.feat, self.grow, dtype), _Conv.of(rdb.conv5, dtype))
+            [(dense_steps(rdb, self.feat, self.grow, dtype), PackedConv.of(rdb.conv5, dtype))
              for rdb in (block.rdb1, block.rdb2, block.rdb3)]
             for block in model.body
         ]
-        self.conv_body = _Conv.of(model.conv_body, dtype)
+        self.conv_body = PackedConv.of(model.conv_body, dtype)
         # Element-wise work around the cuDNN convolutions of the head and tail is fused by
         # torch.compile (fixed shapes: one compilation per frame size and batch).
         self.head = torch.compile(self._head, dynamic=False) if compile_head_tail else self._head

@@ -1,0 +1,60 @@
+"""Building basicsr's RRDBNet and loading its weights (strictly, from a local file)."""
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from echoshot_ai_server.engine.specs import RRDBNetArch
+
+
+def _import_rrdbnet():
+    # basicsr 1.4.2 imports a torchvision module that was removed in torchvision 0.17.
+    try:
+        import torchvision.transforms.functional_tensor  # noqa: F401
+    except ImportError:
+        import torchvision.transforms.functional as functional
+
+        sys.modules["torchvision.transforms.functional_tensor"] = functional
+    from basicsr.archs.rrdbnet_arch import RRDBNet
+
+    return RRDBNet
+
+
+def build_model(arch: RRDBNetArch) -> nn.Module:
+    """An RRDBNet of this shape with random weights (also makes realesrgan importable)."""
+    return _import_rrdbnet()(
+        num_in_ch=3, num_out_ch=3, num_feat=arch.num_feat, num_block=arch.num_block, num_grow_ch=arch.num_grow_ch,
+        scale=arch.scale,
+    )
+
+
+def read_state_dict(path: Path) -> dict:
+    """A checkpoint saved as {'params_ema': ...}, {'params': ...} or a bare state dict.
+
+    Raises FileNotFoundError when there is no file, ValueError when it holds no usable state dict."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model weights not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read model weights {path}: {exc}") from exc
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    for key in ("params_ema", "params"):
+        if key in checkpoint:
+            return checkpoint[key]
+    return checkpoint
+
+
+def load_model(path: Path, arch: RRDBNetArch, state_dict: dict | None = None) -> nn.Module:
+    """The network with the weights of `path` (or of `state_dict`, read from it before), loaded strictly.
+
+    Raises FileNotFoundError / ValueError as `read_state_dict`, ValueError when the weights do not fit."""
+    model = build_model(arch)
+    try:
+        model.load_state_dict(read_state_dict(path) if state_dict is None else state_dict, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path} does not match RRDBNet{arch}: {str(exc).splitlines()[0]}") from exc
+    return model

@@ -1,0 +1,227 @@
+"""Real-ESRGAN inference: a batch of frames in, a batch of upscaled frames out.
+
+The model is basicsr's RRDBNet. Tiling follows realesrgan's RealESRGANer exactly (tile / tile_pad /
+pre_pad, same windows, same rounding), so the pixels are Real-ESRGAN's; outputs at scale 2 are the
+x4 result resized with Lanczos, as RealESRGANer does for `outscale=2`.
+
+Loading (`load_upscalers`) is separate from the call (`Upscaler.upscale`), whose contract is in its
+docstring. Nothing here knows about files, videos, S3 or jobs.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from echoshot_ai_server.engine.device import DeviceOutOfMemory, gpu_memory_budget, is_out_of_memory
+from echoshot_ai_server.engine.models import load_model, read_state_dict
+from echoshot_ai_server.engine.resize import lanczos_half
+from echoshot_ai_server.engine.specs import Device, Engine, ModelSpec, scale_problem
+from echoshot_ai_server.engine.tiling import plan_forward, tile_windows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunProfile:
+    """How the upscaler runs on one kind of device."""
+
+    tile: int  # 0: whole frames, or the largest tiles that fit the memory budget
+    tile_pad: int
+    fallback_tile: int  # tiles to redo a batch with after running out of memory
+    half: bool = False  # fp16 (on the GPU only)
+    batch_frames: int = 1
+    engine: Engine = "eager"
+    memory_budget_bytes: int | None = None  # None: no plan (the CPU)
+    pre_pad: int = 0
+    # None: as suits the device (channels-last and the x2 resize on the GPU); tests force them on the CPU
+    channels_last: bool | None = None
+    resize_on_device: bool | None = None
+
+
+def resolve_engine(requested: Engine, model: nn.Module, device: torch.device) -> Engine:
+    """The engine that will run: `auto` is the fused one where it can run, else `torch.compile`."""
+    if requested in ("eager", "compile"):
+        return requested
+    from echoshot_ai_server.engine.fused_trunk import fused_unsupported_reason
+
+    reason = fused_unsupported_reason(model, device)
+    if reason is None:
+        return "fused"
+    if requested == "fused":
+        log.warning("%s: torch.compile 엔진으로 대체합니다", reason)
+    return "compile"
+
+
+def build_forward(engine: Engine, model: nn.Module):
+    """The callable that runs whole frames through `model` with the given engine."""
+    if engine == "compile":
+        # torch.compile fuses the element-wise work between the convolutions.
+        return torch.compile(model)
+    if engine == "fused":
+        from echoshot_ai_server.engine.fused_trunk import FusedRRDBNet
+
+        return FusedRRDBNet(model, compile_head_tail=True)
+    return model
+
+
+class Upscaler:
+    """A loaded Real-ESRGAN model and the way it is run (device, precision, tiles).
+
+    On the GPU the whole job of a batch stays on the device: uint8 frames go up, the model runs in
+    fp16 with channels-last memory, and clamping, rounding, the x2 resize and the colour order are
+    done there too, so that only the final uint8 frames come back.
+    """
+
+    def __init__(self, model: nn.Module, *, device: Device, profile: RunProfile, model_scale: int = 4):
+        self.device = device
+        self.profile = profile
+        self.torch_device = torch.device("cuda" if device == "gpu" else "cpu")
+        self.half = profile.half and device == "gpu"
+        self.dtype = torch.float16 if self.half else torch.float32
+        on_gpu = device == "gpu"
+        channels_last = on_gpu if profile.channels_last is None else profile.channels_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # On the CPU the x2 resize is OpenCV's own, to the bit; on the GPU the same filter in float.
+        self.resize_on_device = on_gpu if profile.resize_on_device is None else profile.resize_on_device
+        self.model = model.eval().to(self.torch_device, self.dtype, memory_format=self.memory_format)
+        self.engine = resolve_engine(profile.engine, self.model, self.torch_device)
+        self.forward = build_forward(self.engine, self.model)
+        # Compiled and fused engines are specialised to their input shape (compilation, autotuning):
+        # shapes stay fixed per video (whole frames, batches padded to full size), so a worker pays
+        # that once per frame size.
+        self.fixed_shapes = self.engine != "eager"
+        self.batch_frames = profile.batch_frames
+        self.model_scale = model_scale
+
+    def describe(self) -> str:
+        tile = self.profile.tile if self.profile.tile > 0 else "auto"
+        return f"Device: {self.device.upper()}, Tile: {tile}, Half Precision: {self.half}"
+
+    @torch.inference_mode()
+    def upscale(self, frames: np.ndarray, outscale: int) -> np.ndarray:
+        """Upscale a batch of frames.
+
+        frames: uint8 array (N, H, W, 3), BGR as OpenCV decodes it, on the host.
+        outscale: 2 or 4.
+        Returns uint8 (N, H * outscale, W * outscale, 3), BGR, on the host.
+        If the device runs out of memory, the batch is run again with the fallback tile size;
+        DeviceOutOfMemory if that fails too. ValueError for frames or a scale it cannot take.
+        """
+        if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"expected uint8 frames of shape (N, H, W, 3), got {frames.dtype} {frames.shape}")
+        out = self.upscale_tensor(torch.from_numpy(frames).to(self.torch_device), outscale)
+        if self.torch_device.type == "cuda":
+            host = torch.empty(out.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(out)
+            out = host
+        out = out.cpu().numpy()
+        if outscale != self.model_scale and not self.resize_on_device:
+            height, width = frames.shape[1] * outscale, frames.shape[2] * outscale
+            out = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_LANCZOS4) for f in out])
+        return out
+
+    @torch.inference_mode()
+    def upscale_tensor(self, frames: torch.Tensor, outscale: int) -> torch.Tensor:
+        """The engine on device-resident frames: uint8 (N, H, W, 3) BGR in, uint8 NHWC BGR out.
+
+        The output is at `outscale` when the resize runs on the device, else at the model's scale.
+        """
+        if (problem := scale_problem(outscale)) is not None:
+            raise ValueError(problem)
+        per_pass, tile = len(frames), self.profile.tile
+        if tile <= 0:
+            per_pass, tile = plan_forward(self.batch_frames, frames.shape[1], frames.shape[2],
+                                          tile_pad=self.profile.tile_pad, budget_bytes=self.profile.memory_budget_bytes)
+        try:
+            out = self._run_passes(frames, tile, per_pass)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            out = self._retry_with_fallback_tile(frames, tile, exc)
+        return self._to_frames(out, outscale)
+
+    def _run_passes(self, frames: torch.Tensor, tile: int, per_pass: int) -> torch.Tensor:
+        outputs = []
+        for start in range(0, len(frames), per_pass):
+            chunk = frames[start:start + per_pass]
+            count = len(chunk)
+            if self.fixed_shapes and tile == 0 and count < per_pass:
+                # keep the compiled shape: pad with copies of the last frame, drop their outputs
+                chunk = torch.cat([chunk, chunk[-1:].expand(per_pass - count, *chunk.shape[1:])])
+            outputs.append(self._run_model(chunk, tile)[:count])
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _retry_with_fallback_tile(self, frames: torch.Tensor, tile: int, error: BaseException) -> torch.Tensor:
+        fallback = self.profile.fallback_tile
+        if 0 < fallback and (tile == 0 or fallback < tile):
+            log.warning(
+                "메모리 부족 - 타일 %s → %d로 줄여 다시 처리합니다 (%s)",
+                tile or "전체 프레임", fallback, str(error).splitlines()[0],
+            )
+            if self.torch_device.type == "cuda":
+                torch.cuda.empty_cache()
+            try:
+                return self._run_passes(frames, fallback, 1)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                error = exc
+        raise DeviceOutOfMemory(f"out of memory even with tile {fallback}: {error}") from error
+
+    def _run_model(self, frames: torch.Tensor, tile: int) -> torch.Tensor:
+        """uint8 NHWC BGR -> the model's output, (N, 3, H * scale, W * scale) RGB in its dtype."""
+        scale, pre_pad = self.model_scale, self.profile.pre_pad
+        # -> NCHW RGB in [0, 1], rounded to the model's dtype as RealESRGANer does.
+        x = frames.permute(0, 3, 1, 2).flip(1).float().div_(255.0).to(self.dtype)
+        x = x.contiguous(memory_format=self.memory_format)
+        if pre_pad:
+            x = F.pad(x, (0, pre_pad, 0, pre_pad), mode="reflect")
+        n, c, h, w = x.shape
+        windows = tile_windows(h, w, tile, self.profile.tile_pad, scale)
+        if len(windows) == 1:
+            out = self.forward(x)  # the engine runs whole frames; tiles (edge tiles vary in shape) run eagerly
+        else:
+            out = x.new_zeros((n, c, h * scale, w * scale)).contiguous(memory_format=self.memory_format)
+            for win in windows:
+                y = self.model(x[:, :, win.in_y0:win.in_y1, win.in_x0:win.in_x1].contiguous(memory_format=self.memory_format))
+                out[:, :, win.out_y0:win.out_y1, win.out_x0:win.out_x1] = y[
+                    :, :,
+                    win.crop_y0:win.crop_y0 + win.out_y1 - win.out_y0,
+                    win.crop_x0:win.crop_x0 + win.out_x1 - win.out_x0,
+                ]
+        return out[:, :, : (h - pre_pad) * scale, : (w - pre_pad) * scale]
+
+    def _to_frames(self, out: torch.Tensor, outscale: int) -> torch.Tensor:
+        """Model output -> uint8 NHWC BGR, as RealESRGANer rounds it (then resized, when on the device)."""
+        out = out.float().clamp_(0, 1).mul_(255.0).round_()
+        if outscale != self.model_scale and self.resize_on_device:
+            assert outscale * 2 == self.model_scale, "only x2 from the x4 model"
+            out = lanczos_half(out).round_().clamp_(0, 255)
+        return out.to(torch.uint8).flip(1).permute(0, 2, 3, 1).contiguous()
+
+
+def load_upscalers(weights_dir: Path, spec: ModelSpec, device: Device, profile: RunProfile, *, count: int = 1,
+                   memory_limit_gb: float = 0) -> list[Upscaler]:
+    """`count` upscalers (one per worker slot) of the model `spec`, its weights read once from `weights_dir`.
+
+    On the GPU the memory below `memory_limit_gb` (0: the whole card) is shared out between them.
+    Raises FileNotFoundError (no weights file) or ValueError (weights that do not fit the model)."""
+    path = weights_dir / spec.weights_file
+    state_dict = read_state_dict(path)
+    if device == "gpu":
+        torch.backends.cudnn.benchmark = True  # frame sizes repeat: let cuDNN pick its fastest kernels
+        budget = gpu_memory_budget(memory_limit_gb) // count
+        profile = RunProfile(**{**profile.__dict__, "memory_budget_bytes": budget})
+    upscalers = [
+        Upscaler(load_model(path, spec.arch, state_dict), device=device, profile=profile, model_scale=spec.scale)
+        for _ in range(count)
+    ]
+    if device == "gpu":
+        log.info("GPU engine: %s (requested: %s)", upscalers[0].engine, profile.engine)
+    return upscalers
