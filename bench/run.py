@@ -36,7 +36,7 @@ from echoshot_ai_server.engine.models import build_model  # noqa: E402
 from echoshot_ai_server.engine.specs import X4PLUS  # noqa: E402
 from echoshot_ai_server.engine.upscaler import load_upscalers  # noqa: E402
 from echoshot_ai_server.main import run_profile  # noqa: E402
-from echoshot_ai_server.video import EncoderSettings  # noqa: E402
+from echoshot_ai_server.media.writer import EncoderSettings  # noqa: E402
 
 FULL_CASES = [((640, 480), 4), ((1280, 720), 2), ((640, 480), 2), ((1280, 720), 4)]
 QUICK_CASES = [((80, 60), 4), ((80, 60), 2)]

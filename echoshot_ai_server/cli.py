@@ -26,7 +26,7 @@ from echoshot_ai_server.scaling import AutoScaling
 from echoshot_ai_server.tasks.upscale_task import output_key, upscale_video, validate_scale
 from echoshot_ai_server.engine.device import resolve_device
 from echoshot_ai_server.engine.specs import SUPPORTED_SCALES
-from echoshot_ai_server.video import EncoderSettings
+from echoshot_ai_server.media.writer import EncoderSettings
 from echoshot_ai_server.workspace import job_workspace
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from echoshot_ai_server.config import Settings
 from echoshot_ai_server.engine.device import torch_runtime
 from echoshot_ai_server.engine.specs import X4PLUS
 from echoshot_ai_server.errors import JobError
-from echoshot_ai_server.video import ffmpeg_version
+from echoshot_ai_server.media.tools import ffmpeg_version
 
 
 @dataclass

@@ -21,7 +21,7 @@ from echoshot_ai_server.engine.device import gpu_memory_stats, resolve_device  #
 from echoshot_ai_server.engine.specs import X4PLUS, Device  # noqa: E402
 from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler, load_upscalers  # noqa: E402
 from echoshot_ai_server.tasks.upscale_task import GPU_FALLBACK_WARNING  # noqa: E402
-from echoshot_ai_server.video import EncoderSettings  # noqa: E402
+from echoshot_ai_server.media.writer import EncoderSettings  # noqa: E402
 from echoshot_ai_server.worker import Worker  # noqa: E402
 from echoshot_ai_server.workspace import WorkerDirectory, check_writable, remove_stale_worker_dirs  # noqa: E402
 

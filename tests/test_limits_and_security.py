@@ -16,7 +16,8 @@ from conftest import BUCKET, make_noise_clip, tiny_upscaler
 from echoshot_ai_server.config import InputLimits, Settings
 from echoshot_ai_server.errors import ErrorCode, PermanentError
 from echoshot_ai_server.tasks.upscale_task import check_limits, output_key, upscale_video
-from echoshot_ai_server.video import EncoderSettings, VideoInfo
+from echoshot_ai_server.media.writer import EncoderSettings
+from echoshot_ai_server.media.probe import VideoInfo
 from echoshot_ai_server.workspace import job_workspace
 from echoshot_ai_server.logs import LOG_FORMAT, job_context
 from fault_proxy import FaultProxy, s3_get, s3_head

@@ -8,7 +8,7 @@ import pytest
 from conftest import ffmpeg, ffprobe_json, streams_of, tiny_upscaler
 from echoshot_ai_server.errors import ErrorCode, PermanentError
 from echoshot_ai_server.tasks.upscale_task import upscale_video
-from echoshot_ai_server.video import EncoderSettings
+from echoshot_ai_server.media.writer import EncoderSettings
 
 
 def run(source, tmp_path, scale=2):

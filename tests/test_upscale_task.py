@@ -8,7 +8,8 @@ import pytest
 from conftest import decode_frames, psnr, streams_of, tiny_upscaler
 from echoshot_ai_server.errors import ErrorCode, PermanentError
 from echoshot_ai_server.tasks.upscale_task import output_key, upscale_video
-from echoshot_ai_server.video import EncoderSettings, FrameReader
+from echoshot_ai_server.media.writer import EncoderSettings
+from echoshot_ai_server.media.reader import FrameReader
 from test_video import corrupt_audio_codec
 
 

@@ -7,7 +7,9 @@ import pytest
 
 from conftest import decode_frames, ffmpeg, psnr, streams_of
 from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError, RetryableError
-from echoshot_ai_server.video import EncoderSettings, FrameReader, FrameWriter, audio_problem, probe
+from echoshot_ai_server.media.writer import EncoderSettings, FrameWriter
+from echoshot_ai_server.media.reader import FrameReader
+from echoshot_ai_server.media.probe import audio_problem, probe
 
 
 def test_probe_reads_size_rate_frames_duration_and_audio(make_clip):

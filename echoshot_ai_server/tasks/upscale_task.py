@@ -15,7 +15,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from echoshot_ai_server.background import Prefetch
+from echoshot_ai_server.media.prefetch import Prefetch
 from echoshot_ai_server.config import InputLimits
 from echoshot_ai_server.engine.device import DeviceOutOfMemory
 from echoshot_ai_server.engine.specs import Device, scale_problem
@@ -25,7 +25,9 @@ from echoshot_ai_server.errors import (
 )
 from echoshot_ai_server.job import CallbackPayload, JobMessage, JobStatus, ResultMetadata, check_source_key
 from echoshot_ai_server.job_records import Claim, Decision, JobRecords, LostClaim, fingerprint
-from echoshot_ai_server.video import EncoderSettings, FrameReader, FrameWriter, VideoInfo, audio_problem, probe
+from echoshot_ai_server.media.writer import EncoderSettings, FrameWriter
+from echoshot_ai_server.media.reader import FrameReader
+from echoshot_ai_server.media.probe import VideoInfo, audio_problem, probe
 from echoshot_ai_server.workspace import job_workspace
 
 if TYPE_CHECKING:  # the frame pipeline itself needs neither boto3 nor the callback's HTTP

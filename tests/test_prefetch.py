@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from echoshot_ai_server.background import Prefetch
+from echoshot_ai_server.media.prefetch import Prefetch
 
 
 def test_items_arrive_in_order():

@@ -1,0 +1,147 @@
+"""One ffmpeg process that encodes H.264 from raw frames and maps the source's audio in the same pass:
+no intermediate video file, no second encode."""
+
+import queue
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from echoshot_ai_server.errors import ErrorCode, PermanentError, RetryableError
+from echoshot_ai_server.media.tools import file_arg
+
+
+STDERR_TAIL_CHARS = 2000
+# ffmpeg reports a full disk and still exits 0 when it happens while the trailer is written.
+DISK_FULL_MESSAGES = ("No space left on device", "Disk quota exceeded")
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    preset: str = "medium"
+    crf: int = 23
+    audio_bitrate: str = "128k"
+    ffmpeg: str = "ffmpeg"
+
+
+class FrameWriter:
+    """One ffmpeg process: raw BGR frames on stdin -> H.264 (+ the source's audio as AAC) in an MP4.
+
+    Frames are handed to ffmpeg by a thread of its own, `queue_depth` batches deep, so that the
+    caller can go on with the next batch while ffmpeg encodes.
+    """
+
+    def __init__(
+        self,
+        output: Path,
+        *,
+        width: int,
+        height: int,
+        fps: Fraction,
+        encoder: EncoderSettings,
+        streams_from: Path | None = None,
+        audio: bool = False,
+        subtitles: tuple[int, ...] = (),
+        duration_s: float | None = None,
+        queue_depth: int = 2,
+    ):
+        """`streams_from`: the source whose audio streams (all, as AAC) and text subtitle streams
+        (these stream indices, as mov_text) go into the output beside the frames."""
+        self.output = output
+        self.frame_shape = (height, width, 3)
+        self.frames_written = 0
+        self.args = [
+            encoder.ffmpeg, "-hide_banner", "-loglevel", "error", "-y",
+            "-f", "rawvideo", "-pix_fmt", "bgr24", "-video_size", f"{width}x{height}",
+            "-framerate", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0",
+        ]
+        extra = streams_from is not None and (audio or subtitles)
+        if extra:
+            # Reading the source only as long as the video lasts trims its audio to the video's
+            # length; unlike -shortest this never drops frames when the audio is shorter.
+            if duration_s:
+                self.args += ["-t", f"{duration_s:.6f}"]
+            self.args += ["-i", file_arg(streams_from)]
+        self.args += ["-map", "0:v:0"]
+        if extra and audio:
+            self.args += ["-map", "1:a", "-c:a", "aac", "-b:a", encoder.audio_bitrate]
+        if extra:
+            for index in subtitles:
+                self.args += ["-map", f"1:{index}"]
+            if subtitles:
+                self.args += ["-c:s", "mov_text"]
+        self.args += [
+            "-c:v", "libx264", "-preset", encoder.preset, "-crf", str(encoder.crf), "-pix_fmt", "yuv420p",
+            "-movflags", "+faststart", "-f", "mp4", file_arg(output),
+        ]
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
+        self._pipe_error: OSError | None = None
+        self._process = None
+        self._stderr = None
+        self._thread = None
+
+    def __enter__(self) -> "FrameWriter":
+        self._stderr = tempfile.TemporaryFile()
+        try:
+            self._process = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
+        except FileNotFoundError as exc:
+            self._stderr.close()
+            raise PermanentError(ErrorCode.TOOL_MISSING, f"{self.args[0]} not found: install ffmpeg") from exc
+        self._thread = threading.Thread(target=self._feed, name="ffmpeg-feed", daemon=True)
+        self._thread.start()
+        return self
+
+    def write(self, frames: np.ndarray) -> None:
+        if frames.shape[1:] != self.frame_shape or frames.dtype != np.uint8:
+            raise ValueError(f"expected uint8 frames (N, {self.frame_shape}), got {frames.dtype} {frames.shape}")
+        if self._pipe_error is not None:
+            self._process.wait()
+            raise self._failure()
+        self._queue.put(np.ascontiguousarray(frames))
+
+    def _feed(self) -> None:
+        while (frames := self._queue.get()) is not None:
+            if self._pipe_error is not None:
+                continue  # ffmpeg is gone: drop frames until told to stop, so the producer never blocks
+            try:
+                self._process.stdin.write(frames.data)
+                self.frames_written += len(frames)
+            except OSError as exc:
+                self._pipe_error = exc
+
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is not None:
+                self._process.kill()
+            self._queue.put(None)
+            self._thread.join()
+            if exc_type is not None:
+                self._process.wait()
+                return
+            try:
+                self._process.stdin.close()
+            except OSError:
+                pass
+            if self._process.wait() != 0 or self._pipe_error is not None or self._disk_full():
+                raise self._failure()
+        finally:
+            self._stderr.close()
+
+    def _messages(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace").strip()
+
+    def _disk_full(self) -> bool:
+        return any(message in self._messages() for message in DISK_FULL_MESSAGES)
+
+    def _failure(self) -> RetryableError:
+        tail = self._messages()[-STDERR_TAIL_CHARS:]
+        if self._disk_full():
+            return RetryableError(ErrorCode.INSUFFICIENT_DISK, f"the disk filled up while encoding: {tail}")
+        return RetryableError(
+            ErrorCode.ENCODE_FAILED, f"ffmpeg exited with {self._process.returncode}: {tail or 'no message'}"
+        )
