@@ -18,11 +18,11 @@ from echoshot_ai_server.config import Settings
 from echoshot_ai_server.environment import check_environment
 from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError
 from echoshot_ai_server.job import job_message_body
-from echoshot_ai_server.job_queue import JobQueue
+from echoshot_ai_server.adapters.sqs import JobQueue
 from echoshot_ai_server.logs import configure_logging, job_context
 from echoshot_ai_server.main import build_worker, load_engine
 from echoshot_ai_server.operations import publish_backlog, replay_dead_letters
-from echoshot_ai_server.scaling import AutoScaling
+from echoshot_ai_server.adapters.autoscaling import AutoScaling
 from echoshot_ai_server.tasks.upscale_task import output_key, upscale_video, validate_scale
 from echoshot_ai_server.engine.device import resolve_device
 from echoshot_ai_server.engine.specs import SUPPORTED_SCALES

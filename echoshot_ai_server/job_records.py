@@ -23,7 +23,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from echoshot_ai_server.storage import Storage
+    from echoshot_ai_server.adapters.s3 import Storage
 
 log = logging.getLogger(__name__)
 

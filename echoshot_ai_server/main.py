@@ -8,14 +8,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the package importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from echoshot_ai_server.callback import SpringCallback  # noqa: E402
+from echoshot_ai_server.adapters.spring import SpringCallback  # noqa: E402
 from echoshot_ai_server.config import Settings  # noqa: E402
 from echoshot_ai_server.errors import ErrorCode, PermanentError, RetryableError  # noqa: E402
-from echoshot_ai_server.job_queue import JobQueue  # noqa: E402
+from echoshot_ai_server.adapters.sqs import JobQueue  # noqa: E402
 from echoshot_ai_server.job_records import JobRecords  # noqa: E402
 from echoshot_ai_server.monitoring import Monitoring  # noqa: E402
-from echoshot_ai_server.scaling import AutoScaling, ScaleInProtection, ec2_instance_id  # noqa: E402
-from echoshot_ai_server.storage import Storage  # noqa: E402
+from echoshot_ai_server.adapters.autoscaling import AutoScaling, ScaleInProtection, ec2_instance_id  # noqa: E402
+from echoshot_ai_server.adapters.s3 import Storage  # noqa: E402
 from echoshot_ai_server.tasks.upscale_task import UpscaleTask  # noqa: E402
 from echoshot_ai_server.engine.device import gpu_memory_stats, resolve_device  # noqa: E402
 from echoshot_ai_server.engine.specs import X4PLUS, Device  # noqa: E402

@@ -3,8 +3,8 @@
 import logging
 
 from echoshot_ai_server.job import read_job_id
-from echoshot_ai_server.job_queue import JobQueue
-from echoshot_ai_server.scaling import AutoScaling
+from echoshot_ai_server.adapters.sqs import JobQueue
+from echoshot_ai_server.adapters.autoscaling import AutoScaling
 
 log = logging.getLogger(__name__)
 

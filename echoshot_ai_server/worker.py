@@ -10,15 +10,15 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
-from echoshot_ai_server.callback import SpringCallback
+from echoshot_ai_server.adapters.spring import SpringCallback
 from echoshot_ai_server.errors import (
     ErrorCode, JobCancelled, JobError, PermanentError, ResultNotReported, RetryableError, classify,
 )
 from echoshot_ai_server.job import CallbackPayload, parse_job, read_job_id
-from echoshot_ai_server.job_queue import JobQueue, QueueMessage
+from echoshot_ai_server.adapters.sqs import JobQueue, QueueMessage
 from echoshot_ai_server.logs import job_context
 from echoshot_ai_server.monitoring import Monitoring
-from echoshot_ai_server.scaling import ScaleInProtection
+from echoshot_ai_server.adapters.autoscaling import ScaleInProtection
 from echoshot_ai_server.tasks.upscale_task import JobAttempt, TaskOutcome, UpscaleTask
 from echoshot_ai_server.engine.upscaler import Upscaler
 from echoshot_ai_server.workspace import WorkerDirectory

@@ -9,7 +9,7 @@ from concurrent.futures import wait
 import pytest
 
 from conftest import BUCKET
-from echoshot_ai_server.callback import SpringCallback
+from echoshot_ai_server.adapters.spring import SpringCallback
 from echoshot_ai_server.errors import ErrorCode, JobCancelled, RetryableError
 from echoshot_ai_server.job import CallbackPayload, JobStatus
 from http_stands import Stand, ok, redirect_to, reply, status, trickle

@@ -8,7 +8,7 @@ import pytest
 from conftest import REGION
 from echoshot_ai_server.cli import main as echoshot
 from echoshot_ai_server.job import job_message_body
-from echoshot_ai_server.scaling import backlog_per_worker
+from echoshot_ai_server.adapters.autoscaling import backlog_per_worker
 from fault_proxy import FaultProxy, s3_get
 from worker_harness import enqueue, make_worker, queue_counts, run_jobs, statuses, upload_clip
 

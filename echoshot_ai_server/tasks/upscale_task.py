@@ -31,8 +31,8 @@ from echoshot_ai_server.media.probe import VideoInfo, audio_problem, probe
 from echoshot_ai_server.workspace import job_workspace
 
 if TYPE_CHECKING:  # the frame pipeline itself needs neither boto3 nor the callback's HTTP
-    from echoshot_ai_server.callback import SpringCallback
-    from echoshot_ai_server.storage import Storage
+    from echoshot_ai_server.adapters.spring import SpringCallback
+    from echoshot_ai_server.adapters.s3 import Storage
 
 log = logging.getLogger(__name__)
 

@@ -4,13 +4,11 @@ import logging
 import threading
 
 import requests
-from botocore.exceptions import BotoCoreError, ClientError
 
-from echoshot_ai_server import aws
+from echoshot_ai_server.adapters import aws
 from echoshot_ai_server.errors import ErrorCode
 
 log = logging.getLogger(__name__)
-AWS_ERRORS = (ClientError, BotoCoreError)
 NAMESPACE = "EchoShotX"
 IMDS = "http://169.254.169.254/latest"
 
@@ -27,31 +25,25 @@ class AutoScaling:
         self._cloudwatch = aws.client("cloudwatch", region=region, endpoint_url=endpoint_url)
 
     def in_service(self, group: str) -> int:
-        try:
+        with aws.translated(f"describe group {group}", ErrorCode.SCALING_UNAVAILABLE):
             groups = self._asg.describe_auto_scaling_groups(AutoScalingGroupNames=[group])["AutoScalingGroups"]
-        except AWS_ERRORS as exc:
-            raise aws.translate(exc, f"describe group {group}", ErrorCode.SCALING_UNAVAILABLE)
         return sum(1 for g in groups for i in g["Instances"] if i["LifecycleState"] == "InService")
 
     def publish_backlog(self, queue_name: str, visible: int, workers: int) -> float:
         value = backlog_per_worker(visible, workers)
         dimensions = [{"Name": "QueueName", "Value": queue_name}]
-        try:
+        with aws.translated("CloudWatch put_metric_data", ErrorCode.SCALING_UNAVAILABLE):
             self._cloudwatch.put_metric_data(Namespace=NAMESPACE, MetricData=[
                 {"MetricName": "BacklogPerWorker", "Dimensions": dimensions, "Value": value, "Unit": "Count"},
                 {"MetricName": "VisibleMessages", "Dimensions": dimensions, "Value": visible, "Unit": "Count"},
                 {"MetricName": "RunningWorkers", "Dimensions": dimensions, "Value": workers, "Unit": "Count"},
             ])
-        except AWS_ERRORS as exc:
-            raise aws.translate(exc, "CloudWatch put_metric_data", ErrorCode.SCALING_UNAVAILABLE)
         return value
 
     def protect(self, group: str, instance_id: str, protected: bool) -> None:
-        try:
+        with aws.translated(f"set instance protection of {instance_id}", ErrorCode.SCALING_UNAVAILABLE):
             self._asg.set_instance_protection(AutoScalingGroupName=group, InstanceIds=[instance_id],
                                               ProtectedFromScaleIn=protected)
-        except AWS_ERRORS as exc:
-            raise aws.translate(exc, f"set instance protection of {instance_id}", ErrorCode.SCALING_UNAVAILABLE)
 
 
 def ec2_instance_id(timeout_s: float = 2) -> str:

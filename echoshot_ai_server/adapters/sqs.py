@@ -4,13 +4,10 @@ import json
 import logging
 from dataclasses import dataclass
 
-from botocore.exceptions import BotoCoreError, ClientError
-
-from echoshot_ai_server import aws
+from echoshot_ai_server.adapters import aws
 from echoshot_ai_server.errors import ErrorCode
 
 log = logging.getLogger(__name__)
-AWS_ERRORS = (ClientError, BotoCoreError)
 
 
 @dataclass(frozen=True)
@@ -29,10 +26,8 @@ class JobQueue:
         self._sqs = aws.client("sqs", region=region, endpoint_url=endpoint_url, **timeouts)
 
     def _call(self, what: str, **kwargs):
-        try:
+        with aws.translated(f"SQS {what}", ErrorCode.QUEUE_UNAVAILABLE):
             return getattr(self._sqs, what)(QueueUrl=self.url, **kwargs)
-        except AWS_ERRORS as exc:
-            raise aws.translate(exc, f"SQS {what}", ErrorCode.QUEUE_UNAVAILABLE)
 
     def receive(self, max_messages: int, *, wait_s: int, visibility_timeout_s: int) -> list[QueueMessage]:
         response = self._call(
@@ -82,10 +77,8 @@ class JobQueue:
             return None
         arn = json.loads(attributes["RedrivePolicy"])["deadLetterTargetArn"]
         account, name = arn.split(":")[4:6]
-        try:
+        with aws.translated(f"SQS get_queue_url {name}", ErrorCode.QUEUE_UNAVAILABLE):
             return self._sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)["QueueUrl"]
-        except AWS_ERRORS as exc:
-            raise aws.translate(exc, f"SQS get_queue_url {name}", ErrorCode.QUEUE_UNAVAILABLE)
 
     def max_receive_count(self) -> int | None:
         """maxReceiveCount of the queue's redrive policy, or None when it has no dead-letter queue."""

@@ -10,7 +10,7 @@ from typing import Callable
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from s3transfer.exceptions import CancelledError
 
-from echoshot_ai_server import aws
+from echoshot_ai_server.adapters import aws
 from echoshot_ai_server.errors import ErrorCode, JobCancelled, PermanentError, RetryableError, human_bytes
 
 log = logging.getLogger(__name__)
