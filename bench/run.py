@@ -31,11 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from echoshot_ai_server.config import Settings  # noqa: E402
-from echoshot_ai_server.tasks.upscale_task import upscale_video  # noqa: E402
+from echoshot_ai_server.app.pipeline import upscale_video  # noqa: E402
 from echoshot_ai_server.engine.models import build_model  # noqa: E402
 from echoshot_ai_server.engine.specs import X4PLUS  # noqa: E402
 from echoshot_ai_server.engine.upscaler import load_upscalers  # noqa: E402
-from echoshot_ai_server.main import run_profile  # noqa: E402
+from echoshot_ai_server.app.wiring import run_profile  # noqa: E402
 from echoshot_ai_server.media.writer import EncoderSettings  # noqa: E402
 
 FULL_CASES = [((640, 480), 4), ((1280, 720), 2), ((640, 480), 2), ((1280, 720), 4)]
@@ -223,7 +223,7 @@ def bench_case(size, scale, args, weights, workdir, seed, flops_px, peak_tflops)
                            encoder=encoder, ffprobe=args.ffprobe)
     ours_s = time.perf_counter() - started
     peak_gb = torch.cuda.max_memory_allocated() / 1024**3 if args.device == "cuda" else None
-    log(f"  ours: {ours_s:.1f}s ({result.frame_count / ours_s:.2f} frames/s)")
+    log(f"  ours: {ours_s:.1f}s ({result.metadata.frame_count / ours_s:.2f} frames/s)")
 
     model_fps = time_model(upscaler, frames, scale, args.device, args.model_repeats)
     model_tflops = flops_px * w * h * model_fps / 1e12
@@ -249,8 +249,8 @@ def bench_case(size, scale, args, weights, workdir, seed, flops_px, peak_tflops)
         "engine": upscaler.engine,
         "frames": len(frames),
         "seed_fps": round(seed_frames / seed_s, 3) if seed_frames else None,
-        "ours_fps": round(result.frame_count / ours_s, 3),
-        "ratio": round((result.frame_count / ours_s) / (seed_frames / seed_s), 2) if seed_frames else None,
+        "ours_fps": round(result.metadata.frame_count / ours_s, 3),
+        "ratio": round((result.metadata.frame_count / ours_s) / (seed_frames / seed_s), 2) if seed_frames else None,
         "model_fps": round(model_fps, 2),
         "model_tflops": round(model_tflops, 1),
         "model_pct_of_bf16_peak": round(100 * model_tflops / peak_tflops, 1) if peak_tflops else None,
@@ -261,7 +261,7 @@ def bench_case(size, scale, args, weights, workdir, seed, flops_px, peak_tflops)
         "psnr_seed_decoded_db": round(statistics.mean(psnr(o, r) for o, r in zip(decode(seed_out, len(sample)), reference)), 2)
         if seed_frames else None,
         "gpu_memory_limit_gb": settings.gpu_memory_limit_gb or None,
-        "output_frames_match": result.frame_count == len(frames),
+        "output_frames_match": result.metadata.frame_count == len(frames),
     }
     log(f"  psnr {case['psnr_db']} dB before H.264, {case['psnr_decoded_db']} dB decoded")
     if args.device == "cuda":

@@ -14,20 +14,19 @@ from pydantic import ValidationError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from echoshot_ai_server.app.doctor import check_environment
+from echoshot_ai_server.app.operations import publish_backlog, replay_dead_letters
+from echoshot_ai_server.app.pipeline import upscale_video, validate_scale
+from echoshot_ai_server.app.wiring import (
+    autoscaling_from, build_worker, encoder_settings, input_limits, load_engine, queue_from,
+)
+from echoshot_ai_server.app.workspace import job_workspace
 from echoshot_ai_server.config import Settings
-from echoshot_ai_server.environment import check_environment
-from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError
-from echoshot_ai_server.job import job_message_body
-from echoshot_ai_server.adapters.sqs import JobQueue
-from echoshot_ai_server.logs import configure_logging, job_context
-from echoshot_ai_server.main import build_worker, load_engine
-from echoshot_ai_server.operations import publish_backlog, replay_dead_letters
-from echoshot_ai_server.adapters.autoscaling import AutoScaling
-from echoshot_ai_server.tasks.upscale_task import output_key, upscale_video, validate_scale
 from echoshot_ai_server.engine.device import resolve_device
-from echoshot_ai_server.engine.specs import SUPPORTED_SCALES
-from echoshot_ai_server.media.writer import EncoderSettings
-from echoshot_ai_server.workspace import job_workspace
+from echoshot_ai_server.engine.specs import SUPPORTED_SCALES, X4PLUS
+from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError
+from echoshot_ai_server.job import job_message_body, output_key
+from echoshot_ai_server.logs import configure_logging, job_context
 
 log = logging.getLogger(__name__)
 RULE = "=" * 70
@@ -43,7 +42,8 @@ def _print_block(title: str, lines: list[str]) -> None:
 
 
 def check_env(settings: Settings) -> bool:
-    report = check_environment(settings)
+    report = check_environment(ffmpeg=settings.ffmpeg_bin, ffprobe=settings.ffprobe_bin,
+                               weights_dir=settings.weights_dir, model=X4PLUS)
     _print_block("환경 검증 중...", report.lines)
     return report.ok
 
@@ -66,7 +66,6 @@ def upscale(args: argparse.Namespace, settings: Settings) -> None:
     def get_upscaler():
         return load_engine(settings, resolve_device(args.device))[0]
 
-    encoder = EncoderSettings(settings.x264_preset, settings.x264_crf, settings.audio_bitrate, settings.ffmpeg_bin)
     bars = []
 
     def on_progress(done: int, total: int) -> None:
@@ -82,10 +81,10 @@ def upscale(args: argparse.Namespace, settings: Settings) -> None:
                 scale=args.scale,
                 device=args.device,
                 get_upscaler=get_upscaler,
-                encoder=encoder,
+                encoder=encoder_settings(settings),
                 ffprobe=settings.ffprobe_bin,
                 on_progress=on_progress,
-                limits=settings.input_limits,
+                limits=input_limits(settings),
             )
         finally:
             for bar in bars:
@@ -102,7 +101,7 @@ def upscale(args: argparse.Namespace, settings: Settings) -> None:
         f"결과 파일: {final}",
         f"처리 시간: {result.elapsed_s:.1f}s",
         "메타데이터:",
-    ] + [f"  - {key}: {value}" for key, value in result.metadata().items()]
+    ] + [f"  - {key}: {value}" for key, value in result.metadata.model_dump().items()]
     print()
     _print_block(lines[0], lines[1:])
 
@@ -144,28 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _queue(settings: Settings, url: str | None) -> JobQueue:
-    url = url or settings.sqs_queue_url
-    if not url:
-        raise PermanentError(ErrorCode.INVALID_PARAMETERS, "no queue: pass --queue-url or set SQS_QUEUE_URL")
-    return JobQueue(url, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
-
-
 def replay_dlq(args: argparse.Namespace, settings: Settings) -> None:
-    target = _queue(settings, args.queue_url)
+    target = queue_from(settings, args.queue_url)
     dlq_url = args.dlq_url or target.dead_letter_queue_url()
     if not dlq_url:
         raise PermanentError(ErrorCode.INVALID_PARAMETERS, f"{target.url} has no redrive policy: pass --dlq-url")
-    dead_letters = _queue(settings, dlq_url)
+    dead_letters = queue_from(settings, dlq_url)
     job_ids = replay_dead_letters(dead_letters, target, limit=args.max, list_only=args.list)
     print(json.dumps({"deadLetterQueueUrl": dlq_url, "replayed" if not args.list else "waiting": job_ids}))
 
 
 def publish_backlog_loop(args: argparse.Namespace, settings: Settings) -> None:
-    job_queue = _queue(settings, args.queue_url)
+    job_queue = queue_from(settings, args.queue_url)
     if args.workers is None and not settings.autoscaling_group_name:
         raise PermanentError(ErrorCode.INVALID_PARAMETERS, "pass --workers or set AUTOSCALING_GROUP_NAME")
-    autoscaling = AutoScaling(region=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
+    autoscaling = autoscaling_from(settings)
     while True:
         figures = publish_backlog(job_queue, autoscaling, workers=args.workers, group=settings.autoscaling_group_name)
         print(json.dumps(figures), flush=True)
@@ -175,7 +167,7 @@ def publish_backlog_loop(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def enqueue(args: argparse.Namespace, settings: Settings) -> None:
-    job_queue = _queue(settings, args.queue_url)
+    job_queue = queue_from(settings, args.queue_url)
     job_id = args.job_id or str(uuid.uuid4())
     body = job_message_body(job_id, args.source, scale=args.scale, device=args.device, user_id=args.user_id)
     message_id = job_queue.send(body, group_id=args.user_id or job_id, dedup_id=job_id)

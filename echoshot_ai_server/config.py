@@ -1,25 +1,11 @@
 """All configuration, read once from the environment (names as in the system guide)."""
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-
-@dataclass(frozen=True)
-class InputLimits:
-    """What a job may ask for, checked before any heavy work (0 = no limit)."""
-
-    max_width: int = 0
-    max_height: int = 0
-    max_pixels: int = 0
-    max_duration_s: float = 0
-    max_frame_count: int = 0
-    max_output_pixels: int = 0
-    max_download_bytes: int = 0
-
 
 class Settings(BaseSettings):
     """Every setting of the worker. Environment variable = field name in upper case."""
@@ -110,10 +96,3 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
-
-    @property
-    def input_limits(self) -> InputLimits:
-        return InputLimits(
-            self.max_input_width, self.max_input_height, self.max_input_pixels, self.max_duration_s,
-            self.max_frame_count, self.max_output_pixels, self.max_download_bytes,
-        )

@@ -15,6 +15,7 @@ decides what an unexpected exception means.
 """
 
 import errno
+import random
 from enum import Enum
 
 
@@ -111,3 +112,9 @@ def human_bytes(count: float) -> str:
         if abs(count) < 1000:
             return f"{count:.1f} {unit}"
     return f"{count / 1000:.1f} PB"
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float) -> float:
+    """How long to wait before attempt `attempt + 1`: doubling from `base_s`, at most `max_s`, jittered
+    (between half and all of it) so that workers that failed together do not retry together."""
+    return min(max_s, base_s * 2 ** max(attempt - 1, 0)) * random.uniform(0.5, 1.0)

@@ -3,6 +3,7 @@
 import json
 import re
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
@@ -74,6 +75,13 @@ def check_source_key(key: str, allowed_prefixes: list[str]) -> None:
         raise PermanentError(
             ErrorCode.FORBIDDEN_SOURCE, f"source key {key!r} is outside the allowed prefixes {allowed_prefixes}"
         )
+
+
+def output_key(job_id: str, source_name: str) -> str:
+    """Where a job's result lives in the bucket. Only the source's file stem is used, with anything
+    but letters, digits, spaces and . _ - replaced, so a file name cannot move the result."""
+    stem = re.sub(r"[^\w .-]", "_", Path(source_name).stem).strip(" .") or "video"
+    return f"processed/upscaled/{job_id}/{stem[:100]}_upscaled.mp4"
 
 
 def job_message_body(job_id: str, source_s3_key: str, *, scale: int, device: str, user_id: str | None = None) -> str:
@@ -154,11 +162,16 @@ class JobStatus(str, Enum):
 
 
 class ResultMetadata(BaseModel):
+    """The result's facts: in the COMPLETED callback, the job's record and the result's S3 metadata."""
+
     width: int
     height: int
     fps: float
     frame_count: int
     duration: float
+
+    def as_s3_metadata(self) -> dict[str, str]:
+        return {name: str(value) for name, value in self.model_dump().items()}
 
 
 class CallbackPayload(BaseModel):

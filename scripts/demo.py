@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from echoshot_ai_server.devtools import (
+from echoshot_ai_server.dev.local import (
     CallbackReceiver, MotoServer, create_bucket, create_queue_with_dlq, make_sample_clip,
 )
 

@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from echoshot_ai_server.devtools import CallbackReceiver, MotoServer, create_bucket, create_queue_with_dlq  # noqa: E402
+from echoshot_ai_server.dev.local import CallbackReceiver, MotoServer, create_bucket, create_queue_with_dlq  # noqa: E402
 from echoshot_ai_server.job import job_message_body  # noqa: E402
 from fault_proxy import FaultProxy  # noqa: E402
 

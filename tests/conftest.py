@@ -14,7 +14,7 @@ import torch
 
 from types import SimpleNamespace
 
-from echoshot_ai_server.devtools import CallbackReceiver, MotoServer, create_bucket, create_queue_with_dlq
+from echoshot_ai_server.dev.local import CallbackReceiver, MotoServer, create_bucket, create_queue_with_dlq
 from echoshot_ai_server.engine.models import build_model
 from echoshot_ai_server.engine.specs import RRDBNetArch
 from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler

@@ -119,7 +119,7 @@ def test_compose_services():
 def test_local_setup_creates_the_bucket_queues_and_a_sample_job(moto_server, tmp_path):
     moto_server.reset()
     env = {"PATH": "/usr/bin:/bin", **moto_server.env("ap-northeast-2")}
-    result = subprocess.run([sys.executable, "-m", "echoshot_ai_server.devtools", "local-setup", "--bucket", "videos",
+    result = subprocess.run([sys.executable, "-m", "echoshot_ai_server.dev.local", "local-setup", "--bucket", "videos",
                              "--queue", "upscale-cpu-queue", "--sample-job"], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -6,7 +6,7 @@ from concurrent.futures import wait
 
 from conftest import BUCKET, tiny_upscaler
 from echoshot_ai_server.cli import main as echoshot
-from echoshot_ai_server.devtools import create_queue_with_dlq
+from echoshot_ai_server.dev.local import create_queue_with_dlq
 from echoshot_ai_server.job import job_message_body
 from worker_harness import SlowUpscaler, enqueue, make_worker, queue_counts, run_jobs, statuses, upload_clip
 

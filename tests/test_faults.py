@@ -138,7 +138,7 @@ class _Queue:
 
 def test_a_slow_extension_of_one_message_does_not_hold_up_another_jobs_end():
     from echoshot_ai_server.adapters.sqs import QueueMessage
-    from echoshot_ai_server.worker import VisibilityHeartbeat
+    from echoshot_ai_server.app.heartbeat import VisibilityHeartbeat
 
     queue = _Queue()
     heartbeat = VisibilityHeartbeat(queue, timeout_s=30, every_s=0.05)

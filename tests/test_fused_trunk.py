@@ -101,7 +101,7 @@ def test_engine_choice(monkeypatch, caplog):
 @pytest.mark.parametrize("engine", ["auto", "fused", "compile", "eager"])
 def test_engine_setting(engine):
     from echoshot_ai_server.config import Settings
-    from echoshot_ai_server.main import run_profile
+    from echoshot_ai_server.app.wiring import run_profile
 
     assert run_profile(Settings(gpu_engine=engine), "gpu").engine == engine
     assert run_profile(Settings(gpu_engine=engine), "cpu").engine == "eager"

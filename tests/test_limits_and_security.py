@@ -13,17 +13,20 @@ from fractions import Fraction
 import pytest
 
 from conftest import BUCKET, make_noise_clip, tiny_upscaler
-from echoshot_ai_server.config import InputLimits, Settings
+from echoshot_ai_server.app.pipeline import InputLimits
+from echoshot_ai_server.app.wiring import input_limits
+from echoshot_ai_server.config import Settings
 from echoshot_ai_server.errors import ErrorCode, PermanentError
-from echoshot_ai_server.tasks.upscale_task import check_limits, output_key, upscale_video
+from echoshot_ai_server.app.pipeline import check_limits, upscale_video
+from echoshot_ai_server.job import output_key
 from echoshot_ai_server.media.writer import EncoderSettings
 from echoshot_ai_server.media.probe import VideoInfo
-from echoshot_ai_server.workspace import job_workspace
+from echoshot_ai_server.app.workspace import job_workspace
 from echoshot_ai_server.logs import LOG_FORMAT, job_context
 from fault_proxy import FaultProxy, s3_get, s3_head
 from worker_harness import enqueue, leftovers, make_worker, queue_counts, run_jobs, send, statuses, upload_clip
 
-DEFAULTS = Settings().input_limits
+DEFAULTS = input_limits(Settings())
 
 
 def info(width, height, frames=300, fps=30, duration=None):

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import BUCKET
 from echoshot_ai_server.cli import main as echoshot
-from echoshot_ai_server.devtools import create_bucket
+from echoshot_ai_server.dev.local import create_bucket
 from worker_harness import SlowUpscaler, enqueue, make_worker, queue_counts, run_jobs, statuses, upload_clip
 
 REGION = "ap-northeast-2"

@@ -10,9 +10,9 @@ import pytest
 import requests
 
 from conftest import BUCKET, REGION, REPO_ROOT
-from echoshot_ai_server.devtools import free_port
+from echoshot_ai_server.dev.local import free_port
 from echoshot_ai_server.errors import PermanentError
-from echoshot_ai_server.monitoring import Monitoring
+from echoshot_ai_server.app.monitoring import Monitoring
 from fault_proxy import FaultProxy, sqs_call
 from worker_harness import enqueue, make_worker, statuses, upload_clip, wait_until
 

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ffmpeg, ffprobe_json, streams_of, tiny_upscaler
 from echoshot_ai_server.errors import ErrorCode, PermanentError
-from echoshot_ai_server.tasks.upscale_task import upscale_video
+from echoshot_ai_server.app.pipeline import upscale_video
 from echoshot_ai_server.media.writer import EncoderSettings
 
 
@@ -98,7 +98,7 @@ def test_rotated_source_comes_out_upright(make_clip, tmp_path, rotation, size):
     output, result = run(source, tmp_path)
 
     video = streams_of(output, "video")[0]
-    assert (video["width"], video["height"]) == size == (result.width, result.height)
+    assert (video["width"], video["height"]) == size == (result.metadata.width, result.metadata.height)
     assert not video.get("side_data_list")  # upright pixels, nothing left for a player to turn
 
 
@@ -106,7 +106,7 @@ def test_ten_bit_source(make_clip, tmp_path):
     source = make_clip("ten.mp4", frames=3, vcodec=["-c:v", "libx264", "-pix_fmt", "yuv420p10le"])
     assert streams_of(source, "video")[0]["pix_fmt"] == "yuv420p10le"
     output, result = run(source, tmp_path)
-    assert streams_of(output, "video")[0]["pix_fmt"] == "yuv420p" and result.frame_count == 3
+    assert streams_of(output, "video")[0]["pix_fmt"] == "yuv420p" and result.metadata.frame_count == 3
 
 
 @pytest.mark.parametrize("name, vcodec, acodec", [
@@ -123,7 +123,7 @@ def test_containers_and_audio_codecs(make_clip, tmp_path, name, vcodec, acodec):
 
     [audio] = streams_of(output, "audio")
     assert audio["codec_name"] == "aac" and float(audio["duration"]) == pytest.approx(1.0, abs=0.1)
-    assert result.frame_count == 10
+    assert result.metadata.frame_count == 10
 
 
 def test_every_audio_stream_is_kept(make_clip, tmp_path):
@@ -155,4 +155,4 @@ def test_text_subtitles_are_kept(make_clip, tmp_path):
 
 def test_a_single_frame(make_clip, tmp_path):
     output, result = run(make_clip(frames=1, audio_s=0.1), tmp_path)
-    assert result.frame_count == 1 and int(streams_of(output, "video")[0]["nb_read_frames"]) == 1
+    assert result.metadata.frame_count == 1 and int(streams_of(output, "video")[0]["nb_read_frames"]) == 1

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from conftest import BUCKET, REGION, REPO_ROOT
-from echoshot_ai_server.workspace import WorkerDirectory, remove_stale_worker_dirs
+from echoshot_ai_server.app.workspace import WorkerDirectory, remove_stale_worker_dirs
 from worker_harness import enqueue, statuses, upload_clip, wait_until
 
 HOLD_A_FOLDER = (
-    "import sys, time; from pathlib import Path; from echoshot_ai_server.workspace import WorkerDirectory; "
+    "import sys, time; from pathlib import Path; from echoshot_ai_server.app.workspace import WorkerDirectory; "
     "d = WorkerDirectory(Path(sys.argv[1])).open(); (d.path / 'job-file').write_text('x'); "
     "print(d.name, flush=True); time.sleep(600)"
 )

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import decode_frames, psnr, streams_of, tiny_upscaler
 from echoshot_ai_server.errors import ErrorCode, PermanentError
-from echoshot_ai_server.tasks.upscale_task import output_key, upscale_video
+from echoshot_ai_server.app.pipeline import upscale_video
+from echoshot_ai_server.job import output_key
 from echoshot_ai_server.media.writer import EncoderSettings
 from echoshot_ai_server.media.reader import FrameReader
 from test_video import corrupt_audio_codec
@@ -42,7 +43,7 @@ def test_output_is_h264_at_scale_with_every_frame_and_the_audio(make_clip, tmp_p
         assert float(audio[0]["duration"]) == pytest.approx(0.8, abs=0.1)
     else:
         assert audio == []
-    assert result.metadata() == {"width": 66 * scale, "height": 50 * scale, "fps": 10.0, "frame_count": 8,
+    assert result.metadata.model_dump() == {"width": 66 * scale, "height": 50 * scale, "fps": 10.0, "frame_count": 8,
                                  "duration": pytest.approx(0.8, abs=0.05)}
     assert result.has_audio is with_audio
 
@@ -81,13 +82,13 @@ def test_frames_are_the_upscalers_frames_in_order(tmp_path):
 def test_odd_sized_source(make_clip, tmp_path):
     source = make_clip("odd.mkv", size=(65, 47), frames=4, vcodec=["-c:v", "ffv1"], pattern="testsrc")
     output, result = run_pipeline(source, tmp_path, scale=2)
-    assert (result.width, result.height, result.frame_count) == (130, 94, 4)
+    assert (result.metadata.width, result.metadata.height, result.metadata.frame_count) == (130, 94, 4)
 
 
 def test_audio_shorter_than_the_video_keeps_every_frame(make_clip, tmp_path):
     source = make_clip(frames=20, fps="10", audio_s=0.5)
     output, result = run_pipeline(source, tmp_path)
-    assert result.frame_count == 20
+    assert result.metadata.frame_count == 20
     assert float(streams_of(output, "audio")[0]["duration"]) == pytest.approx(0.5, abs=0.1)
 
 
@@ -102,7 +103,7 @@ def test_unusable_audio_gives_a_warning_and_a_video_only_result(make_clip, tmp_p
 
     output, result = run_pipeline(source, tmp_path)
 
-    assert streams_of(output, "audio") == [] and result.frame_count == 4
+    assert streams_of(output, "audio") == [] and result.metadata.frame_count == 4
     assert "오디오 추출 실패" in caplog.text
 
 
@@ -110,7 +111,7 @@ def test_the_guides_log_lines_in_order(make_clip, tmp_path, caplog):
     source = make_clip(size=(32, 24), frames=40, fps="20", audio_s=2.0)
     run_pipeline(source, tmp_path, upscaler=tiny_upscaler(batch_frames=1))
 
-    messages = [r.getMessage() for r in caplog.records if r.name == "echoshot_ai_server.tasks.upscale_task"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "echoshot_ai_server.app.pipeline"]
     expected_order = [
         "업스케일 작업 시작 - Scale: 2x, Device: CPU",
         "비디오 정보 - 해상도: 32x24, FPS: 20.0, 프레임: 40",

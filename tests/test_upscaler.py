@@ -16,7 +16,7 @@ from echoshot_ai_server.engine.specs import X4PLUS
 from echoshot_ai_server.engine.tiling import BYTES_PER_INPUT_PIXEL, plan_forward, tile_windows
 from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler
 from echoshot_ai_server.errors import ErrorCode, PermanentError
-from echoshot_ai_server.main import load_engine, run_profile
+from echoshot_ai_server.app.wiring import load_engine, run_profile
 
 
 def random_frames(n: int, h: int, w: int, seed: int = 1) -> np.ndarray:

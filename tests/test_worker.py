@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from echoshot_ai_server.cli import main as echoshot
-from echoshot_ai_server.devtools import create_queue_with_dlq
+from echoshot_ai_server.dev.local import create_queue_with_dlq
 from echoshot_ai_server.job import job_message_body
 from fault_proxy import FaultProxy, s3_get
 from worker_harness import (

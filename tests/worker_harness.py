@@ -6,7 +6,7 @@ from concurrent.futures import wait
 from conftest import BUCKET, REGION, tiny_upscaler
 from echoshot_ai_server.config import Settings
 from echoshot_ai_server.job import job_message_body
-from echoshot_ai_server.main import build_worker
+from echoshot_ai_server.app.wiring import build_worker
 
 
 def settings_for(stack, **overrides) -> Settings:

@@ -1,7 +1,6 @@
 """AWS Auto Scaling and CloudWatch: the backlog figure to scale on, and scale-in protection."""
 
 import logging
-import threading
 
 import requests
 
@@ -52,32 +51,3 @@ def ec2_instance_id(timeout_s: float = 2) -> str:
                          timeout=timeout_s).text
     return requests.get(f"{IMDS}/meta-data/instance-id", headers={"X-aws-ec2-metadata-token": token},
                         timeout=timeout_s).text.strip()
-
-
-class ScaleInProtection:
-    """Protects this instance from scale-in while at least one job runs, so that a scale-in never
-    kills a job at 95 %. Failures are logged, never fatal: the job matters more than the flag."""
-
-    def __init__(self, autoscaling: AutoScaling, group: str, instance_id: str):
-        self.autoscaling, self.group, self.instance_id = autoscaling, group, instance_id
-        self._running = 0
-        self._lock = threading.Lock()
-
-    def job_started(self) -> None:
-        with self._lock:
-            self._running += 1
-            if self._running == 1:
-                self._set(True)
-
-    def job_ended(self) -> None:
-        with self._lock:
-            self._running -= 1
-            if self._running == 0:
-                self._set(False)
-
-    def _set(self, protected: bool) -> None:
-        try:
-            self.autoscaling.protect(self.group, self.instance_id, protected)
-            log.info("scale-in protection %s for %s", "on" if protected else "off", self.instance_id)
-        except Exception as exc:  # noqa: BLE001 - see the class docstring
-            log.warning("could not set scale-in protection: %s", exc)

@@ -11,14 +11,13 @@ import hmac
 import http.client
 import json
 import logging
-import random
 import socket
 import ssl
 import threading
 import time
 from urllib.parse import quote, urlsplit
 
-from echoshot_ai_server.errors import ErrorCode, JobCancelled, PermanentError, RetryableError
+from echoshot_ai_server.errors import ErrorCode, JobCancelled, PermanentError, RetryableError, backoff_s
 from echoshot_ai_server.job import CallbackPayload, reportable_job_id
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ class SpringCallback:
                 return
             if attempt == attempts:
                 raise RetryableError(ErrorCode.CALLBACK_FAILED, f"{payload.status.value} callback failed {attempts} times: {problem}")
-            delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1)) * random.uniform(0.8, 1.0)
+            delay = backoff_s(attempt, self.backoff_base_s, self.backoff_max_s)
             log.warning("callback %s failed (%s); attempt %d/%d, next in %.1fs", payload.status.value, problem, attempt, attempts, delay)
             if (stop or threading.Event()).wait(delay):
                 raise JobCancelled()

@@ -20,10 +20,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from echoshot_ai_server.adapters.s3 import Storage
+from typing import Literal, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +86,15 @@ class LostClaim(Exception):
     """The record was taken over by another attempt (ours had expired)."""
 
 
+class JsonStore(Protocol):
+    """What the records need of S3 (adapters/s3.py): small JSON objects and conditional writes."""
+
+    def read_json(self, key: str) -> tuple[dict, str] | None: ...
+    def put_json(self, key: str, data: dict, *, if_match: str | None = None, if_absent: bool = False) -> str | None: ...
+
+
 class JobRecords:
-    def __init__(self, storage: "Storage", *, lease_s: float):
+    def __init__(self, storage: JsonStore, *, lease_s: float):
         self.storage = storage
         self.lease_s = lease_s
 

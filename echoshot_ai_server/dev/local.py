@@ -1,7 +1,7 @@
 """The system on one machine, without AWS or Spring: an S3/SQS-compatible server and a callback receiver.
 
 Used by `make demo` and the tests; also runnable on its own:
-    python -m echoshot_ai_server.devtools receiver --port 8080
+    python -m echoshot_ai_server.dev.local receiver --port 8080
 """
 
 import argparse
@@ -204,15 +204,14 @@ def _serve_receiver(host: str, port: int) -> None:
             pass
 
 
-def _local_setup(bucket: str, queue: str, sample_job: bool) -> None:
-    """Create the bucket and the queue (with its dead-letter queue) on the server AWS_ENDPOINT_URL
-    points at; optionally upload a generated clip and enqueue a job for it."""
-    from echoshot_ai_server.config import Settings
+def _local_setup(bucket: str, queue: str, sample_job: bool, region: str, endpoint_url: str | None) -> None:
+    """Create the bucket and the queue (with its dead-letter queue) on the S3/SQS server at
+    `endpoint_url` (None: where boto3's AWS_ENDPOINT_URL points); optionally upload a generated clip
+    and enqueue a job for it."""
     from echoshot_ai_server.job import job_message_body
 
-    settings = Settings()
-    s3 = boto3.client("s3", region_name=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
-    sqs = boto3.client("sqs", region_name=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
+    s3 = boto3.client("s3", region_name=region, endpoint_url=endpoint_url)
+    sqs = boto3.client("sqs", region_name=region, endpoint_url=endpoint_url)
     for _ in range(60):  # the server may still be starting
         try:
             s3.list_buckets()
@@ -220,7 +219,7 @@ def _local_setup(bucket: str, queue: str, sample_job: bool) -> None:
         except Exception:  # noqa: BLE001
             time.sleep(1)
     if bucket not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
-        create_bucket(s3, bucket, settings.aws_region)
+        create_bucket(s3, bucket, region)
     queue_url, dlq_url = create_queue_with_dlq(sqs, queue, max_receive_count=5)
     print(f"bucket {bucket}, queue {queue_url}, dead letters {dlq_url}", flush=True)
     if sample_job:
@@ -242,8 +241,10 @@ if __name__ == "__main__":
     setup.add_argument("--bucket", required=True)
     setup.add_argument("--queue", required=True)
     setup.add_argument("--sample-job", action="store_true", help="also upload a sample clip and enqueue a job")
+    setup.add_argument("--region", default="ap-northeast-2")
+    setup.add_argument("--endpoint-url", default=None, help="the S3/SQS server (default: boto3's AWS_ENDPOINT_URL)")
     args = parser.parse_args()
     if args.command == "receiver":
         _serve_receiver(args.host, args.port)
     else:
-        _local_setup(args.bucket, args.queue, args.sample_job)
+        _local_setup(args.bucket, args.queue, args.sample_job, args.region, args.endpoint_url)

@@ -1,10 +1,10 @@
 """The environment report that `echoshot check-env` and `echoshot upscale` print first."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from echoshot_ai_server.config import Settings
 from echoshot_ai_server.engine.device import torch_runtime
-from echoshot_ai_server.engine.specs import X4PLUS
+from echoshot_ai_server.engine.specs import ModelSpec
 from echoshot_ai_server.errors import JobError
 from echoshot_ai_server.media.tools import ffmpeg_version
 
@@ -19,7 +19,7 @@ class EnvironmentReport:
         return not self.problems
 
 
-def check_environment(settings: Settings) -> EnvironmentReport:
+def check_environment(*, ffmpeg: str, ffprobe: str, weights_dir: Path, model: ModelSpec) -> EnvironmentReport:
     report = EnvironmentReport()
     runtime = torch_runtime()
     report.lines.append(f"PyTorch 버전: {runtime['torch_version']}")
@@ -28,17 +28,17 @@ def check_environment(settings: Settings) -> EnvironmentReport:
         report.lines.append(f"CUDA 버전: {runtime['cuda_version']}")
         report.lines.append(f"GPU: {runtime['gpu_name']}")
         report.lines.append(f"GPU 메모리: {runtime['gpu_memory_gb']:.2f} GB")
-    for tool in (settings.ffmpeg_bin, settings.ffprobe_bin):
+    for tool in (ffmpeg, ffprobe):
         try:
             report.lines.append(f"{tool}: {ffmpeg_version(tool)}")
         except JobError as exc:
             report.problems.append(exc.message)
             report.lines.append(f"❌ {exc.message}")
-    weights = settings.weights_dir / X4PLUS.weights_file
+    weights = weights_dir / model.weights_file
     if weights.is_file():
         report.lines.append(f"✅ 모델 가중치 확인: {weights}")
     else:
-        problem = f"model weights not found: {weights} (download {X4PLUS.url} there, or set WEIGHTS_DIR)"
+        problem = f"model weights not found: {weights} (download {model.url} there, or set WEIGHTS_DIR)"
         report.problems.append(problem)
         report.lines.append(f"❌ {problem}")
     return report

@@ -1,0 +1,211 @@
+"""The frame pipeline on local files: probe -> upscaler -> audio -> frames -> one encode -> check.
+
+Used by a queued job (app/task.py) and by `echoshot upscale`; knows nothing of S3, SQS or Spring.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from echoshot_ai_server.engine.device import DeviceOutOfMemory
+from echoshot_ai_server.engine.specs import Device, scale_problem
+from echoshot_ai_server.engine.upscaler import Upscaler
+from echoshot_ai_server.errors import ErrorCode, JobCancelled, PermanentError, RetryableError
+from echoshot_ai_server.job import ResultMetadata
+from echoshot_ai_server.media.prefetch import Prefetch
+from echoshot_ai_server.media.probe import VideoInfo, audio_problem, probe
+from echoshot_ai_server.media.reader import FrameReader
+from echoshot_ai_server.media.writer import EncoderSettings, FrameWriter
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+PROGRESS_LOG_STEP_PERCENT = 5.0
+# Containers' frame counts can be a little off (AVI counts a trailing packet, for one); a file that
+# decodes clearly fewer frames than it declares is truncated or corrupt.
+MISSING_FRAMES_TOLERATED = 2
+MISSING_SHARE_TOLERATED = 0.02
+# The guide's warning, logged wherever a GPU was asked for and the CPU does the work.
+GPU_FALLBACK_WARNING = "GPU가 요청되었지만 사용 불가능합니다. CPU로 대체합니다."
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What a job may ask for, checked before any heavy work (0 = no limit)."""
+
+    max_width: int = 0
+    max_height: int = 0
+    max_pixels: int = 0
+    max_duration_s: float = 0
+    max_frame_count: int = 0
+    max_output_pixels: int = 0
+    max_download_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class UpscaleResult:
+    metadata: ResultMetadata  # what Spring is told, in the one form it has from here to the callback
+    has_audio: bool
+    elapsed_s: float
+
+
+def check_limits(info: VideoInfo, scale: int, limits: InputLimits) -> None:
+    """Refuse, before any heavy work, what the settings do not allow."""
+    problems = []
+    if limits.max_width and info.width > limits.max_width:
+        problems.append(f"width {info.width} > {limits.max_width}")
+    if limits.max_height and info.height > limits.max_height:
+        problems.append(f"height {info.height} > {limits.max_height}")
+    if limits.max_pixels and info.width * info.height > limits.max_pixels:
+        problems.append(f"{info.width}x{info.height} is more than {limits.max_pixels} pixels")
+    if limits.max_duration_s and info.duration_s > limits.max_duration_s:
+        problems.append(f"duration {info.duration_s:.1f}s > {limits.max_duration_s:g}s")
+    if limits.max_frame_count and info.frame_count > limits.max_frame_count:
+        problems.append(f"{info.frame_count} frames > {limits.max_frame_count}")
+    if problems:
+        raise PermanentError(ErrorCode.INPUT_TOO_LARGE, "input over the limits: " + "; ".join(problems))
+    out_pixels = info.width * scale * info.height * scale
+    if limits.max_output_pixels and out_pixels > limits.max_output_pixels:
+        raise PermanentError(
+            ErrorCode.OUTPUT_TOO_LARGE,
+            f"{scale}x of {info.width}x{info.height} would be {info.width * scale}x{info.height * scale}, "
+            f"more than {limits.max_output_pixels} pixels",
+        )
+
+
+def validate_scale(scale: int) -> None:
+    if (problem := scale_problem(scale)) is not None:
+        raise PermanentError(ErrorCode.INVALID_PARAMETERS, problem)
+
+
+class _ProgressLog:
+    """One log line each time another 5 % of the frames is done."""
+
+    def __init__(self, total: int):
+        self.total = max(total, 1)
+        self.next_percent = PROGRESS_LOG_STEP_PERCENT
+
+    def update(self, done: int) -> None:
+        percent = 100.0 * done / self.total
+        if percent < self.next_percent or done >= self.total:
+            return
+        log.info("업스케일 진행률: %.1f%% (%d/%d)", percent, done, self.total)
+        while self.next_percent <= percent:
+            self.next_percent += PROGRESS_LOG_STEP_PERCENT
+
+
+def _streams_to_keep(source: Path, info: VideoInfo, ffmpeg: str, should_stop) -> tuple[bool, tuple[int, ...]]:
+    """Whether the audio goes along (all of it, when it decodes) and which subtitle streams do."""
+    audio = False
+    if info.audio is None:
+        log.info("오디오 트랙이 없습니다")
+    elif (problem := audio_problem(source, ffmpeg, should_stop)) is not None:
+        log.warning("오디오 추출 실패 - 오디오 없이 진행합니다: %s", problem)
+    else:
+        log.info("오디오 트랙 발견 - 코덱: %s", ", ".join(a.codec for a in info.audio_streams))
+        audio = True
+    subtitles = tuple(sub.stream_index for sub in info.subtitles if sub.is_text)
+    if len(subtitles) < len(info.subtitles):
+        log.warning("bitmap subtitles cannot go into MP4 and are left out: %s",
+                    ", ".join(sub.codec for sub in info.subtitles if not sub.is_text))
+    return audio, subtitles
+
+
+def _check_every_frame_decoded(done: int, declared: int) -> None:
+    if declared - done > max(MISSING_FRAMES_TOLERATED, declared * MISSING_SHARE_TOLERATED):
+        raise PermanentError(
+            ErrorCode.DECODE_FAILED, f"only {done} of {declared} frames could be decoded: truncated or corrupt"
+        )
+    if done != declared:
+        log.warning("decoded %d frames where the container declares %d", done, declared)
+
+
+def upscale_video(
+    source: Path,
+    output: Path,
+    *,
+    scale: int,
+    device: Device,
+    get_upscaler: Callable[[], Upscaler],
+    encoder: EncoderSettings,
+    ffprobe: str = "ffprobe",
+    on_progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    limits: InputLimits = InputLimits(),
+) -> UpscaleResult:
+    """Upscale `source` into an H.264 MP4 at `output`, keeping its audio.
+
+    Raises JobError, or JobCancelled when `should_stop()` turns true between two batches.
+    """
+    started = time.monotonic()
+    validate_scale(scale)
+    log.info("업스케일 작업 시작 - Scale: %dx, Device: %s", scale, device.upper())
+
+    info = probe(source, ffprobe, should_stop)
+    width, height = info.display_size
+    log.info("비디오 정보 - 해상도: %dx%d, FPS: %.1f, 프레임: %d", width, height, float(info.fps), info.frame_count)
+    if info.is_still_image:
+        raise PermanentError(ErrorCode.INVALID_VIDEO, f"{source.name} is a still image ({info.format_name}), not a video")
+    if info.frame_count <= 0:
+        raise PermanentError(ErrorCode.NO_FRAMES, f"{source.name} has no video frames")
+    check_limits(info, scale, limits)
+
+    upscaler = get_upscaler()
+    if device == "gpu" and upscaler.device != "gpu":
+        log.warning(GPU_FALLBACK_WARNING)
+    log.info("업스케일러 초기화 완료 - %s", upscaler.describe())
+
+    audio, subtitles = _streams_to_keep(source, info, encoder.ffmpeg, should_stop)
+    out_w, out_h = width * scale, height * scale
+    log.info("비디오 인코딩 중 (%s)...", "오디오 포함" if audio else "오디오 없음")
+    progress = _ProgressLog(info.frame_count)
+    done = 0
+    # Three stages overlap: decoding (a thread), the model (here), encoding (ffmpeg, fed by a thread).
+    with FrameReader(source, width, height) as reader, FrameWriter(
+        output,
+        width=out_w,
+        height=out_h,
+        fps=info.fps,
+        encoder=encoder,
+        streams_from=source,
+        audio=audio,
+        subtitles=subtitles,
+        duration_s=float(info.frame_count / info.fps),
+    ) as writer, Prefetch(reader.batches(upscaler.batch_frames)) as batches:
+        for batch in batches:
+            if should_stop():
+                raise JobCancelled()
+            try:
+                writer.write(upscaler.upscale(batch, scale))
+            except DeviceOutOfMemory as exc:
+                raise RetryableError(ErrorCode.OUT_OF_MEMORY, str(exc)) from exc
+            done += len(batch)
+            progress.update(done)
+            if on_progress:
+                on_progress(done, info.frame_count)
+        if done == 0:
+            raise PermanentError(ErrorCode.NO_FRAMES, f"{source.name}: no frame could be decoded")
+        log.info("프레임 업스케일 완료: %d/%d 프레임 처리", done, info.frame_count)
+    _check_every_frame_decoded(done, info.frame_count)
+    result_info = _probe_result(output, ffprobe, should_stop)
+    if (result_info.width, result_info.height, result_info.frame_count) != (out_w, out_h, writer.frames_written):
+        raise PermanentError(
+            ErrorCode.OUTPUT_MISMATCH,
+            f"encoded {result_info.width}x{result_info.height} with {result_info.frame_count} frames, "
+            f"expected {out_w}x{out_h} with {writer.frames_written}",
+        )
+    log.info("최종 비디오 생성 완료")
+    metadata = ResultMetadata(width=out_w, height=out_h, fps=round(float(info.fps), 3),
+                              frame_count=writer.frames_written, duration=round(result_info.duration_s, 3))
+    return UpscaleResult(metadata, result_info.has_audio, time.monotonic() - started)
+
+
+def _probe_result(output: Path, ffprobe: str, should_stop) -> VideoInfo:
+    """The encoded file's facts. The file is of our own making: if it is missing or unreadable,
+    something happened to the disk or the encoder, which is worth another attempt."""
+    try:
+        return probe(output, ffprobe, should_stop)
+    except PermanentError as exc:
+        raise RetryableError(ErrorCode.ENCODE_FAILED, f"the encoded file cannot be read back: {exc.message}") from exc

@@ -1,0 +1,179 @@
+"""Wiring: the settings, read once by the command line, turned into the worker and its parts.
+
+The only module besides cli.py that reads `Settings`; everything below it gets plain values.
+"""
+
+import logging
+
+from echoshot_ai_server.adapters.autoscaling import AutoScaling, ec2_instance_id
+from echoshot_ai_server.adapters.s3 import Storage
+from echoshot_ai_server.adapters.spring import SpringCallback
+from echoshot_ai_server.adapters.sqs import JobQueue
+from echoshot_ai_server.app.monitoring import Monitoring
+from echoshot_ai_server.app.pipeline import GPU_FALLBACK_WARNING, InputLimits
+from echoshot_ai_server.app.protection import ScaleInProtection
+from echoshot_ai_server.app.records import JobRecords
+from echoshot_ai_server.app.task import UpscaleTask
+from echoshot_ai_server.app.worker import Worker
+from echoshot_ai_server.app.workspace import WorkerDirectory, check_writable, remove_stale_worker_dirs
+from echoshot_ai_server.config import Settings
+from echoshot_ai_server.engine.device import gpu_memory_stats, resolve_device
+from echoshot_ai_server.engine.specs import X4PLUS, Device
+from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler, load_upscalers
+from echoshot_ai_server.errors import ErrorCode, PermanentError, RetryableError
+from echoshot_ai_server.media.writer import EncoderSettings
+
+log = logging.getLogger(__name__)
+
+
+def required(settings: Settings, *names: str) -> None:
+    missing = [name.upper() for name in names if not getattr(settings, name)]
+    if missing:
+        raise PermanentError(ErrorCode.INVALID_PARAMETERS, f"required setting(s) not set: {', '.join(missing)}")
+
+
+def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) -> Worker:
+    """The worker as the settings describe it. `upscalers` replaces the model loading (tests).
+
+    Checks first that the worker can work at all (the queue, the bucket, the work directory), so
+    that a misspelt setting stops it at start with one clear line instead of failing every job."""
+    required(settings, "sqs_queue_url", "s3_bucket_name", "spring_callback_url")
+    requested = "gpu" if settings.worker_device == "auto" else settings.worker_device
+    device = resolve_device(requested)
+    if device != requested and settings.worker_device != "auto":
+        log.warning(GPU_FALLBACK_WARNING)
+    slots = settings.gpu_worker_count if device == "gpu" else settings.cpu_worker_count
+
+    job_queue = queue_from(settings, settings.sqs_queue_url)
+    storage = Storage(settings.s3_bucket_name, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url,
+                      **aws_timeouts(settings))
+    monitoring = Monitoring(
+        queue_stale_after_s=settings.poll_wait_s + settings.aws_read_timeout_s + 30,
+        gpu_memory=gpu_memory_stats if device == "gpu" else None,
+    )
+    redrive_max = job_queue.max_receive_count()
+    monitoring.queue_answered()
+    if redrive_max is None:
+        log.warning("queue has no redrive policy: failed jobs are dropped after %d attempts", settings.max_receive_count)
+    storage.check_bucket()
+    for stale in remove_stale_worker_dirs(settings.work_dir):
+        log.warning("removed the files of a worker that died: %s", stale)
+    directory = WorkerDirectory(settings.work_dir).open()
+    log.info("work directory: %s", directory.path)
+
+    def preflight() -> None:
+        storage.check_bucket()
+        try:
+            directory.path.mkdir(mode=0o700, exist_ok=True)
+            check_writable(directory.path)
+        except OSError as exc:
+            raise RetryableError(ErrorCode.WORK_DIR_UNUSABLE, f"cannot write in {directory.path}: {exc.strerror}") from exc
+
+    callback = SpringCallback(
+        settings.spring_callback_url,
+        token=settings.spring_callback_token.get_secret_value() if settings.spring_callback_token else None,
+        secret=settings.spring_callback_secret.get_secret_value() if settings.spring_callback_secret else None,
+        timeout_s=settings.callback_timeout_s,
+        max_attempts=settings.callback_max_attempts,
+        backoff_base_s=settings.callback_backoff_base_s,
+        backoff_max_s=settings.callback_backoff_max_s,
+    )
+    task = UpscaleTask(
+        storage=storage,
+        callback=callback,
+        records=JobRecords(storage, lease_s=settings.visibility_timeout_s),
+        work_dir=directory.path,
+        encoder=encoder_settings(settings),
+        ffprobe=settings.ffprobe_bin,
+        progress_interval_s=settings.progress_callback_interval_s,
+        limits=input_limits(settings),
+        allowed_source_prefixes=tuple(settings.allowed_source_prefixes),
+        disk_headroom_bytes=settings.disk_headroom_bytes,
+    )
+    try:
+        if upscalers is None:
+            upscalers = load_engine(settings, device, slots)
+    except BaseException:
+        directory.close()
+        raise
+    log.info("업스케일러 초기화 완료 - %s, slots: %d", upscalers[0].describe(), slots)
+    monitoring.model_loaded = True
+    return Worker(
+        job_queue=job_queue,
+        task=task,
+        callback=callback,
+        upscalers=upscalers,
+        max_receive_count=redrive_max or settings.max_receive_count,
+        dead_letter_queue=redrive_max is not None,
+        poll_wait_s=settings.poll_wait_s,
+        visibility_timeout_s=settings.visibility_timeout_s,
+        visibility_extend_every_s=min(settings.visibility_extend_every_s, settings.visibility_timeout_s / 3),
+        shutdown_grace_s=settings.shutdown_grace_s,
+        retry_base_delay_s=settings.retry_base_delay_s,
+        retry_max_delay_s=settings.retry_max_delay_s,
+        monitoring=monitoring,
+        protection=scale_in_protection(settings),
+        metrics_address=(settings.metrics_host, settings.metrics_port) if settings.metrics_enabled else None,
+        directory=directory,
+        preflight=preflight,
+    )
+
+
+def aws_timeouts(settings: Settings) -> dict[str, float]:
+    return dict(connect_timeout_s=settings.aws_connect_timeout_s, read_timeout_s=settings.aws_read_timeout_s)
+
+
+def queue_from(settings: Settings, url: str | None) -> JobQueue:
+    """The queue at `url` (SQS_QUEUE_URL when None)."""
+    url = url or settings.sqs_queue_url
+    if not url:
+        raise PermanentError(ErrorCode.INVALID_PARAMETERS, "no queue: pass --queue-url or set SQS_QUEUE_URL")
+    return JobQueue(url, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url, **aws_timeouts(settings))
+
+
+def autoscaling_from(settings: Settings) -> AutoScaling:
+    return AutoScaling(region=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
+
+
+def encoder_settings(settings: Settings) -> EncoderSettings:
+    return EncoderSettings(settings.x264_preset, settings.x264_crf, settings.audio_bitrate, settings.ffmpeg_bin)
+
+
+def input_limits(settings: Settings) -> InputLimits:
+    return InputLimits(
+        settings.max_input_width, settings.max_input_height, settings.max_input_pixels, settings.max_duration_s,
+        settings.max_frame_count, settings.max_output_pixels, settings.max_download_bytes,
+    )
+
+
+def run_profile(settings: Settings, device: Device) -> RunProfile:
+    """How the upscaler runs on `device`, as the settings say."""
+    if device == "gpu":
+        return RunProfile(settings.gpu_tile, settings.gpu_tile_pad, settings.gpu_tile_fallback, half=True,
+                          batch_frames=settings.gpu_batch_frames, engine=settings.gpu_engine, pre_pad=settings.pre_pad)
+    return RunProfile(settings.cpu_tile, settings.cpu_tile_pad, settings.cpu_tile_fallback, half=False,
+                      batch_frames=settings.cpu_batch_frames, pre_pad=settings.pre_pad)
+
+
+def load_engine(settings: Settings, device: Device, count: int = 1) -> list[Upscaler]:
+    """The model loaded `count` times for `device`; weights that are missing or wrong are a clear error."""
+    try:
+        return load_upscalers(settings.weights_dir, X4PLUS, device, run_profile(settings, device), count=count,
+                              memory_limit_gb=settings.gpu_memory_limit_gb)
+    except FileNotFoundError as exc:
+        raise PermanentError(
+            ErrorCode.WEIGHTS_MISSING,
+            f"{exc}. Download them with 'mkdir -p {settings.weights_dir} && curl -L {X4PLUS.url} -o "
+            f"{settings.weights_dir / X4PLUS.weights_file}' or point WEIGHTS_DIR at their folder",
+        ) from exc
+    except ValueError as exc:
+        raise PermanentError(ErrorCode.WEIGHTS_INVALID, str(exc)) from exc
+
+
+def scale_in_protection(settings: Settings) -> ScaleInProtection | None:
+    if not settings.protect_instance_while_busy:
+        return None
+    required(settings, "autoscaling_group_name")
+    instance_id = settings.ec2_instance_id or ec2_instance_id()
+    log.info("scale-in protection while busy: instance %s of %s", instance_id, settings.autoscaling_group_name)
+    return ScaleInProtection(autoscaling_from(settings), settings.autoscaling_group_name, instance_id)
