@@ -111,7 +111,7 @@ def test_the_guides_log_lines_in_order(make_clip, tmp_path, caplog):
     source = make_clip(size=(32, 24), frames=40, fps="20", audio_s=2.0)
     run_pipeline(source, tmp_path, upscaler=tiny_upscaler(batch_frames=1))
 
-    messages = [r.getMessage() for r in caplog.records if r.name == "echoshot_ai_server.app.pipeline"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "echoshot_ai_server.tasks.upscale_task"]
     expected_order = [
         "업스케일 작업 시작 - Scale: 2x, Device: CPU",
         "비디오 정보 - 해상도: 32x24, FPS: 20.0, 프레임: 40",

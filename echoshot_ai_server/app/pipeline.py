@@ -19,7 +19,8 @@ from echoshot_ai_server.media.probe import VideoInfo, audio_problem, probe
 from echoshot_ai_server.media.reader import FrameReader
 from echoshot_ai_server.media.writer import EncoderSettings, FrameWriter
 
-log = logging.getLogger(__name__)
+# The guide's log lines of a job carry this logger name (its module before the package had wings).
+log = logging.getLogger("echoshot_ai_server.tasks.upscale_task")
 
 ProgressFn = Callable[[int, int], None]
 PROGRESS_LOG_STEP_PERCENT = 5.0

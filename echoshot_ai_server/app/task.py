@@ -22,7 +22,8 @@ from echoshot_ai_server.errors import (
 from echoshot_ai_server.job import CallbackPayload, JobMessage, JobStatus, ResultMetadata, check_source_key, output_key
 from echoshot_ai_server.media.writer import EncoderSettings
 
-log = logging.getLogger(__name__)
+# The guide's log lines of a job carry this logger name (its module before the package had wings).
+log = logging.getLogger("echoshot_ai_server.tasks.upscale_task")
 
 PROGRESS_CLOSE_WAIT_S = 5
 
