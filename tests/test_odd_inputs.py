@@ -106,7 +106,7 @@ def test_ten_bit_source(make_clip, tmp_path):
     source = make_clip("ten.mp4", frames=3, vcodec=["-c:v", "libx264", "-pix_fmt", "yuv420p10le"])
     assert streams_of(source, "video")[0]["pix_fmt"] == "yuv420p10le"
     output, result = run(source, tmp_path)
-    assert streams_of(output, "video")[0]["pix_fmt"] == "yuv420p" and result.metadata.frame_count == 3
+    assert streams_of(output, "video")[0]["pix_fmt"] == "yuv420p10le" and result.metadata.frame_count == 3
 
 
 @pytest.mark.parametrize("name, vcodec, acodec", [

@@ -10,6 +10,7 @@ from echoshot_ai_server.errors import ErrorCode, PermanentError
 from echoshot_ai_server.app.pipeline import upscale_video
 from echoshot_ai_server.job import output_key
 from echoshot_ai_server.media.writer import EncoderSettings
+from echoshot_ai_server.media.probe import probe
 from echoshot_ai_server.media.reader import FrameReader
 from test_video import corrupt_audio_codec
 
@@ -65,8 +66,8 @@ def distinct_frames_clip(path, n, h, w):
 def test_frames_are_the_upscalers_frames_in_order(tmp_path):
     source = distinct_frames_clip(tmp_path / "distinct.mkv", 6, 32, 48)
     upscaler = tiny_upscaler()
-    with FrameReader(source, 48, 32) as reader:
-        expected = np.concatenate([upscaler.upscale(b, 2) for b in reader.batches(6)])
+    with FrameReader(source, probe(source)) as reader:
+        expected = np.concatenate([upscaler.upscale(b.frames, 2) for b in reader.batches(6)])
 
     output, _ = run_pipeline(source, tmp_path, upscaler=upscaler)
 

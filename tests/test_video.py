@@ -2,13 +2,16 @@
 
 from fractions import Fraction
 
+import dataclasses
 import numpy as np
 import pytest
 
 from conftest import decode_frames, ffmpeg, psnr, streams_of
 from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError, RetryableError
-from echoshot_ai_server.media.writer import EncoderSettings, FrameWriter
+from echoshot_ai_server.media.probe import colour_of
+from echoshot_ai_server.media.rawstream import TimedFrames
 from echoshot_ai_server.media.reader import FrameReader
+from echoshot_ai_server.media.writer import EncoderSettings, FrameWriter
 from echoshot_ai_server.media.probe import audio_problem, probe
 
 
@@ -59,30 +62,34 @@ def test_probe_of_a_missing_file(tmp_path):
 
 def test_reader_yields_every_frame_in_batches(make_clip):
     clip = make_clip(size=(64, 48), frames=7)
-    with FrameReader(clip, 64, 48) as reader:
+    with FrameReader(clip, probe(clip)) as reader:
         batches = list(reader.batches(3))
     assert [len(b) for b in batches] == [3, 3, 1]
-    assert batches[0].shape == (3, 48, 64, 3) and batches[0].dtype == np.uint8
+    assert batches[0].frames.shape == (3, 48, 64, 3) and batches[0].frames.dtype == np.uint8
     assert reader.frames_read == 7
+    # each frame with its time: 10 fps
+    times = [t / reader.track.timescale for b in batches for t in b.pts]
+    assert times == pytest.approx([i / 10 for i in range(7)])
     # the same pixels ffmpeg decodes
-    assert psnr(np.concatenate(batches), decode_frames(clip)) > 40
+    assert psnr(np.concatenate([b.frames for b in batches]), decode_frames(clip)) > 40
 
 
 def test_reader_rejects_frames_of_an_unexpected_size(make_clip):
     clip = make_clip(size=(64, 48), frames=2)
+    wrong = dataclasses.replace(probe(clip), width=32)
     with pytest.raises(PermanentError, match="decodes as 64x48, expected 32x48"):
-        with FrameReader(clip, 32, 48) as reader:
+        with FrameReader(clip, wrong) as reader:
             list(reader.batches(1))
 
 
 def write_clip(path, frames, fps=Fraction(10), audio_source=None, encoder=EncoderSettings()):
     n, h, w, _ = frames.shape
     with FrameWriter(
-        path, width=w, height=h, fps=fps, encoder=encoder, streams_from=audio_source, audio=audio_source is not None,
-        duration_s=float(n / fps) if audio_source else None,
+        path, width=w, height=h, timescale=fps.numerator, encoder=encoder, colour=colour_of({}, w, h),
+        streams_from=audio_source, audio=audio_source is not None, end_s=float(n / fps) if audio_source else None,
     ) as writer:
-        for frame in frames:
-            writer.write(frame[None])
+        for i, frame in enumerate(frames):
+            writer.write(TimedFrames(frame[None], [i * fps.denominator], [fps.denominator]))
     return writer
 
 
@@ -128,8 +135,9 @@ def test_writer_failure_is_reported_with_ffmpegs_message(tmp_path):
 
 def test_writer_rejects_frames_of_the_wrong_size(tmp_path):
     with pytest.raises(ValueError, match="expected uint8 frames"):
-        with FrameWriter(tmp_path / "o.mp4", width=64, height=48, fps=Fraction(10), encoder=EncoderSettings()) as w:
-            w.write(np.zeros((1, 48, 32, 3), np.uint8))
+        with FrameWriter(tmp_path / "o.mp4", width=64, height=48, timescale=10, encoder=EncoderSettings(),
+                         colour=colour_of({}, 64, 48)) as w:
+            w.write(TimedFrames(np.zeros((1, 48, 32, 3), np.uint8), [0], [1]))
     assert not (tmp_path / "o.mp4").exists() or (tmp_path / "o.mp4").stat().st_size < 1000
 
 

@@ -16,6 +16,7 @@ from echoshot_ai_server.errors import ErrorCode, JobCancelled, PermanentError, R
 from echoshot_ai_server.job import ResultMetadata
 from echoshot_ai_server.media.prefetch import Prefetch
 from echoshot_ai_server.media.probe import VideoInfo, audio_problem, probe
+from echoshot_ai_server.media.rawstream import TimedFrames
 from echoshot_ai_server.media.reader import FrameReader
 from echoshot_ai_server.media.writer import EncoderSettings, FrameWriter
 
@@ -163,25 +164,30 @@ def upscale_video(
     log.info("비디오 인코딩 중 (%s)...", "오디오 포함" if audio else "오디오 없음")
     progress = _ProgressLog(info.frame_count)
     done = 0
-    # Three stages overlap: decoding (a thread), the model (here), encoding (ffmpeg, fed by a thread).
-    with FrameReader(source, width, height) as reader, FrameWriter(
+    # Three stages overlap: decoding (ffmpeg, read by a thread), the model (here), encoding (ffmpeg, fed by a thread).
+    with FrameReader(source, info, ffmpeg=encoder.ffmpeg) as reader, FrameWriter(
         output,
         width=out_w,
         height=out_h,
-        fps=info.fps,
+        timescale=reader.track.timescale,
         encoder=encoder,
+        colour=info.colour,
+        bits=info.bits,
+        sample_aspect=info.display_sample_aspect,
         streams_from=source,
         audio=audio,
         subtitles=subtitles,
-        duration_s=float(info.frame_count / info.fps),
+        video_start_s=info.video_start_s,
+        end_s=info.video_start_s + info.video_duration_s,
     ) as writer, Prefetch(reader.batches(upscaler.batch_frames)) as batches:
         for batch in batches:
             if should_stop():
                 raise JobCancelled()
             try:
-                writer.write(upscaler.upscale(batch, scale))
+                frames = upscaler.upscale(batch.frames, scale)
             except DeviceOutOfMemory as exc:
                 raise RetryableError(ErrorCode.OUT_OF_MEMORY, str(exc)) from exc
+            writer.write(TimedFrames(frames, batch.pts, batch.durations))
             done += len(batch)
             progress.update(done)
             if on_progress:
@@ -191,16 +197,24 @@ def upscale_video(
         log.info("프레임 업스케일 완료: %d/%d 프레임 처리", done, info.frame_count)
     _check_every_frame_decoded(done, info.frame_count)
     result_info = _probe_result(output, ffprobe, should_stop)
-    if (result_info.width, result_info.height, result_info.frame_count) != (out_w, out_h, writer.frames_written):
-        raise PermanentError(
-            ErrorCode.OUTPUT_MISMATCH,
-            f"encoded {result_info.width}x{result_info.height} with {result_info.frame_count} frames, "
-            f"expected {out_w}x{out_h} with {writer.frames_written}",
-        )
+    _check_result(result_info, (out_w, out_h, writer.frames_written), len(info.audio_streams) if audio else 0,
+                  len(subtitles))
     log.info("최종 비디오 생성 완료")
     metadata = ResultMetadata(width=out_w, height=out_h, fps=round(float(info.fps), 3),
                               frame_count=writer.frames_written, duration=round(result_info.duration_s, 3))
     return UpscaleResult(metadata, result_info.has_audio, time.monotonic() - started)
+
+
+def _check_result(result: VideoInfo, video: tuple[int, int, int], audio_streams: int, subtitle_streams: int) -> None:
+    """The encoded file holds what was written: its size, every frame, every stream that was kept."""
+    got = (result.width, result.height, result.frame_count, len(result.audio_streams), len(result.subtitles))
+    wanted = (*video, audio_streams, subtitle_streams)
+    if got != wanted:
+        raise PermanentError(
+            ErrorCode.OUTPUT_MISMATCH,
+            "the encoded file holds {}x{} with {} frames, {} audio and {} subtitle streams; "
+            "expected {}x{} with {} frames, {} audio and {} subtitle streams".format(*got, *wanted),
+        )
 
 
 def _probe_result(output: Path, ffprobe: str, should_stop) -> VideoInfo:

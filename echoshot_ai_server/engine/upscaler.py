@@ -107,28 +107,31 @@ class Upscaler:
     def upscale(self, frames: np.ndarray, outscale: int) -> np.ndarray:
         """Upscale a batch of frames.
 
-        frames: uint8 array (N, H, W, 3), BGR as OpenCV decodes it, on the host.
+        frames: uint8 (or, from sources deeper than 8 bits, uint16) array (N, H, W, 3), BGR, on the host.
         outscale: 2 or 4.
-        Returns uint8 (N, H * outscale, W * outscale, 3), BGR, on the host.
+        Returns the same dtype, (N, H * outscale, W * outscale, 3), BGR, on the host.
         If the device runs out of memory, the batch is run again with the fallback tile size;
         DeviceOutOfMemory if that fails too. ValueError for frames or a scale it cannot take.
         """
-        if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != np.uint8:
-            raise ValueError(f"expected uint8 frames of shape (N, H, W, 3), got {frames.dtype} {frames.shape}")
-        out = self.upscale_tensor(torch.from_numpy(frames).to(self.torch_device), outscale)
-        if self.torch_device.type == "cuda":
+        if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"expected uint8 or uint16 frames of shape (N, H, W, 3), got {frames.dtype} {frames.shape}")
+        deep = frames.dtype == np.uint16  # torch has no arithmetic on uint16: carried as int32
+        tensor = torch.from_numpy(frames.astype(np.int32) if deep else frames).to(self.torch_device)
+        out = self.upscale_tensor(tensor, outscale, max_value=65535 if deep else 255)
+        if self.torch_device.type == "cuda" and not deep:
             host = torch.empty(out.shape, dtype=torch.uint8, pin_memory=True)
             host.copy_(out)
             out = host
-        out = out.cpu().numpy()
+        out = out.cpu().numpy().astype(frames.dtype, copy=False)
         if outscale != self.model_scale and not self.resize_on_device:
             height, width = frames.shape[1] * outscale, frames.shape[2] * outscale
             out = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_LANCZOS4) for f in out])
         return out
 
     @torch.inference_mode()
-    def upscale_tensor(self, frames: torch.Tensor, outscale: int) -> torch.Tensor:
-        """The engine on device-resident frames: uint8 (N, H, W, 3) BGR in, uint8 NHWC BGR out.
+    def upscale_tensor(self, frames: torch.Tensor, outscale: int, max_value: int = 255) -> torch.Tensor:
+        """The engine on device-resident frames: (N, H, W, 3) BGR integers up to `max_value` (uint8
+        for 255) in, the same out (uint8 for 255, else int32).
 
         The output is at `outscale` when the resize runs on the device, else at the model's scale.
         """
@@ -139,14 +142,14 @@ class Upscaler:
             per_pass, tile = plan_forward(self.batch_frames, frames.shape[1], frames.shape[2],
                                           tile_pad=self.profile.tile_pad, budget_bytes=self.profile.memory_budget_bytes)
         try:
-            out = self._run_passes(frames, tile, per_pass)
+            out = self._run_passes(frames, tile, per_pass, max_value)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
-            out = self._retry_with_fallback_tile(frames, tile, exc)
-        return self._to_frames(out, outscale)
+            out = self._retry_with_fallback_tile(frames, tile, exc, max_value)
+        return self._to_frames(out, outscale, max_value)
 
-    def _run_passes(self, frames: torch.Tensor, tile: int, per_pass: int) -> torch.Tensor:
+    def _run_passes(self, frames: torch.Tensor, tile: int, per_pass: int, max_value: int) -> torch.Tensor:
         outputs = []
         for start in range(0, len(frames), per_pass):
             chunk = frames[start:start + per_pass]
@@ -154,10 +157,11 @@ class Upscaler:
             if self.fixed_shapes and tile == 0 and count < per_pass:
                 # keep the compiled shape: pad with copies of the last frame, drop their outputs
                 chunk = torch.cat([chunk, chunk[-1:].expand(per_pass - count, *chunk.shape[1:])])
-            outputs.append(self._run_model(chunk, tile)[:count])
+            outputs.append(self._run_model(chunk, tile, max_value)[:count])
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    def _retry_with_fallback_tile(self, frames: torch.Tensor, tile: int, error: BaseException) -> torch.Tensor:
+    def _retry_with_fallback_tile(self, frames: torch.Tensor, tile: int, error: BaseException,
+                                  max_value: int) -> torch.Tensor:
         fallback = self.profile.fallback_tile
         if 0 < fallback and (tile == 0 or fallback < tile):
             log.warning(
@@ -167,18 +171,18 @@ class Upscaler:
             if self.torch_device.type == "cuda":
                 torch.cuda.empty_cache()
             try:
-                return self._run_passes(frames, fallback, 1)
+                return self._run_passes(frames, fallback, 1, max_value)
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
                 error = exc
         raise DeviceOutOfMemory(f"out of memory even with tile {fallback}: {error}") from error
 
-    def _run_model(self, frames: torch.Tensor, tile: int) -> torch.Tensor:
-        """uint8 NHWC BGR -> the model's output, (N, 3, H * scale, W * scale) RGB in its dtype."""
+    def _run_model(self, frames: torch.Tensor, tile: int, max_value: int) -> torch.Tensor:
+        """NHWC BGR integers -> the model's output, (N, 3, H * scale, W * scale) RGB in its dtype."""
         scale, pre_pad = self.model_scale, self.profile.pre_pad
         # -> NCHW RGB in [0, 1], rounded to the model's dtype as RealESRGANer does.
-        x = frames.permute(0, 3, 1, 2).flip(1).float().div_(255.0).to(self.dtype)
+        x = frames.permute(0, 3, 1, 2).flip(1).float().div_(float(max_value)).to(self.dtype)
         x = x.contiguous(memory_format=self.memory_format)
         if pre_pad:
             x = F.pad(x, (0, pre_pad, 0, pre_pad), mode="reflect")
@@ -197,13 +201,14 @@ class Upscaler:
                 ]
         return out[:, :, : (h - pre_pad) * scale, : (w - pre_pad) * scale]
 
-    def _to_frames(self, out: torch.Tensor, outscale: int) -> torch.Tensor:
-        """Model output -> uint8 NHWC BGR, as RealESRGANer rounds it (then resized, when on the device)."""
-        out = out.float().clamp_(0, 1).mul_(255.0).round_()
+    def _to_frames(self, out: torch.Tensor, outscale: int, max_value: int) -> torch.Tensor:
+        """Model output -> NHWC BGR integers, as RealESRGANer rounds it (then resized, when on the device)."""
+        out = out.float().clamp_(0, 1).mul_(float(max_value)).round_()
         if outscale != self.model_scale and self.resize_on_device:
             assert outscale * 2 == self.model_scale, "only x2 from the x4 model"
-            out = lanczos_half(out).round_().clamp_(0, 255)
-        return out.to(torch.uint8).flip(1).permute(0, 2, 3, 1).contiguous()
+            out = lanczos_half(out).round_().clamp_(0, max_value)
+        out = out.to(torch.uint8 if max_value == 255 else torch.int32)
+        return out.flip(1).permute(0, 2, 3, 1).contiguous()
 
 
 def load_upscalers(weights_dir: Path, spec: ModelSpec, device: Device, profile: RunProfile, *, count: int = 1,

@@ -1,5 +1,5 @@
-"""One ffmpeg process that encodes H.264 from raw frames and maps the source's audio in the same pass:
-no intermediate video file, no second encode."""
+"""One ffmpeg process that encodes H.264 from timed raw frames and maps the source's audio in the same
+pass: no intermediate video file, no second encode."""
 
 import queue
 import subprocess
@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from echoshot_ai_server.errors import ErrorCode, PermanentError, RetryableError
+from echoshot_ai_server.media.probe import Colour
+from echoshot_ai_server.media.rawstream import RawStreamWriter, TimedFrames, Track
+from echoshot_ai_server.media.reader import raw_format, scale_matrix
 from echoshot_ai_server.media.tools import file_arg
 
 
@@ -26,13 +29,17 @@ class EncoderSettings:
     crf: int = 23
     audio_bitrate: str = "128k"
     ffmpeg: str = "ffmpeg"
+    deep_codec: str = "h264"  # results of sources deeper than 8 bits: "h264" (High 10) or "hevc" (Main 10)
 
 
 class FrameWriter:
-    """One ffmpeg process: raw BGR frames on stdin -> H.264 (+ the source's audio as AAC) in an MP4.
+    """One ffmpeg process: timed raw frames on stdin -> H.264 (+ the source's audio as AAC) in an MP4.
 
-    Frames are handed to ffmpeg by a thread of its own, `queue_depth` batches deep, so that the
-    caller can go on with the next batch while ffmpeg encodes.
+    The frames keep their times (a variable frame rate, and when the first one is shown next to the
+    audio), their sample aspect ratio and the source's colour: converted to YUV with its matrix and
+    tagged with all four of matrix, primaries, transfer and (limited) range, 10-bit when the source
+    is deeper than 8 bits. Frames are handed to ffmpeg by a thread of its own, `queue_depth` batches
+    deep, so that the caller can go on with the next batch while ffmpeg encodes.
     """
 
     def __init__(
@@ -41,30 +48,37 @@ class FrameWriter:
         *,
         width: int,
         height: int,
-        fps: Fraction,
+        timescale: int,
         encoder: EncoderSettings,
+        colour: Colour,
+        bits: int = 8,
+        sample_aspect: Fraction = Fraction(1),
         streams_from: Path | None = None,
         audio: bool = False,
         subtitles: tuple[int, ...] = (),
-        duration_s: float | None = None,
+        video_start_s: float = 0.0,
+        end_s: float | None = None,
         queue_depth: int = 2,
     ):
         """`streams_from`: the source whose audio streams (all, as AAC) and text subtitle streams
-        (these stream indices, as mov_text) go into the output beside the frames."""
+        (these stream indices, as mov_text) go into the output beside the frames, read up to `end_s`
+        (when the video ends); `video_start_s`: when the first frame is shown, on the source's clock."""
         self.output = output
+        self.track = Track(width, height, raw_format(bits), timescale)
+        self.sample_aspect = sample_aspect
         self.frame_shape = (height, width, 3)
+        self.dtype = np.uint16 if bits > 8 else np.uint8
         self.frames_written = 0
         self.args = [
             encoder.ffmpeg, "-hide_banner", "-loglevel", "error", "-y",
-            "-f", "rawvideo", "-pix_fmt", "bgr24", "-video_size", f"{width}x{height}",
-            "-framerate", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0",
+            "-itsoffset", f"{video_start_s:.6f}", "-f", "mov", "-i", "pipe:0",
         ]
         extra = streams_from is not None and (audio or subtitles)
         if extra:
             # Reading the source only as long as the video lasts trims its audio to the video's
             # length; unlike -shortest this never drops frames when the audio is shorter.
-            if duration_s:
-                self.args += ["-t", f"{duration_s:.6f}"]
+            if end_s:
+                self.args += ["-t", f"{end_s:.6f}"]
             self.args += ["-i", file_arg(streams_from)]
         self.args += ["-map", "0:v:0"]
         if extra and audio:
@@ -74,9 +88,13 @@ class FrameWriter:
                 self.args += ["-map", f"1:{index}"]
             if subtitles:
                 self.args += ["-c:s", "mov_text"]
+        deep = bits > 8
         self.args += [
-            "-c:v", "libx264", "-preset", encoder.preset, "-crf", str(encoder.crf), "-pix_fmt", "yuv420p",
-            "-movflags", "+faststart", "-f", "mp4", file_arg(output),
+            "-vf", f"scale=out_color_matrix={scale_matrix(colour.matrix)}:out_range=tv,"
+                   f"format={'yuv420p10le' if deep else 'yuv420p'}",
+            *_video_codec(encoder, deep),
+            "-colorspace", colour.matrix, "-color_primaries", colour.primaries, "-color_trc", colour.transfer,
+            "-color_range", "tv", "-fps_mode", "passthrough", "-movflags", "+faststart", "-f", "mp4", file_arg(output),
         ]
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._pipe_error: OSError | None = None
@@ -95,21 +113,28 @@ class FrameWriter:
         self._thread.start()
         return self
 
-    def write(self, frames: np.ndarray) -> None:
-        if frames.shape[1:] != self.frame_shape or frames.dtype != np.uint8:
-            raise ValueError(f"expected uint8 frames (N, {self.frame_shape}), got {frames.dtype} {frames.shape}")
+    def write(self, batch: TimedFrames) -> None:
+        frames = batch.frames
+        if frames.shape[1:] != self.frame_shape or frames.dtype != self.dtype:
+            raise ValueError(f"expected {self.dtype.__name__} frames (N, {self.frame_shape}), got {frames.dtype} {frames.shape}")
         if self._pipe_error is not None:
             self._process.wait()
             raise self._failure()
-        self._queue.put(np.ascontiguousarray(frames))
+        self._queue.put(batch)
 
     def _feed(self) -> None:
-        while (frames := self._queue.get()) is not None:
+        stream = RawStreamWriter(self._process.stdin, self.track, (self.sample_aspect.numerator,
+                                                                   self.sample_aspect.denominator))
+        try:
+            stream.write_header()
+        except OSError as exc:
+            self._pipe_error = exc
+        while (batch := self._queue.get()) is not None:
             if self._pipe_error is not None:
                 continue  # ffmpeg is gone: drop frames until told to stop, so the producer never blocks
             try:
-                self._process.stdin.write(frames.data)
-                self.frames_written += len(frames)
+                stream.write(batch)
+                self.frames_written += len(batch)
             except OSError as exc:
                 self._pipe_error = exc
 
@@ -145,3 +170,10 @@ class FrameWriter:
         return RetryableError(
             ErrorCode.ENCODE_FAILED, f"ffmpeg exited with {self._process.returncode}: {tail or 'no message'}"
         )
+
+
+def _video_codec(encoder: EncoderSettings, deep: bool) -> list[str]:
+    if deep and encoder.deep_codec == "hevc":  # Main 10; hvc1 is the tag Apple's players want
+        return ["-c:v", "libx265", "-preset", encoder.preset, "-crf", str(encoder.crf), "-tag:v", "hvc1",
+                "-x265-params", "log-level=error"]
+    return ["-c:v", "libx264", "-preset", encoder.preset, "-crf", str(encoder.crf)]  # High 10 when deep
