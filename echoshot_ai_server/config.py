@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     x264_preset: str = "medium"
     x264_crf: int = Field(23, ge=0, le=51)
     audio_bitrate: str = "128k"
+    ten_bit_codec: Literal["h264", "hevc"] = "h264"  # results of sources deeper than 8 bits: High 10 or Main 10
 
     # Input limits, sized for the guide's tiers (up to 4K sources, 10 minutes, 8K results)
     max_input_width: int = Field(4096, ge=0)

@@ -136,7 +136,8 @@ def autoscaling_from(settings: Settings) -> AutoScaling:
 
 
 def encoder_settings(settings: Settings) -> EncoderSettings:
-    return EncoderSettings(settings.x264_preset, settings.x264_crf, settings.audio_bitrate, settings.ffmpeg_bin)
+    return EncoderSettings(settings.x264_preset, settings.x264_crf, settings.audio_bitrate, settings.ffmpeg_bin,
+                           settings.ten_bit_codec)
 
 
 def input_limits(settings: Settings) -> InputLimits:

@@ -179,7 +179,10 @@ def probe(path: Path, ffprobe: str = "ffprobe", should_stop: StopCheck | None = 
         for st in streams if st.get("codec_type") == "subtitle"
     )
     first = shown.first_s if shown.first_s is not None else (_float(video.get("start_time")) or file_start)
-    video_duration = (shown.end_s - first) if shown.end_s is not None else float(frame_count / fps)
+    # The last frame shown ends at its time plus its packet's duration (a frame's worth where the
+    # container does not say); a stream's own duration counts in decoding order, which B-frames upset.
+    end = shown.end_s + (0 if shown.last_has_duration else float(1 / fps)) if shown.end_s is not None else None
+    video_duration = (end - first) if end is not None else float(frame_count / fps)
     return VideoInfo(
         width, height, fps, frame_count, duration, video.get("codec_name", "unknown"),
         audio_streams[0] if audio_streams else None, audio_streams, subtitles, _rotation(video),
@@ -209,8 +212,9 @@ class _Shown:
     count: int  # packets found that are shown
     hidden: int  # packets found that an edit list keeps out of view
     first_s: float | None  # the earliest time a frame is shown
-    end_s: float | None  # when the last frame shown ends
+    end_s: float | None  # the latest end of a packet shown
     readable: bool = True  # False: not even the first packet could be read
+    last_has_duration: bool = True
 
 
 def _shown_frames(path: Path, ffprobe: str, index: int, should_stop: StopCheck | None) -> _Shown:
@@ -231,7 +235,8 @@ def _shown_frames(path: Path, ffprobe: str, index: int, should_stop: StopCheck |
     times = [(t, _float(p.get("duration_time")) or 0.0) for p in kept if (t := _float(p.get("pts_time"))) is not None]
     if not times:
         return _Shown(len(kept), hidden, None, None, readable)
-    return _Shown(len(kept), hidden, min(t for t, _ in times), max(t + d for t, d in times), readable)
+    last = max(times)
+    return _Shown(len(kept), hidden, min(t for t, _ in times), max(t + d for t, d in times), readable, last[1] > 0)
 
 
 def audio_problem(path: Path, ffmpeg: str = "ffmpeg", should_stop: StopCheck | None = None) -> str | None:

@@ -73,6 +73,7 @@ class RawStreamWriter:
     def __init__(self, sink: BinaryIO, track: Track, sample_aspect: tuple[int, int] = (1, 1)):
         self.sink, self.track, self.sample_aspect = sink, track, sample_aspect
         self._sequence = 0
+        self._held: tuple[np.ndarray, int, int] | None = None  # the last frame, until its duration is known
 
     def write_header(self) -> None:
         t = self.track
@@ -102,18 +103,30 @@ class RawStreamWriter:
                         + _box(b"moov", mvhd, _box(b"trak", tkhd, mdia), mvex))
 
     def write(self, batch: TimedFrames) -> None:
-        """One fragment for the batch: its frames back to back, each with its time and duration."""
-        count = len(batch)
+        """Queue the batch's frames. Each frame goes out in a fragment of its own, so that its time is
+        exact (`tfdt`) whatever the durations say, once the next frame's time gives its duration."""
+        for i, pts in enumerate(batch.pts):
+            if self._held is not None:
+                held_frame, held_pts, _ = self._held
+                self._fragment(held_frame, held_pts, duration=pts - held_pts)
+            self._held = (batch.frames[i:i + 1], pts, batch.durations[i])
+
+    def finish(self, last_duration: int | None = None) -> None:
+        """Send the last frame, lasting `last_duration` ticks (else as long as its own duration said)."""
+        if self._held is not None:
+            frame, pts, duration = self._held
+            self._fragment(frame, pts, duration=last_duration if last_duration and last_duration > 0 else duration)
+            self._held = None
+
+    def _fragment(self, frame: np.ndarray, pts: int, duration: int) -> None:
         self._sequence += 1
-        entries = b"".join(struct.pack(">II", duration, self.track.frame_bytes) for duration in batch.durations)
         tfhd = _full_box(b"tfhd", 0, 0x020000, struct.pack(">I", 1))  # data offsets count from the moof
-        tfdt = _full_box(b"tfdt", 1, 0, struct.pack(">Q", batch.pts[0]))
-        trun_size = 12 + 8 + 8 * count
-        moof_size = 8 + 16 + 8 + (len(tfhd) + len(tfdt) + trun_size)
-        trun = _full_box(b"trun", 0, 0x000301, struct.pack(">Ii", count, moof_size + 8), entries)
+        tfdt = _full_box(b"tfdt", 1, 0, struct.pack(">Q", pts))
+        moof_size = 8 + 16 + 8 + len(tfhd) + len(tfdt) + 28
+        trun = _full_box(b"trun", 0, 0x000301, struct.pack(">IiII", 1, moof_size + 8, max(duration, 1),
+                                                           self.track.frame_bytes))
         moof = _box(b"moof", _full_box(b"mfhd", 0, 0, struct.pack(">I", self._sequence)), _box(b"traf", tfhd, tfdt, trun))
-        assert len(moof) == moof_size
-        payload = _to_wire(batch.frames, self.track.pix_fmt)
+        payload = _to_wire(frame, self.track.pix_fmt)
         self.sink.write(moof + struct.pack(">I4s", 8 + payload.nbytes, b"mdat"))
         self.sink.write(payload)
 

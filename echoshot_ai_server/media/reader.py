@@ -24,6 +24,11 @@ SCALE_MATRICES = {"bt709": "bt709", "smpte170m": "smpte170m", "bt470bg": "bt470"
                   "bt2020c": "bt2020", "fcc": "fcc", "smpte240m": "smpte240m"}
 
 
+# Exact rounding and full chroma resolution in the YUV <-> RGB conversions: without them colours
+# drift by a few levels (mostly darker) through the two conversions of a job.
+SCALE_FLAGS = "accurate_rnd+full_chroma_int"
+
+
 def scale_matrix(matrix: str) -> str:
     return SCALE_MATRICES.get(matrix, "bt709")
 
@@ -42,7 +47,7 @@ class FrameReader:
         self.frames_read = 0
         colour = info.colour
         convert = (f"scale=in_color_matrix={scale_matrix(colour.matrix)}:in_range={'pc' if colour.full_range else 'tv'}"
-                   f",format={raw_format(info.bits)}")
+                   f":flags={SCALE_FLAGS},format={raw_format(info.bits)}")
         self.args = [
             ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-i", file_arg(path), "-map", "0:v:0",
             "-vf", convert, "-fps_mode", "passthrough", "-c:v", "rawvideo", "-f", "mov",

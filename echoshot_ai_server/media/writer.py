@@ -14,7 +14,7 @@ import numpy as np
 from echoshot_ai_server.errors import ErrorCode, PermanentError, RetryableError
 from echoshot_ai_server.media.probe import Colour
 from echoshot_ai_server.media.rawstream import RawStreamWriter, TimedFrames, Track
-from echoshot_ai_server.media.reader import raw_format, scale_matrix
+from echoshot_ai_server.media.reader import SCALE_FLAGS, raw_format, scale_matrix
 from echoshot_ai_server.media.tools import file_arg
 
 
@@ -90,14 +90,18 @@ class FrameWriter:
                 self.args += ["-c:s", "mov_text"]
         deep = bits > 8
         self.args += [
-            "-vf", f"scale=out_color_matrix={scale_matrix(colour.matrix)}:out_range=tv,"
+            "-vf", f"scale=out_color_matrix={scale_matrix(colour.matrix)}:out_range=tv:flags={SCALE_FLAGS},"
                    f"format={'yuv420p10le' if deep else 'yuv420p'}",
             *_video_codec(encoder, deep),
             "-colorspace", colour.matrix, "-color_primaries", colour.primaries, "-color_trc", colour.transfer,
-            "-color_range", "tv", "-fps_mode", "passthrough", "-movflags", "+faststart", "-f", "mp4", file_arg(output),
+            "-color_range", "tv", "-fps_mode", "passthrough", "-enc_time_base:v", "-1",  # the frames' own clock
+            "-movflags", "+faststart", "-f", "mp4", file_arg(output),
         ]
+        self.video_start_s, self.end_s = video_start_s, end_s
+        self._last_pts: int | None = None
+        self._finishing = False
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
-        self._pipe_error: OSError | None = None
+        self._pipe_error: BaseException | None = None
         self._process = None
         self._stderr = None
         self._thread = None
@@ -125,23 +129,32 @@ class FrameWriter:
     def _feed(self) -> None:
         stream = RawStreamWriter(self._process.stdin, self.track, (self.sample_aspect.numerator,
                                                                    self.sample_aspect.denominator))
+        told_to_stop = False
         try:
             stream.write_header()
-        except OSError as exc:
-            self._pipe_error = exc
-        while (batch := self._queue.get()) is not None:
-            if self._pipe_error is not None:
-                continue  # ffmpeg is gone: drop frames until told to stop, so the producer never blocks
-            try:
+            while (batch := self._queue.get()) is not None:
                 stream.write(batch)
                 self.frames_written += len(batch)
-            except OSError as exc:
-                self._pipe_error = exc
+                self._last_pts = batch.pts[-1]
+            told_to_stop = True
+            if self._finishing:
+                stream.finish(self._last_duration())
+        except BaseException as exc:  # ffmpeg gone (OSError), or a bug: kept for the producer
+            self._pipe_error = exc
+            while not told_to_stop and self._queue.get() is not None:
+                pass  # drop frames until told to stop, so that the producer never blocks
+
+    def _last_duration(self) -> int | None:
+        """The last frame lasts until the video's end on the source's clock, where that is known."""
+        if self.end_s is None or self._last_pts is None:
+            return None
+        return round((self.end_s - self.video_start_s) * self.track.timescale) - self._last_pts
 
     def __exit__(self, exc_type, *exc) -> None:
         try:
             if exc_type is not None:
                 self._process.kill()
+            self._finishing = exc_type is None
             self._queue.put(None)
             self._thread.join()
             if exc_type is not None:
@@ -163,7 +176,9 @@ class FrameWriter:
     def _disk_full(self) -> bool:
         return any(message in self._messages() for message in DISK_FULL_MESSAGES)
 
-    def _failure(self) -> RetryableError:
+    def _failure(self) -> BaseException:
+        if self._pipe_error is not None and not isinstance(self._pipe_error, OSError):
+            return self._pipe_error  # not ffmpeg's doing
         tail = self._messages()[-STDERR_TAIL_CHARS:]
         if self._disk_full():
             return RetryableError(ErrorCode.INSUFFICIENT_DISK, f"the disk filled up while encoding: {tail}")
