@@ -282,3 +282,22 @@ def test_compiled_engine_equals_the_eager_one_and_keeps_its_shape(tiny_checkpoin
     assert np.abs(out.astype(int) - eager.upscale(frames, 2).astype(int)).max() <= 1
     assert out.shape == (3, 48, 64, 3)
     assert set(shapes) == {(2, 3, 24, 32)}
+
+
+@pytest.mark.parametrize("outscale", [4, 2])
+def test_sixteen_bit_frames_equal_realesrganer_enhance(tiny_checkpoint, outscale):
+    # Sources deeper than 8 bits travel as 16-bit frames; RealESRGANer takes 16-bit images the same way
+    frames = (random_frames(2, 29, 35).astype(np.uint16) * 257 + np.random.default_rng(5).integers(0, 257, (2, 29, 35, 3))
+              ).astype(np.uint16)
+    ours = Upscaler(load_model(tiny_checkpoint, TINY_ARCH), device="cpu",
+                    profile=RunProfile(tile=16, tile_pad=5, fallback_tile=8))
+    reference = reference_enhancer(tiny_checkpoint, TINY_ARCH, tile=16, tile_pad=5)
+
+    out = ours.upscale(frames, outscale)
+
+    assert out.dtype == np.uint16 and out.shape == (2, 29 * outscale, 35 * outscale, 3)
+    for i, frame in enumerate(frames):
+        expected, _ = reference.enhance(frame, outscale=outscale)
+        assert expected.dtype == np.uint16
+        diff = np.abs(out[i].astype(int) - expected.astype(int))
+        assert diff.max() <= 2 and (diff <= 1).mean() > 0.99, diff.max()
