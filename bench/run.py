@@ -36,7 +36,11 @@ from echoshot_ai_server.engine.models import build_model  # noqa: E402
 from echoshot_ai_server.engine.specs import X4PLUS  # noqa: E402
 from echoshot_ai_server.engine.upscaler import load_upscalers  # noqa: E402
 from echoshot_ai_server.app.wiring import run_profile  # noqa: E402
+from echoshot_ai_server.media.probe import probe  # noqa: E402
+from echoshot_ai_server.media.reader import FrameReader  # noqa: E402
 from echoshot_ai_server.media.writer import EncoderSettings  # noqa: E402
+
+FFMPEG, FFPROBE = "ffmpeg", "ffprobe"  # set from the command line
 
 FULL_CASES = [((640, 480), 4), ((1280, 720), 2), ((640, 480), 2), ((1280, 720), 4)]
 QUICK_CASES = [((80, 60), 4), ((80, 60), 2)]
@@ -81,14 +85,14 @@ def weights_file(choice: str, workdir: Path) -> tuple[Path, str]:
 
 
 def decode(path: Path, limit: int | None = None) -> list[np.ndarray]:
-    capture, frames = cv2.VideoCapture(str(path)), []
-    while limit is None or len(frames) < limit:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
-    capture.release()
-    return frames
+    """Frames as the pipeline (and a player) reads them: the file's colour tags, or the convention."""
+    frames = []
+    with FrameReader(path, probe(path, FFPROBE), ffmpeg=FFMPEG) as reader:
+        for batch in reader.batches(8):
+            frames += list(batch.frames)
+            if limit is not None and len(frames) >= limit:
+                break
+    return frames[:limit]
 
 
 # -- the guide's design, as written --------------------------------------------------------
@@ -319,6 +323,8 @@ def main() -> int:
     parser.add_argument("--engine", choices=("auto", "fused", "compile", "eager"), default="auto",
                         help="the GPU engine of 'ours' (default: as the worker chooses)")
     args = parser.parse_args()
+    global FFMPEG, FFPROBE
+    FFMPEG, FFPROBE = args.ffmpeg, args.ffprobe
     args.seconds = args.seconds or (0.4 if args.quick else 2.0)
     args.model_repeats = args.model_repeats or (2 if args.quick else 10)
     if args.weights is None:

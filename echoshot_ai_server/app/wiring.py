@@ -4,24 +4,21 @@ The only module besides cli.py that reads `Settings`; everything below it gets p
 """
 
 import logging
+from typing import TYPE_CHECKING
 
-from echoshot_ai_server.adapters.autoscaling import AutoScaling, ec2_instance_id
-from echoshot_ai_server.adapters.s3 import Storage
-from echoshot_ai_server.adapters.spring import SpringCallback
-from echoshot_ai_server.adapters.sqs import JobQueue
-from echoshot_ai_server.app.monitoring import Monitoring
 from echoshot_ai_server.app.pipeline import GPU_FALLBACK_WARNING, InputLimits
-from echoshot_ai_server.app.protection import ScaleInProtection
-from echoshot_ai_server.app.records import JobRecords
-from echoshot_ai_server.app.task import UpscaleTask
-from echoshot_ai_server.app.worker import Worker
-from echoshot_ai_server.app.workspace import WorkerDirectory, check_writable, remove_stale_worker_dirs
 from echoshot_ai_server.config import Settings
 from echoshot_ai_server.engine.device import gpu_memory_stats, resolve_device
 from echoshot_ai_server.engine.specs import X4PLUS, Device
 from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler, load_upscalers
 from echoshot_ai_server.errors import ErrorCode, PermanentError, RetryableError
 from echoshot_ai_server.media.writer import EncoderSettings
+
+if TYPE_CHECKING:  # the AWS side is imported where it is built: the local pipeline needs no boto3
+    from echoshot_ai_server.adapters.autoscaling import AutoScaling
+    from echoshot_ai_server.adapters.sqs import JobQueue
+    from echoshot_ai_server.app.protection import ScaleInProtection
+    from echoshot_ai_server.app.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +29,19 @@ def required(settings: Settings, *names: str) -> None:
         raise PermanentError(ErrorCode.INVALID_PARAMETERS, f"required setting(s) not set: {', '.join(missing)}")
 
 
-def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) -> Worker:
+def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) -> "Worker":
     """The worker as the settings describe it. `upscalers` replaces the model loading (tests).
 
     Checks first that the worker can work at all (the queue, the bucket, the work directory), so
     that a misspelt setting stops it at start with one clear line instead of failing every job."""
+    from echoshot_ai_server.adapters.s3 import Storage
+    from echoshot_ai_server.adapters.spring import SpringCallback
+    from echoshot_ai_server.app.monitoring import Monitoring
+    from echoshot_ai_server.app.records import JobRecords
+    from echoshot_ai_server.app.task import UpscaleTask
+    from echoshot_ai_server.app.worker import Worker
+    from echoshot_ai_server.app.workspace import WorkerDirectory, check_writable, remove_stale_worker_dirs
+
     required(settings, "sqs_queue_url", "s3_bucket_name", "spring_callback_url")
     requested = "gpu" if settings.worker_device == "auto" else settings.worker_device
     device = resolve_device(requested)
@@ -123,15 +128,19 @@ def aws_timeouts(settings: Settings) -> dict[str, float]:
     return dict(connect_timeout_s=settings.aws_connect_timeout_s, read_timeout_s=settings.aws_read_timeout_s)
 
 
-def queue_from(settings: Settings, url: str | None) -> JobQueue:
+def queue_from(settings: Settings, url: str | None) -> "JobQueue":
     """The queue at `url` (SQS_QUEUE_URL when None)."""
+    from echoshot_ai_server.adapters.sqs import JobQueue
+
     url = url or settings.sqs_queue_url
     if not url:
         raise PermanentError(ErrorCode.INVALID_PARAMETERS, "no queue: pass --queue-url or set SQS_QUEUE_URL")
     return JobQueue(url, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url, **aws_timeouts(settings))
 
 
-def autoscaling_from(settings: Settings) -> AutoScaling:
+def autoscaling_from(settings: Settings) -> "AutoScaling":
+    from echoshot_ai_server.adapters.autoscaling import AutoScaling
+
     return AutoScaling(region=settings.aws_region, endpoint_url=settings.aws_endpoint_url)
 
 
@@ -171,7 +180,10 @@ def load_engine(settings: Settings, device: Device, count: int = 1) -> list[Upsc
         raise PermanentError(ErrorCode.WEIGHTS_INVALID, str(exc)) from exc
 
 
-def scale_in_protection(settings: Settings) -> ScaleInProtection | None:
+def scale_in_protection(settings: Settings) -> "ScaleInProtection | None":
+    from echoshot_ai_server.adapters.autoscaling import ec2_instance_id
+    from echoshot_ai_server.app.protection import ScaleInProtection
+
     if not settings.protect_instance_while_busy:
         return None
     required(settings, "autoscaling_group_name")
