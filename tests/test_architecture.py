@@ -2,6 +2,8 @@
 it grows into"), read from the source itself."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,11 @@ def test_allowed_arrows_pass():
     assert violations("echoshot_ai_server.main", "from echoshot_ai_server.cli import main") == []
     assert violations("echoshot_ai_server.adapters.spring", "from echoshot_ai_server.job import CallbackPayload") == []
     assert violations("echoshot_ai_server.job", "from echoshot_ai_server.engine.specs import scale_problem") == []
+
+
+def test_the_local_pipeline_needs_no_aws_libraries():
+    # `echoshot upscale` and the GPU benchmarks run where boto3 is not installed
+    code = ("import sys; sys.modules['boto3'] = sys.modules['botocore'] = None; "
+            "import echoshot_ai_server.app.wiring, echoshot_ai_server.app.pipeline, echoshot_ai_server.engine.upscaler")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
