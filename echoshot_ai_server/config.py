@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     cpu_tile_pad: int = Field(5, ge=0)
     cpu_tile_fallback: int = Field(64, ge=0)
     cpu_batch_frames: int = Field(1, ge=1)
+    # Tuned, compiled GPU kernels: kept under this folder, in a subfolder per GPU, driver and library
+    # versions (unset: Triton's and torch.compile's own folders)
+    kernel_cache_dir: Path | None = None
 
     # Video tools and encoding
     ffmpeg_bin: str = "ffmpeg"

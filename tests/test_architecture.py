@@ -44,8 +44,11 @@ def part(name: str) -> str:
 
 
 def reads_environment(source: str) -> bool:
-    return any(isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv")
-               and isinstance(node.value, ast.Name) and node.value.id == "os" for node in ast.walk(ast.parse(source)))
+    """Whether the source reads os.environ / os.getenv (setting a variable for a library is no read)."""
+    tree = ast.parse(source)
+    written = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store)}
+    return any(isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv") and isinstance(node.value, ast.Name)
+               and node.value.id == "os" and id(node) not in written for node in ast.walk(tree))
 
 
 def violations(module: str, source: str) -> list[str]:
@@ -99,6 +102,8 @@ def test_no_module_draws_a_forbidden_arrow():
     ("echoshot_ai_server.app.worker", "from echoshot_ai_server.cli import main"),
     ("echoshot_ai_server.app.wiring", "from echoshot_ai_server.dev.local import MotoServer"),
     ("echoshot_ai_server.app.wiring", "import os\nos.environ.get('X')"),
+    ("echoshot_ai_server.engine.device", "import os\nvalue = os.environ['X']"),
+    ("echoshot_ai_server.media.probe", "import os\nos.getenv('X')"),
 ])
 def test_each_forbidden_arrow_is_caught(module, source):
     assert violations(module, source) != []
@@ -109,6 +114,7 @@ def test_allowed_arrows_pass():
     assert violations("echoshot_ai_server.main", "from echoshot_ai_server.cli import main") == []
     assert violations("echoshot_ai_server.adapters.spring", "from echoshot_ai_server.job import CallbackPayload") == []
     assert violations("echoshot_ai_server.job", "from echoshot_ai_server.engine.specs import scale_problem") == []
+    assert violations("echoshot_ai_server.engine.device", "import os\nos.environ['TRITON_CACHE_DIR'] = 'x'") == []
 
 
 def test_the_local_pipeline_needs_no_aws_libraries():

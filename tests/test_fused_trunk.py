@@ -43,6 +43,7 @@ print("relative error", error)
 
 ENGINE_CHECK = """
 frames = np.random.default_rng(1).integers(0, 256, (3, 10, 14, 3), dtype=np.uint8)
+other_size = np.random.default_rng(2).integers(0, 256, (2, 7, 19, 3), dtype=np.uint8)
 def upscaler(engine):
     torch.manual_seed(0)
     return Upscaler(random_model(16, 1, 16), device="cpu", profile=RunProfile(half=False, tile=0, tile_pad=4, fallback_tile=8,
@@ -58,6 +59,9 @@ for scale in (4, 2):
     diff = np.abs(got.astype(int) - expected.astype(int)).max()
     assert diff <= 1, diff
 assert set(shapes) == {(2, 3, 10, 14)}, shapes
+# the same engine takes a frame size it has not seen (kernels take the size at run time)
+got, expected = fused.upscale(other_size, 4), eager.upscale(other_size, 4)
+assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
 print("ok")
 """
 
@@ -118,3 +122,37 @@ def test_launch_grid(monkeypatch):
     assert launch_grid(rows, {"BLOCK_M": 256, "PER_SM": 1}) == (132,)  # persistent: one per multiprocessor
     assert launch_grid(rows, {"BLOCK_M": 128, "PER_SM": 2}) == (264,)
     assert launch_grid(1000, {"BLOCK_M": 256, "PER_SM": 2}) == (4,)  # never more programs than tiles
+
+
+def test_kernels_are_tuned_per_size_class_not_per_frame_size():
+    from echoshot_ai_server.engine.fused_trunk import SIZE_CLASS_ROWS, conv3x3_kernel, conv3x3_tuned, size_class
+
+    # what the autotuner keys on, and what the compiler may specialise on: never the frame's size
+    assert conv3x3_tuned.keys == ["CIN", "COUT", "size_class"]
+    sizes = {"rows", "frame_rows", "row_pitch", "H", "W", "size_class"}
+    unspecialised = {conv3x3_kernel.arg_names[i] if isinstance(i, int) else i for i in conv3x3_kernel.do_not_specialize}
+    assert sizes <= unspecialised
+    # 4 frames of 640x480 and of 176x144 share a class; 720p and 1080p share the other
+    rows = lambda w, h: 4 * (w + 2) * (h + 2)  # noqa: E731
+    assert size_class(rows(176, 144)) == size_class(rows(640, 480)) == 0
+    assert size_class(rows(1280, 720)) == size_class(rows(1920, 1080)) == 1 == len(SIZE_CLASS_ROWS)
+
+
+def test_kernel_cache_folders_are_keyed_by_gpu_and_versions(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import triton
+
+    from echoshot_ai_server.engine import device
+
+    def folder_for(name, major):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: SimpleNamespace(name=name, major=major, minor=0))
+        return device.use_kernel_cache(tmp_path)
+
+    h100 = folder_for("NVIDIA H100 80GB HBM3", 9)
+    assert h100.parent == tmp_path and (h100 / "triton").is_dir() and (h100 / "inductor").is_dir()
+    assert "H100" in h100.name and "sm90" in h100.name and f"triton{triton.__version__}" in h100.name
+    assert torch.__version__.split("+")[0] in h100.name
+    assert os.environ["TRITON_CACHE_DIR"] == str(h100 / "triton")
+    assert folder_for("Tesla T4", 7) != h100  # other hardware tunes its own kernels
+    assert folder_for("NVIDIA H100 80GB HBM3", 9) == h100

@@ -111,3 +111,29 @@ def test_a_busy_metrics_port_is_one_clear_error():
             Monitoring().serve("127.0.0.1", port)
     finally:
         first.close()
+
+
+def test_not_ready_until_the_engine_is_warmed_up(stack):
+    # Given a worker whose engine takes a while to tune and compile its kernels
+    worker = make_worker(stack, metrics_port=0)
+    warming, release = threading.Event(), threading.Event()
+    worker.warm_up = lambda: (warming.set(), release.wait(30))
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        wait_until(warming.is_set, 10, "the warm-up never started")
+        base = f"http://127.0.0.1:{worker.monitoring.port}"
+
+        # Then it answers, but not ready, and takes no job meanwhile
+        answer = requests.get(f"{base}/healthz", timeout=5)
+        assert answer.status_code == 503 and answer.json()["model_loaded"] is False
+
+        # And once the engine is ready, so is the worker, and the metrics say how long it took
+        release.set()
+        wait_until(lambda: requests.get(f"{base}/healthz", timeout=5).status_code == 200, 10, "never ready")
+        assert metric(requests.get(f"{base}/metrics", timeout=5).text, "echoshot_startup_seconds") > 0
+    finally:
+        release.set()
+        worker.request_stop()
+        runner.join(timeout=60)
+    assert not runner.is_alive()

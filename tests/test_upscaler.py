@@ -301,3 +301,20 @@ def test_sixteen_bit_frames_equal_realesrganer_enhance(tiny_checkpoint, outscale
         assert expected.dtype == np.uint16
         diff = np.abs(out[i].astype(int) - expected.astype(int))
         assert diff.max() <= 2 and (diff <= 1).mean() > 0.99, diff.max()
+
+
+def test_the_compiled_engine_compiles_once_for_every_frame_size(tiny_checkpoint):
+    from torch._dynamo.utils import counters
+
+    compiled = Upscaler(load_model(tiny_checkpoint, TINY_ARCH), device="cpu",
+                        profile=RunProfile(tile=0, tile_pad=4, fallback_tile=16, batch_frames=2, engine="compile"))
+    assert compiled.warm_up([(32, 24)]) > 0
+    graphs = counters["stats"]["unique_graphs"]
+
+    for h, w in ((20, 28), (36, 44), (18, 62)):  # sizes the warm-up never saw
+        frames = random_frames(2, h, w)
+        eager = Upscaler(load_model(tiny_checkpoint, TINY_ARCH), device="cpu",
+                         profile=RunProfile(tile=0, tile_pad=4, fallback_tile=16, batch_frames=2))
+        assert np.abs(compiled.upscale(frames, 4).astype(int) - eager.upscale(frames, 4).astype(int)).max() <= 1
+
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after the warm-up

@@ -34,6 +34,8 @@ class Monitoring:
         self.in_flight = Gauge("echoshot_jobs_in_flight", "Jobs running now", registry=self.registry)
         self.ready = Gauge("echoshot_ready", "1 when the model is loaded, the queue answered lately and nothing is wrong",
                            registry=self.registry)
+        self.startup = Gauge("echoshot_startup_seconds", "From the process's start to ready: the model loaded, its "
+                             "kernels tuned and compiled", registry=self.registry)
         self.ready.set_function(lambda: 1.0 if self.is_ready()[0] else 0.0)
         if gpu_memory is not None:
             gauge = Gauge("echoshot_gpu_memory_bytes", "GPU memory held by PyTorch", ["kind"], registry=self.registry)

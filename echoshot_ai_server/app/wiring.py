@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from echoshot_ai_server.app.pipeline import GPU_FALLBACK_WARNING, InputLimits
 from echoshot_ai_server.config import Settings
-from echoshot_ai_server.engine.device import gpu_memory_stats, resolve_device
+from echoshot_ai_server.engine.device import gpu_memory_stats, resolve_device, use_kernel_cache
 from echoshot_ai_server.engine.specs import X4PLUS, Device
 from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler, load_upscalers
 from echoshot_ai_server.errors import ErrorCode, PermanentError, RetryableError
@@ -29,7 +29,7 @@ def required(settings: Settings, *names: str) -> None:
         raise PermanentError(ErrorCode.INVALID_PARAMETERS, f"required setting(s) not set: {', '.join(missing)}")
 
 
-def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) -> "Worker":
+def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None, started: float | None = None) -> "Worker":
     """The worker as the settings describe it. `upscalers` replaces the model loading (tests).
 
     Checks first that the worker can work at all (the queue, the bucket, the work directory), so
@@ -102,7 +102,12 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) ->
         directory.close()
         raise
     log.info("업스케일러 초기화 완료 - %s, slots: %d", upscalers[0].describe(), slots)
-    monitoring.model_loaded = True
+
+    def warm_up() -> None:
+        seconds = sum(upscaler.warm_up() for upscaler in upscalers)
+        if seconds:
+            log.info("GPU kernels tuned and compiled for every frame size in %.1fs", seconds)
+
     return Worker(
         job_queue=job_queue,
         task=task,
@@ -121,6 +126,8 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None) ->
         metrics_address=(settings.metrics_host, settings.metrics_port) if settings.metrics_enabled else None,
         directory=directory,
         preflight=preflight,
+        warm_up=warm_up,
+        started=started,
     )
 
 
@@ -167,6 +174,8 @@ def run_profile(settings: Settings, device: Device) -> RunProfile:
 
 def load_engine(settings: Settings, device: Device, count: int = 1) -> list[Upscaler]:
     """The model loaded `count` times for `device`; weights that are missing or wrong are a clear error."""
+    if device == "gpu" and settings.kernel_cache_dir is not None:
+        log.info("GPU kernel cache: %s", use_kernel_cache(settings.kernel_cache_dir))
     try:
         return load_upscalers(settings.weights_dir, X4PLUS, device, run_profile(settings, device), count=count,
                               memory_limit_gb=settings.gpu_memory_limit_gb)

@@ -53,6 +53,8 @@ class Worker:
         preflight: Callable[[], None] = lambda: None,
         recheck_every_s: float = 30,
         stop_wait_s: float = STOP_WAIT_S,
+        warm_up: Callable[[], None] = lambda: None,
+        started: float | None = None,
     ):
         self.queue = job_queue
         self.task = task
@@ -71,6 +73,8 @@ class Worker:
         self.preflight = preflight  # raises JobError while the worker's surroundings are wrong
         self.recheck_every_s = recheck_every_s
         self.stop_wait_s = stop_wait_s
+        self.warm_up = warm_up  # tunes and compiles the engine: the worker is not ready before it is done
+        self.started = time.monotonic() if started is None else started
         self.heartbeat = VisibilityHeartbeat(job_queue, timeout_s=visibility_timeout_s, every_s=visibility_extend_every_s,
                                              on_success=self.monitoring.queue_answered)
         self._slot_count = len(upscalers)
@@ -88,6 +92,11 @@ class Worker:
         self._install_signal_handlers()
         if self.metrics_address is not None:
             self.monitoring.serve(*self.metrics_address)
+        self.warm_up()
+        self.monitoring.model_loaded = True
+        startup_s = time.monotonic() - self.started
+        self.monitoring.startup.set(startup_s)
+        log.info("ready %.1fs after the process started", startup_s)
         self.heartbeat.start()
         log.info("worker started: %d slot(s), queue %s", self._slot_count, self.queue.url)
         while not self.stopping.is_set():

@@ -1,4 +1,9 @@
-"""Facts about the device: which one runs, its memory, running out of it."""
+"""Facts about the device: which one runs, its memory, running out of it, where its kernels are cached."""
+
+import ctypes
+import os
+import re
+from pathlib import Path
 
 import torch
 
@@ -51,3 +56,33 @@ def torch_runtime() -> dict:
         info["gpu_name"] = props.name
         info["gpu_memory_gb"] = props.total_memory / 1024**3
     return info
+
+
+def kernel_cache_key() -> str:
+    """Names the hardware and software a tuned, compiled kernel is valid for: the GPU, its driver's
+    CUDA version, PyTorch and Triton. Kernels cached under another key are never loaded here."""
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    parts = [props.name, f"sm{props.major}{props.minor}", f"driver-cuda{_driver_cuda_version()}",
+             f"torch{torch.__version__}", f"triton{triton.__version__}"]
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", "_".join(parts))
+
+
+def _driver_cuda_version() -> str:
+    try:
+        version = ctypes.c_int()
+        ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version))
+        return f"{version.value // 1000}.{version.value % 1000 // 10}"
+    except OSError:
+        return "unknown"
+
+
+def use_kernel_cache(root: Path) -> Path:
+    """Keep Triton's tuned kernels and torch.compile's graphs under `root`, in a folder of this
+    machine's kernel_cache_key (for a worker, before the engine compiles anything). Returns it."""
+    folder = root / kernel_cache_key()
+    for name, sub in (("TRITON_CACHE_DIR", "triton"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(folder / sub)  # both libraries take their cache folders from these
+    return folder

@@ -13,7 +13,8 @@ convolutions in a side buffer. conv5 reads all F + 4G channels and writes `conv 
 (for the third RDB also the RRDB's own residual) into the next block's buffer. Every store writes
 zeros on the ring rows, so the padding stays zero. There is no `torch.cat` and no separate element-wise kernel in the trunk; the
 up-sampling tail runs through cuDNN under `torch.compile`. The result equals basicsr's RRDBNet
-up to fp16 rounding.
+up to fp16 rounding. Nothing is compiled or tuned per frame size: the kernel takes the size at run
+time, its tile shape is tuned per size class, and head and tail are compiled with symbolic sizes.
 
 TMA needs compute capability 9.0 (Hopper) or later. Off the GPU, the same kernel runs in Triton's
 interpreter (TRITON_INTERPRET=1), which is how the tests check it.
@@ -29,7 +30,8 @@ from torch.nn import functional as F
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 
-@triton.jit
+# The frame's size is never compiled in: one kernel serves every video (see `size_class`).
+@triton.jit(do_not_specialize=["rows", "frame_rows", "row_pitch", "H", "W", "size_class"])
 def conv3x3_kernel(
     x_desc,  # [rows, CIN] input channels (a prefix of a buffer's channels)
     w_desc,  # [9 * CIN, COUT] weights, tap-major
@@ -37,6 +39,7 @@ def conv3x3_kernel(
     out_desc, r1_desc, r2_desc,  # [rows, <= COUT] output and residuals (channel slices of buffers)
     part_desc,  # [rows, <= COUT] partial sums out (dense steps; its first GROW columns are scratch)
     rows, frame_rows, row_pitch, H, W,  # buffer rows, (H + 2) * (W + 2), W + 2, the frame's size
+    size_class,  # read by the autotuner only
     slope, scale, scale2,
     CIN: tl.constexpr, COUT: tl.constexpr,
     LRELU: tl.constexpr, RES1: tl.constexpr, RES2: tl.constexpr,
@@ -104,9 +107,20 @@ conv3x3_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "PERSISTENT": per_sm > 0, "PER_SM": per_sm}, num_warps=w,
                            num_stages=s, pre_hook=_set_block_shapes)
              for bm, bk, w, s, per_sm in TUNING_CONFIGS],
-    key=["CIN", "COUT", "row_pitch", "H"],
+    key=["CIN", "COUT", "size_class"],
     **_CACHE_RESULTS,
 )(conv3x3_kernel)
+
+
+# Tile shapes are tuned once per convolution and size class, not per frame size: a video of a
+# size never seen before runs at once on the configuration tuned for its class. Two classes, by the
+# rows of a pass (4 frames up to about 720x720, and more), since the best tile differs a little
+# between a few hundred tiles and tens of thousands.
+SIZE_CLASS_ROWS = (1 << 21,)
+
+
+def size_class(rows: int) -> int:
+    return sum(rows >= bound for bound in SIZE_CLASS_ROWS)
 
 
 def launch_grid(rows: int, meta: dict) -> tuple[int]:
@@ -141,7 +155,8 @@ class PackedConv:
         first_res = pre_res if pre_res is not None else res1
         descs = [_descriptor(t) for t in (src, self.weight, out, first_res if first_res is not None else out,
                                            res2 if res2 is not None else out, partial if partial is not None else out)]
-        args = (*descs[:2], self.bias, *descs[2:], rows, (h + 2) * (w + 2), w + 2, h, w, 0.2, scale, scale2)
+        args = (*descs[:2], self.bias, *descs[2:], rows, (h + 2) * (w + 2), w + 2, h, w, size_class(rows),
+                0.2, scale, scale2)
         flags = dict(CIN=self.cin, COUT=self.cout, LRELU=lrelu, RES1=res1 is not None, RES2=res2 is not None,
                      PRE_RES=pre_res is not None, PARTIAL=partial is not None)
         if src.is_cuda:
@@ -234,9 +249,9 @@ class FusedRRDBNet(nn.Module):
         ]
         self.conv_body = PackedConv.of(model.conv_body, dtype)
         # Element-wise work around the cuDNN convolutions of the head and tail is fused by
-        # torch.compile (fixed shapes: one compilation per frame size and batch).
-        self.head = torch.compile(self._head, dynamic=False) if compile_head_tail else self._head
-        self.tail = torch.compile(self._tail, dynamic=False) if compile_head_tail else self._tail
+        # torch.compile, with symbolic sizes: one compilation serves every frame size.
+        self.head = torch.compile(self._head, dynamic=True) if compile_head_tail else self._head
+        self.tail = torch.compile(self._tail, dynamic=True) if compile_head_tail else self._tail
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return pad_frames(self.model.conv_first(x), self.feat)

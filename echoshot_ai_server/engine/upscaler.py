@@ -9,6 +9,7 @@ docstring. Nothing here knows about files, videos, S3 or jobs.
 """
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,10 @@ from echoshot_ai_server.engine.specs import Device, Engine, ModelSpec, scale_pro
 from echoshot_ai_server.engine.tiling import plan_forward, tile_windows
 
 log = logging.getLogger(__name__)
+
+# One frame size per size class of the fused engine (see fused_trunk.SIZE_CLASS_ROWS), in a full
+# batch of 4: what a worker tunes and compiles at start-up.
+WARM_UP_SIZES = ((640, 480), (1280, 720))
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,9 @@ def resolve_engine(requested: Engine, model: nn.Module, device: torch.device) ->
 def build_forward(engine: Engine, model: nn.Module):
     """The callable that runs whole frames through `model` with the given engine."""
     if engine == "compile":
-        # torch.compile fuses the element-wise work between the convolutions.
-        return torch.compile(model)
+        # torch.compile fuses the element-wise work between the convolutions; symbolic sizes, so
+        # that one compilation serves every frame size.
+        return torch.compile(model, dynamic=True)
     if engine == "fused":
         from echoshot_ai_server.engine.fused_trunk import FusedRRDBNet
 
@@ -92,12 +98,25 @@ class Upscaler:
         self.model = model.eval().to(self.torch_device, self.dtype, memory_format=self.memory_format)
         self.engine = resolve_engine(profile.engine, self.model, self.torch_device)
         self.forward = build_forward(self.engine, self.model)
-        # Compiled and fused engines are specialised to their input shape (compilation, autotuning):
-        # shapes stay fixed per video (whole frames, batches padded to full size), so a worker pays
-        # that once per frame size.
+        # Compiled and fused engines are tuned and compiled for the shapes they meet, once per size
+        # class, not per frame size (symbolic sizes, tile shapes tuned per class); batches stay
+        # padded to full size, so the batch dimension never changes.
         self.fixed_shapes = self.engine != "eager"
         self.batch_frames = profile.batch_frames
         self.model_scale = model_scale
+
+    def warm_up(self, sizes=WARM_UP_SIZES) -> float:
+        """Tune and compile the engine before the first job: one full batch of each (width, height),
+        one size per size class. Nothing to do for the plain PyTorch engine. Returns the seconds spent."""
+        if self.engine == "eager":
+            return 0.0
+        started = time.monotonic()
+        rng = np.random.default_rng(0)
+        for width, height in sizes:
+            self.upscale(rng.integers(0, 256, (self.batch_frames, height, width, 3), dtype=np.uint8), self.model_scale)
+        if self.torch_device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.monotonic() - started
 
     def describe(self) -> str:
         tile = self.profile.tile if self.profile.tile > 0 else "auto"
