@@ -21,11 +21,11 @@ from echoshot_ai_server.app.doctor import check_environment
 from echoshot_ai_server.app.operations import publish_backlog, replay_dead_letters
 from echoshot_ai_server.app.pipeline import upscale_video, validate_scale
 from echoshot_ai_server.app.wiring import (
-    autoscaling_from, build_worker, encoder_settings, input_limits, load_engine, queue_from,
+    autoscaling_from, build_worker, encoder_settings, input_limits, load_engine, queue_from, tuned_file,
 )
 from echoshot_ai_server.app.workspace import job_workspace
 from echoshot_ai_server.config import Settings
-from echoshot_ai_server.engine.device import resolve_device
+from echoshot_ai_server.engine.device import kernel_cache_folder, resolve_device
 from echoshot_ai_server.engine.specs import SUPPORTED_SCALES, X4PLUS
 from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError
 from echoshot_ai_server.job import job_message_body, output_key
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("worker", help="run the worker daemon (SQS -> upscale -> S3 -> Spring callback)")
 
+    commands.add_parser("warm-up", help="tune and compile the GPU engine into KERNEL_CACHE_DIR, so that workers "
+                        "on this kind of GPU start without tuning")
+
     enq = commands.add_parser("enqueue", help="send a job to the queue exactly as Spring does")
     enq.add_argument("--source", required=True, help="S3 key of the source video in S3_BUCKET_NAME")
     enq.add_argument("--scale", type=int, required=True, help="scale_factor (2 or 4)")
@@ -169,6 +172,18 @@ def publish_backlog_loop(args: argparse.Namespace, settings: Settings) -> None:
         time.sleep(args.every)
 
 
+def warm_up(settings: Settings) -> None:
+    """Fill the kernel cache for this machine's GPU: what a worker would tune and compile at start."""
+    if resolve_device("gpu") != "gpu":
+        raise PermanentError(ErrorCode.TOOL_MISSING, "no CUDA GPU here: the kernel cache is made on the GPU it is for")
+    if settings.kernel_cache_dir is None:
+        raise PermanentError(ErrorCode.INVALID_PARAMETERS, "set KERNEL_CACHE_DIR to the folder the workers will read")
+    [upscaler] = load_engine(settings, "gpu")
+    seconds = upscaler.warm_up(tuned=tuned_file(settings))
+    print(json.dumps({"kernelCache": str(kernel_cache_folder(settings.kernel_cache_dir)), "engine": upscaler.engine,
+                      "seconds": round(seconds, 1)}))
+
+
 def enqueue(args: argparse.Namespace, settings: Settings) -> None:
     job_queue = queue_from(settings, args.queue_url)
     job_id = args.job_id or str(uuid.uuid4())
@@ -186,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if check_env(settings) else 1
         if args.command == "worker":
             build_worker(settings, started=PROCESS_STARTED).run()
+        elif args.command == "warm-up":
+            warm_up(settings)
         elif args.command == "enqueue":
             enqueue(args, settings)
         elif args.command == "replay-dlq":

@@ -156,3 +156,27 @@ def test_kernel_cache_folders_are_keyed_by_gpu_and_versions(monkeypatch, tmp_pat
     assert os.environ["TRITON_CACHE_DIR"] == str(h100 / "triton")
     assert folder_for("Tesla T4", 7) != h100  # other hardware tunes its own kernels
     assert folder_for("NVIDIA H100 80GB HBM3", 9) == h100
+
+
+def test_tuned_tile_shapes_are_kept_between_processes(tmp_path):
+    import triton
+
+    from echoshot_ai_server.engine import fused_trunk
+
+    saved = dict(fused_trunk.conv3x3_tuned.cache)
+    try:
+        fused_trunk.conv3x3_tuned.cache.clear()
+        key = (64, 128, 0, "torch.float32")
+        fused_trunk.conv3x3_tuned.cache[key] = triton.Config({"BLOCK_M": 256, "BLOCK_K": 64, "PERSISTENT": True,
+                                                              "PER_SM": 1}, num_warps=8, num_stages=3)
+        assert fused_trunk.save_tuned(tmp_path / "tuned.json") == 1
+
+        fused_trunk.conv3x3_tuned.cache.clear()  # a new process
+        assert fused_trunk.load_tuned(tmp_path / "tuned.json") == 1
+        config = fused_trunk.conv3x3_tuned.cache[key]
+        assert config.kwargs["BLOCK_M"] == 256 and (config.num_warps, config.num_stages) == (8, 3)
+        assert config.pre_hook is fused_trunk._set_block_shapes  # the descriptors still get their block shape
+        assert fused_trunk.load_tuned(tmp_path / "none.json") == 0
+    finally:
+        fused_trunk.conv3x3_tuned.cache.clear()
+        fused_trunk.conv3x3_tuned.cache.update(saved)

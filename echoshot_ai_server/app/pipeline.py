@@ -5,7 +5,7 @@ Used by a queued job (app/task.py) and by `echoshot upscale`; knows nothing of S
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +51,7 @@ class UpscaleResult:
     metadata: ResultMetadata  # what Spring is told, in the one form it has from here to the callback
     has_audio: bool
     elapsed_s: float
+    stages_s: dict[str, float] = field(default_factory=dict)  # where the time went
 
 
 def check_limits(info: VideoInfo, scale: int, limits: InputLimits) -> None:
@@ -145,7 +146,9 @@ def upscale_video(
     validate_scale(scale)
     log.info("업스케일 작업 시작 - Scale: %dx, Device: %s", scale, device.upper())
 
+    clock = _Stages()
     info = probe(source, ffprobe, should_stop)
+    clock.mark("probe")
     width, height = info.display_size
     log.info("비디오 정보 - 해상도: %dx%d, FPS: %.1f, 프레임: %d", width, height, float(info.fps), info.frame_count)
     if info.is_still_image:
@@ -155,11 +158,13 @@ def upscale_video(
     check_limits(info, scale, limits)
 
     upscaler = get_upscaler()
+    clock.mark("model")
     if device == "gpu" and upscaler.device != "gpu":
         log.warning(GPU_FALLBACK_WARNING)
     log.info("업스케일러 초기화 완료 - %s", upscaler.describe())
 
     audio, subtitles = _streams_to_keep(source, info, encoder.ffmpeg, should_stop)
+    clock.mark("audio check")
     out_w, out_h = width * scale, height * scale
     log.info("비디오 인코딩 중 (%s)...", "오디오 포함" if audio else "오디오 없음")
     progress = _ProgressLog(info.frame_count)
@@ -195,14 +200,31 @@ def upscale_video(
         if done == 0:
             raise PermanentError(ErrorCode.NO_FRAMES, f"{source.name}: no frame could be decoded")
         log.info("프레임 업스케일 완료: %d/%d 프레임 처리", done, info.frame_count)
+        clock.mark("frames")
+    clock.mark("encoder finish")  # the encoder's last frames (x264's look-ahead), the audio, faststart
     _check_every_frame_decoded(done, info.frame_count)
     result_info = _probe_result(output, ffprobe, should_stop)
     _check_result(result_info, (out_w, out_h, writer.frames_written), len(info.audio_streams) if audio else 0,
                   len(subtitles))
+    clock.mark("result check")
     log.info("최종 비디오 생성 완료")
+    log.info("시간: %s", ", ".join(f"{name} {seconds:.2f}s" for name, seconds in clock.stages.items()))
     metadata = ResultMetadata(width=out_w, height=out_h, fps=round(float(info.fps), 3),
                               frame_count=writer.frames_written, duration=round(result_info.duration_s, 3))
-    return UpscaleResult(metadata, result_info.has_audio, time.monotonic() - started)
+    return UpscaleResult(metadata, result_info.has_audio, time.monotonic() - started, clock.stages)
+
+
+class _Stages:
+    """How long each stage of the pipeline took."""
+
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def mark(self, stage: str) -> None:
+        now = time.monotonic()
+        self.stages[stage] = now - self._last
+        self._last = now
 
 
 def _check_result(result: VideoInfo, video: tuple[int, int, int], audio_streams: int, subtitle_streams: int) -> None:

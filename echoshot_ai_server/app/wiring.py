@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from echoshot_ai_server.app.pipeline import GPU_FALLBACK_WARNING, InputLimits
 from echoshot_ai_server.config import Settings
-from echoshot_ai_server.engine.device import gpu_memory_stats, resolve_device, use_kernel_cache
+from echoshot_ai_server.engine.device import gpu_memory_stats, kernel_cache_folder, resolve_device, use_kernel_cache
 from echoshot_ai_server.engine.specs import X4PLUS, Device
 from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler, load_upscalers
 from echoshot_ai_server.errors import ErrorCode, PermanentError, RetryableError
@@ -104,7 +104,7 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None, st
     log.info("업스케일러 초기화 완료 - %s, slots: %d", upscalers[0].describe(), slots)
 
     def warm_up() -> None:
-        seconds = sum(upscaler.warm_up() for upscaler in upscalers)
+        seconds = sum(upscaler.warm_up(tuned=tuned_file(settings)) for upscaler in upscalers)
         if seconds:
             log.info("GPU kernels tuned and compiled for every frame size in %.1fs", seconds)
 
@@ -170,6 +170,13 @@ def run_profile(settings: Settings, device: Device) -> RunProfile:
                           batch_frames=settings.gpu_batch_frames, engine=settings.gpu_engine, pre_pad=settings.pre_pad)
     return RunProfile(settings.cpu_tile, settings.cpu_tile_pad, settings.cpu_tile_fallback, half=False,
                       batch_frames=settings.cpu_batch_frames, pre_pad=settings.pre_pad)
+
+
+def tuned_file(settings: Settings):
+    """Where the fused engine's tuned tile shapes are kept, beside this GPU's kernels (None: not kept)."""
+    if settings.kernel_cache_dir is None or resolve_device("gpu") != "gpu":
+        return None
+    return kernel_cache_folder(settings.kernel_cache_dir) / "tuned-tiles.json"
 
 
 def load_engine(settings: Settings, device: Device, count: int = 1) -> list[Upscaler]:

@@ -78,10 +78,14 @@ def _driver_cuda_version() -> str:
         return "unknown"
 
 
+def kernel_cache_folder(root: Path) -> Path:
+    return root / kernel_cache_key()
+
+
 def use_kernel_cache(root: Path) -> Path:
     """Keep Triton's tuned kernels and torch.compile's graphs under `root`, in a folder of this
     machine's kernel_cache_key (for a worker, before the engine compiles anything). Returns it."""
-    folder = root / kernel_cache_key()
+    folder = kernel_cache_folder(root)
     for name, sub in (("TRITON_CACHE_DIR", "triton"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
         (folder / sub).mkdir(parents=True, exist_ok=True)
         os.environ[name] = str(folder / sub)  # both libraries take their cache folders from these

@@ -21,6 +21,8 @@ interpreter (TRITON_INTERPRET=1), which is how the tests check it.
 """
 
 import inspect
+import json
+from pathlib import Path
 
 import torch
 import triton
@@ -110,6 +112,26 @@ conv3x3_tuned = triton.autotune(
     key=["CIN", "COUT", "size_class"],
     **_CACHE_RESULTS,
 )(conv3x3_kernel)
+
+
+def save_tuned(path: Path) -> int:
+    """Write the tile shapes tuned so far to `path` (JSON); returns how many. Triton keeps no tuning
+    results on disk for kernels whose configurations carry a pre-hook, as these do."""
+    entries = [{"key": list(key), "kwargs": cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+               for key, cfg in conv3x3_tuned.cache.items()]
+    path.write_text(json.dumps(entries))
+    return len(entries)
+
+
+def load_tuned(path: Path) -> int:
+    """Take the tile shapes tuned by an earlier process on the same GPU and versions (`save_tuned`),
+    so that they are not tuned again. Returns how many."""
+    if not path.is_file():
+        return 0
+    for entry in json.loads(path.read_text()):
+        conv3x3_tuned.cache[tuple(entry["key"])] = triton.Config(
+            entry["kwargs"], num_warps=entry["num_warps"], num_stages=entry["num_stages"], pre_hook=_set_block_shapes)
+    return len(conv3x3_tuned.cache)
 
 
 # Tile shapes are tuned once per convolution and size class, not per frame size: a video of a

@@ -105,17 +105,27 @@ class Upscaler:
         self.batch_frames = profile.batch_frames
         self.model_scale = model_scale
 
-    def warm_up(self, sizes=WARM_UP_SIZES) -> float:
+    def warm_up(self, sizes=WARM_UP_SIZES, tuned: Path | None = None) -> float:
         """Tune and compile the engine before the first job: one full batch of each (width, height),
-        one size per size class. Nothing to do for the plain PyTorch engine. Returns the seconds spent."""
+        one size per size class. `tuned`: a file that keeps the fused engine's tuned tile shapes
+        between processes (read first, written after). Nothing to do for the plain PyTorch engine.
+        Returns the seconds spent."""
         if self.engine == "eager":
             return 0.0
         started = time.monotonic()
+        if self.engine == "fused" and tuned is not None:
+            from echoshot_ai_server.engine.fused_trunk import load_tuned
+
+            log.info("tile shapes tuned earlier: %d", load_tuned(tuned))
         rng = np.random.default_rng(0)
         for width, height in sizes:
             self.upscale(rng.integers(0, 256, (self.batch_frames, height, width, 3), dtype=np.uint8), self.model_scale)
         if self.torch_device.type == "cuda":
             torch.cuda.synchronize()
+        if self.engine == "fused" and tuned is not None:
+            from echoshot_ai_server.engine.fused_trunk import save_tuned
+
+            save_tuned(tuned)
         return time.monotonic() - started
 
     def describe(self) -> str:
@@ -239,7 +249,9 @@ def load_upscalers(weights_dir: Path, spec: ModelSpec, device: Device, profile: 
     path = weights_dir / spec.weights_file
     state_dict = read_state_dict(path)
     if device == "gpu":
-        torch.backends.cudnn.benchmark = True  # frame sizes repeat: let cuDNN pick its fastest kernels
+        # cuDNN's heuristics, not its benchmark: timing its algorithms for every new frame size cost
+        # up to 3 s on the first batch of a 1080p video, for no gain in speed (measured, BENCHMARKS.md).
+        torch.backends.cudnn.benchmark = False
         budget = gpu_memory_budget(memory_limit_gb) // count
         profile = RunProfile(**{**profile.__dict__, "memory_budget_bytes": budget})
     upscalers = [
