@@ -180,3 +180,20 @@ def test_tuned_tile_shapes_are_kept_between_processes(tmp_path):
     finally:
         fused_trunk.conv3x3_tuned.cache.clear()
         fused_trunk.conv3x3_tuned.cache.update(saved)
+
+
+def test_the_measured_tile_shapes_for_hopper_ship_with_the_package(monkeypatch):
+    import json
+
+    from echoshot_ai_server.engine import fused_trunk
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    entries = json.loads(fused_trunk.measured_defaults().read_text())
+    tuned = {(e["key"][0], e["key"][1], e["key"][2]) for e in entries}
+    # every convolution of the fused trunk, in both size classes
+    for cin, cout in ((64, 128), (32, 128), (32, 64), (32, 32), (192, 64), (64, 64)):
+        assert {(cin, cout, 0), (cin, cout, 1)} <= tuned
+    configs = {tuple(c) for c in fused_trunk.TUNING_CONFIGS}
+    for e in entries:  # each one of the configurations the autotuner would have chosen from
+        k = e["kwargs"]
+        assert (k["BLOCK_M"], k["BLOCK_K"], e["num_warps"], e["num_stages"], k["PER_SM"]) in configs

@@ -123,6 +123,13 @@ def save_tuned(path: Path) -> int:
     return len(entries)
 
 
+def measured_defaults() -> Path:
+    """Tile shapes tuned on this GPU architecture (tuned/sm90.json: an H200's, 2026-11-27), shipped so
+    that a worker on a machine with empty caches starts without tuning: it only compiles."""
+    major, minor = torch.cuda.get_device_capability()
+    return Path(__file__).parent / "tuned" / f"sm{major}{minor}.json"
+
+
 def load_tuned(path: Path) -> int:
     """Take the tile shapes tuned by an earlier process on the same GPU and versions (`save_tuned`),
     so that they are not tuned again. Returns how many."""

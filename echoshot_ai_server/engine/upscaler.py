@@ -113,10 +113,15 @@ class Upscaler:
         if self.engine == "eager":
             return 0.0
         started = time.monotonic()
-        if self.engine == "fused" and tuned is not None:
-            from echoshot_ai_server.engine.fused_trunk import load_tuned
+        if self.engine == "fused":
+            from echoshot_ai_server.engine.fused_trunk import load_tuned, measured_defaults
 
-            log.info("tile shapes tuned earlier: %d", load_tuned(tuned))
+            # Tuned here before (this GPU, driver and versions), else the shapes measured on this
+            # GPU architecture that ship with the package, else the autotuner tunes them now.
+            if tuned is not None and (count := load_tuned(tuned)):
+                log.info("tile shapes tuned earlier on this GPU: %d", count)
+            elif count := load_tuned(measured_defaults()):
+                log.info("tile shapes measured for this GPU architecture: %d", count)
         rng = np.random.default_rng(0)
         for width, height in sizes:
             self.upscale(rng.integers(0, 256, (self.batch_frames, height, width, 3), dtype=np.uint8), self.model_scale)
