@@ -105,7 +105,7 @@ def test_invalid_setting_is_one_clear_line(echoshot_cli):
 def test_the_daemon_logs_the_traceback_of_a_bug(monkeypatch, capsys, caplog):
     from echoshot_ai_server import cli
 
-    def broken(settings):
+    def broken(settings, **kwargs):
         raise KeyError("a bug")
 
     monkeypatch.setattr(cli, "build_worker", broken)

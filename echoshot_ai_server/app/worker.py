@@ -92,6 +92,7 @@ class Worker:
         self._install_signal_handlers()
         if self.metrics_address is not None:
             self.monitoring.serve(*self.metrics_address)
+        self.monitoring.model_loaded = False  # not ready before the engine is
         self.warm_up()
         self.monitoring.model_loaded = True
         startup_s = time.monotonic() - self.started
