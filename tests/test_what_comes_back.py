@@ -282,7 +282,7 @@ def test_a_hdr_source_gives_a_10_bit_result_with_its_tags(tmp_path, codec, name,
 
 def test_ten_bit_frames_keep_their_precision(tmp_path):
     source = tmp_path / "gradient10.mkv"  # a slow gradient: 8 bits would band it
-    ffmpeg("-f", "lavfi", "-i", "gradients=size=256x64:rate=10:duration=0.15:c0=0x202020:c1=0x303030:type=linear",
+    ffmpeg("-f", "lavfi", "-i", "gradients=size=256x64:rate=10:duration=0.15:c0=0x202020:c1=0x303030:type=linear:seed=7",
            "-c:v", "ffv1", "-pix_fmt", "yuv444p10le", str(source))
     output, _ = upscale(source, tmp_path)
     raw = subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(output), "-f", "rawvideo", "-pix_fmt", "gray10le", "-"],

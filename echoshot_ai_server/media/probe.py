@@ -89,6 +89,7 @@ class VideoInfo:
     sample_aspect: Fraction = Fraction(1)  # of the stored pixels
     video_start_s: float = 0.0  # when the first frame is shown, from the start of the file
     video_duration_s: float = 0.0  # from the first frame shown to the end of the last
+    frame_times: tuple[float, ...] = ()  # when each frame is shown, from the start of the file, in order
 
     @property
     def has_audio(self) -> bool:
@@ -188,6 +189,7 @@ def probe(path: Path, ffprobe: str = "ffprobe", should_stop: StopCheck | None = 
         audio_streams[0] if audio_streams else None, audio_streams, subtitles, _rotation(video),
         data.get("format", {}).get("format_name", ""), colour_of(video, width, height), _bits(video),
         _fraction(video.get("sample_aspect_ratio"), ":") or Fraction(1), max(0.0, first - file_start), video_duration,
+        tuple(t - file_start for t in shown.times),
     )
 
 
@@ -215,6 +217,7 @@ class _Shown:
     end_s: float | None  # the latest end of a packet shown
     readable: bool = True  # False: not even the first packet could be read
     last_has_duration: bool = True
+    times: tuple[float, ...] = ()  # each shown frame's time, in order
 
 
 def _shown_frames(path: Path, ffprobe: str, index: int, should_stop: StopCheck | None) -> _Shown:
@@ -236,7 +239,8 @@ def _shown_frames(path: Path, ffprobe: str, index: int, should_stop: StopCheck |
     if not times:
         return _Shown(len(kept), hidden, None, None, readable)
     last = max(times)
-    return _Shown(len(kept), hidden, min(t for t, _ in times), max(t + d for t, d in times), readable, last[1] > 0)
+    return _Shown(len(kept), hidden, min(t for t, _ in times), max(t + d for t, d in times), readable, last[1] > 0,
+                  tuple(sorted(t for t, _ in times)))
 
 
 def audio_problem(path: Path, ffmpeg: str = "ffmpeg", should_stop: StopCheck | None = None) -> str | None:

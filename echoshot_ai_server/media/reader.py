@@ -41,16 +41,25 @@ def raw_format(bits: int) -> str:
 class FrameReader:
     """Batches of uint8 (or, for sources deeper than 8 bits, uint16) BGR frames (N, H, W, 3) with times."""
 
-    def __init__(self, path: Path, info: VideoInfo, *, ffmpeg: str = "ffmpeg"):
+    def __init__(self, path: Path, info: VideoInfo, *, ffmpeg: str = "ffmpeg", part: tuple[float, int] | None = None):
+        """`part`: (start, count) to decode only `count` frames from the one shown at `start` seconds
+        on the file's clock (see probe's frame times); the first frame's time is then 0."""
         self.path = path
         self.info = info
         self.frames_read = 0
         colour = info.colour
         convert = (f"scale=in_color_matrix={scale_matrix(colour.matrix)}:in_range={'pc' if colour.full_range else 'tv'}"
                    f":flags={SCALE_FLAGS},format={raw_format(info.bits)}")
+        seek, limit = [], []
+        if part is not None:
+            # Accurate seeking: decoded from the keyframe before, frames shown before `start` dropped.
+            # A third of a frame early, so that rounding never drops the first frame of the part.
+            start, count = part
+            seek = ["-ss", f"{max(0.0, start - float(1 / info.fps) / 3):.6f}"]
+            limit = ["-frames:v", str(count)]
         self.args = [
-            ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-i", file_arg(path), "-map", "0:v:0",
-            "-vf", convert, "-fps_mode", "passthrough", "-c:v", "rawvideo", "-f", "mov",
+            ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", *seek, "-i", file_arg(path), "-map", "0:v:0",
+            "-vf", convert, *limit, "-fps_mode", "passthrough", "-c:v", "rawvideo", "-f", "mov",
             "-movflags", "frag_keyframe+empty_moov", "pipe:1",
         ]
         self._process: subprocess.Popen | None = None

@@ -15,7 +15,7 @@ from echoshot_ai_server.errors import ErrorCode, PermanentError, RetryableError
 from echoshot_ai_server.media.probe import Colour
 from echoshot_ai_server.media.rawstream import RawStreamWriter, TimedFrames, Track
 from echoshot_ai_server.media.reader import SCALE_FLAGS, raw_format, scale_matrix
-from echoshot_ai_server.media.tools import file_arg
+from echoshot_ai_server.media.tools import file_arg, run_tool
 
 
 STDERR_TAIL_CHARS = 2000
@@ -72,22 +72,8 @@ class FrameWriter:
         self.args = [
             encoder.ffmpeg, "-hide_banner", "-loglevel", "error", "-y",
             "-itsoffset", f"{video_start_s:.6f}", "-f", "mov", "-i", "pipe:0",
+            *source_streams(encoder, streams_from if audio or subtitles else None, audio, subtitles, end_s),
         ]
-        extra = streams_from is not None and (audio or subtitles)
-        if extra:
-            # Reading the source only as long as the video lasts trims its audio to the video's
-            # length; unlike -shortest this never drops frames when the audio is shorter.
-            if end_s:
-                self.args += ["-t", f"{end_s:.6f}"]
-            self.args += ["-i", file_arg(streams_from)]
-        self.args += ["-map", "0:v:0"]
-        if extra and audio:
-            self.args += ["-map", "1:a", "-c:a", "aac", "-b:a", encoder.audio_bitrate]
-        if extra:
-            for index in subtitles:
-                self.args += ["-map", f"1:{index}"]
-            if subtitles:
-                self.args += ["-c:s", "mov_text"]
         deep = bits > 8
         self.args += [
             "-vf", f"scale=out_color_matrix={scale_matrix(colour.matrix)}:out_range=tv:flags={SCALE_FLAGS},"
@@ -185,6 +171,47 @@ class FrameWriter:
         return RetryableError(
             ErrorCode.ENCODE_FAILED, f"ffmpeg exited with {self._process.returncode}: {tail or 'no message'}"
         )
+
+
+def source_streams(encoder: EncoderSettings, source: Path | None, audio: bool, subtitles: tuple[int, ...],
+                   end_s: float | None) -> list[str]:
+    """ffmpeg arguments that take input 1 from `source` and map the video of input 0 and, from the
+    source, every audio stream (as AAC) and these text subtitle streams (as mov_text)."""
+    args = []
+    if source is not None:
+        # Reading the source only as long as the video lasts trims its audio to the video's
+        # length; unlike -shortest this never drops frames when the audio is shorter.
+        args += (["-t", f"{end_s:.6f}"] if end_s else []) + ["-i", file_arg(source)]
+    args += ["-map", "0:v:0"]
+    if source is not None and audio:
+        args += ["-map", "1:a", "-c:a", "aac", "-b:a", encoder.audio_bitrate]
+    if source is not None and subtitles:
+        args += [arg for index in subtitles for arg in ("-map", f"1:{index}")] + ["-c:s", "mov_text"]
+    return args
+
+
+def join_parts(parts: list[tuple[Path, float]], output: Path, *, encoder: EncoderSettings, streams_from: Path | None,
+               audio: bool, subtitles: tuple[int, ...], video_start_s: float, end_s: float,
+               should_stop=None) -> None:
+    """One MP4 from video parts encoded apart (each starting at 0), without encoding them again, with
+    the source's audio and subtitles. Each part lasts exactly its given seconds, so that every frame
+    keeps its place on the source's clock; the first is shown at `video_start_s`."""
+    listing = output.with_suffix(".parts.txt")
+    listing.write_text("ffconcat version 1.0\n" + "".join(
+        f"file '{file_arg(path)}'\nduration {seconds:.6f}\n" for path, seconds in parts))
+    args = [encoder.ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-itsoffset", f"{video_start_s:.6f}",
+            "-f", "concat", "-safe", "0", "-i", file_arg(listing),
+            *source_streams(encoder, streams_from if audio or subtitles else None, audio, subtitles, end_s),
+            "-c:v", "copy", "-movflags", "+faststart", "-f", "mp4", file_arg(output)]
+    try:
+        result = run_tool(args, "join parts", should_stop)
+    finally:
+        listing.unlink(missing_ok=True)
+    messages = result.stderr.strip()
+    if any(message in messages for message in DISK_FULL_MESSAGES):
+        raise RetryableError(ErrorCode.INSUFFICIENT_DISK, f"the disk filled up while joining: {messages[-STDERR_TAIL_CHARS:]}")
+    if result.returncode != 0:
+        raise RetryableError(ErrorCode.ENCODE_FAILED, f"joining the parts failed: {messages[-STDERR_TAIL_CHARS:]}")
 
 
 def _video_codec(encoder: EncoderSettings, deep: bool) -> list[str]:
