@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     max_receive_count: int = Field(5, ge=1)
     retry_base_delay_s: int = Field(10, ge=0)
     retry_max_delay_s: int = Field(900, ge=0, le=43200)
+    # Videos longer than this are cut into segments of about this length, each a message of its own
+    # that any worker of the queue may take (0: every job in one piece)
+    segment_seconds: float = Field(20, ge=0)
 
     # The Spring callback
     spring_callback_url: str | None = None

@@ -6,7 +6,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from echoshot_ai_server.engine.specs import scale_problem
 from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError
@@ -48,6 +48,23 @@ class JobParameters(BaseModel):
         return value
 
 
+class SegmentStep(BaseModel):
+    """Set only by the worker itself, on the messages of a job cut into segments (docs/job-contract.md):
+    upscale segment `index` of the plan `run`, or (`assemble`) join the plan's segments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: str = Field(pattern=r"^[0-9a-f]{8,32}$")
+    index: int | None = Field(None, ge=0, le=9999)
+    assemble: bool = False
+
+    @model_validator(mode="after")
+    def _one_step(self) -> "SegmentStep":
+        if self.assemble == (self.index is not None):
+            raise ValueError("a segment step is either an index or assemble")
+        return self
+
+
 class JobMessage(BaseModel):
     """One SQS message body, as Spring enqueues it. Unknown fields are ignored."""
 
@@ -58,6 +75,12 @@ class JobMessage(BaseModel):
     task_type: str = Field(alias="taskType", description='only "UPSCALE" is handled by this worker')
     source_s3_key: str = Field(alias="sourceS3Key", min_length=1, max_length=1024)
     parameters: JobParameters
+    segment: SegmentStep | None = Field(None, description="reserved: set by the worker, never by Spring")
+
+    def body_for(self, step: SegmentStep) -> str:
+        """This job's message body for one step of its segments."""
+        return json.dumps({**self.model_dump(mode="json", by_alias=True, exclude={"segment"}),
+                           "segment": step.model_dump(mode="json", exclude_none=True)})
 
 
 def check_source_key(key: str, allowed_prefixes: list[str]) -> None:

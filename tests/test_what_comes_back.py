@@ -6,7 +6,6 @@ The colour tests upscale by repeating pixels, so that any change of colour is th
 
 import json
 import subprocess
-from fractions import Fraction
 
 import numpy as np
 import pytest

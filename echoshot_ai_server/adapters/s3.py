@@ -3,6 +3,7 @@
 import json
 import logging
 import time
+from urllib.parse import urlencode
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -113,12 +114,12 @@ class Storage:
         return progress.bytes
 
     def upload(self, path: Path, key: str, *, content_type: str, metadata: dict[str, str],
-               should_stop: Callable[[], bool] = lambda: False) -> None:
+               should_stop: Callable[[], bool] = lambda: False, tags: dict[str, str] | None = None) -> None:
         """Put a file at `key` (in parts, in parallel, when it is large). S3 makes the object visible
         only once it is complete. JobCancelled when `should_stop()` turns true meanwhile."""
+        extra = {"ContentType": content_type, "Metadata": metadata, **_tagging(tags)}
         with self._translated(f"upload {self.url(key)}"), create_transfer_manager(self._s3, TransferConfig()) as manager:
-            future = manager.upload(str(path), self.bucket, key,
-                                    extra_args={"ContentType": content_type, "Metadata": metadata})
+            future = manager.upload(str(path), self.bucket, key, extra_args=extra)
             while not future.done():
                 if should_stop():
                     future.cancel()
@@ -143,16 +144,42 @@ class Storage:
             data = None
         return (data if isinstance(data, dict) else {}), response["ETag"]
 
-    def put_json(self, key: str, data: dict, *, if_match: str | None = None, if_absent: bool = False) -> str | None:
+    def put_json(self, key: str, data: dict, *, if_match: str | None = None, if_absent: bool = False,
+                 tags: dict[str, str] | None = None) -> str | None:
         """Write a small JSON object only if the object is still the version `if_match` (or, with
         `if_absent`, there is none). Returns the new ETag, or None when the condition did not hold."""
         condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"} if if_absent else {}
         try:
             with self._translated(f"write {self.url(key)}"):
                 response = self._s3.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(data).encode(),
-                                               ContentType="application/json", **condition)
+                                               ContentType="application/json", **condition, **_tagging(tags))
         except RetryableError as exc:
             if condition and aws.is_precondition_failure(exc.__cause__):
                 return None
             raise
         return response["ETag"]
+
+    def list_keys(self, prefix: str) -> dict[str, int]:
+        """Every object under `prefix`, with its size."""
+        found: dict[str, int] = {}
+        with self._translated(f"list {self.url(prefix)}"):
+            for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                found.update((item["Key"], int(item["Size"])) for item in page.get("Contents", []))
+        return found
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under `prefix`; returns how many there were."""
+        keys = sorted(self.list_keys(prefix))
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": key} for key in keys[start:start + 1000]]
+            with self._translated(f"delete under {self.url(prefix)}"):
+                response = self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            if response.get("Errors"):
+                error = response["Errors"][0]
+                raise RetryableError(ErrorCode.STORAGE_UNAVAILABLE,
+                                     f"could not delete {self.url(error['Key'])}: {error.get('Code')} {error.get('Message')}")
+        return len(keys)
+
+
+def _tagging(tags: dict[str, str] | None) -> dict[str, str]:
+    return {"Tagging": urlencode(tags)} if tags else {}

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from echoshot_ai_server.app.segments import Segment
 from echoshot_ai_server.engine.device import DeviceOutOfMemory
 from echoshot_ai_server.engine.specs import Device, scale_problem
 from echoshot_ai_server.engine.upscaler import Upscaler
@@ -18,7 +19,7 @@ from echoshot_ai_server.media.prefetch import Prefetch
 from echoshot_ai_server.media.probe import VideoInfo, audio_problem, probe
 from echoshot_ai_server.media.rawstream import TimedFrames
 from echoshot_ai_server.media.reader import FrameReader
-from echoshot_ai_server.media.writer import EncoderSettings, FrameWriter
+from echoshot_ai_server.media.writer import EncoderSettings, FrameWriter, join_parts
 
 # The guide's log lines of a job carry this logger name (its module before the package had wings).
 log = logging.getLogger("echoshot_ai_server.tasks.upscale_task")
@@ -137,8 +138,10 @@ def upscale_video(
     on_progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     limits: InputLimits = InputLimits(),
+    segment: Segment | None = None,
 ) -> UpscaleResult:
-    """Upscale `source` into an H.264 MP4 at `output`, keeping its audio.
+    """Upscale `source` into an H.264 MP4 at `output`, keeping its audio. With `segment`, only
+    that segment's frames, timed from its start, without audio (join_segments adds it).
 
     Raises JobError, or JobCancelled when `should_stop()` turns true between two batches.
     """
@@ -163,14 +166,21 @@ def upscale_video(
         log.warning(GPU_FALLBACK_WARNING)
     log.info("업스케일러 초기화 완료 - %s", upscaler.describe())
 
-    audio, subtitles = _streams_to_keep(source, info, encoder.ffmpeg, should_stop)
-    clock.mark("audio check")
+    if segment is None:
+        audio, subtitles = _streams_to_keep(source, info, encoder.ffmpeg, should_stop)
+        clock.mark("audio check")
+        expected, video_start_s, end_s = info.frame_count, info.video_start_s, info.video_start_s + info.video_duration_s
+    else:
+        log.info("segment %d: frames %d-%d", segment.index, segment.first_frame, segment.first_frame + segment.frames - 1)
+        audio, subtitles = False, ()
+        expected, video_start_s, end_s = segment.frames, 0.0, segment.span_s
     out_w, out_h = width * scale, height * scale
     log.info("비디오 인코딩 중 (%s)...", "오디오 포함" if audio else "오디오 없음")
-    progress = _ProgressLog(info.frame_count)
+    progress = _ProgressLog(expected)
     done = 0
     # Three stages overlap: decoding (ffmpeg, read by a thread), the model (here), encoding (ffmpeg, fed by a thread).
-    with FrameReader(source, info, ffmpeg=encoder.ffmpeg) as reader, FrameWriter(
+    with FrameReader(source, info, ffmpeg=encoder.ffmpeg,
+                     part=None if segment is None else (segment.start_s, segment.frames)) as reader, FrameWriter(
         output,
         width=out_w,
         height=out_h,
@@ -182,12 +192,15 @@ def upscale_video(
         streams_from=source,
         audio=audio,
         subtitles=subtitles,
-        video_start_s=info.video_start_s,
-        end_s=info.video_start_s + info.video_duration_s,
+        video_start_s=video_start_s,
+        end_s=end_s,
     ) as writer, Prefetch(reader.batches(upscaler.batch_frames)) as batches:
         for batch in batches:
             if should_stop():
                 raise JobCancelled()
+            if segment is not None and batch.pts[-1] >= segment.span_s * reader.track.timescale:
+                raise PermanentError(ErrorCode.DECODE_FAILED, f"segment {segment.index} decodes a frame beyond its end: "
+                                     "a frame in it cannot be decoded")
             try:
                 frames = upscaler.upscale(batch.frames, scale)
             except DeviceOutOfMemory as exc:
@@ -196,13 +209,13 @@ def upscale_video(
             done += len(batch)
             progress.update(done)
             if on_progress:
-                on_progress(done, info.frame_count)
+                on_progress(done, expected)
         if done == 0:
             raise PermanentError(ErrorCode.NO_FRAMES, f"{source.name}: no frame could be decoded")
-        log.info("프레임 업스케일 완료: %d/%d 프레임 처리", done, info.frame_count)
+        log.info("프레임 업스케일 완료: %d/%d 프레임 처리", done, expected)
         clock.mark("frames")
     clock.mark("encoder finish")  # the encoder's last frames (x264's look-ahead), the audio, faststart
-    _check_every_frame_decoded(done, info.frame_count)
+    _check_every_frame_decoded(done, expected)
     result_info = _probe_result(output, ffprobe, should_stop)
     _check_result(result_info, (out_w, out_h, writer.frames_written), len(info.audio_streams) if audio else 0,
                   len(subtitles))
@@ -212,6 +225,42 @@ def upscale_video(
     metadata = ResultMetadata(width=out_w, height=out_h, fps=round(float(info.fps), 3),
                               frame_count=writer.frames_written, duration=round(result_info.duration_s, 3))
     return UpscaleResult(metadata, result_info.has_audio, time.monotonic() - started, clock.stages)
+
+
+def join_segments(
+    source: Path,
+    parts: list[Path],
+    segments: tuple[Segment, ...],
+    output: Path,
+    *,
+    scale: int,
+    encoder: EncoderSettings,
+    ffprobe: str = "ffprobe",
+    should_stop: Callable[[], bool] = lambda: False,
+) -> UpscaleResult:
+    """One MP4 from the upscaled segments of `source` (without encoding the video again) and the
+    source's audio, checked like a result made in one piece."""
+    started = time.monotonic()
+    info = probe(source, ffprobe, should_stop)
+    audio, subtitles = _streams_to_keep(source, info, encoder.ffmpeg, should_stop)
+    width, height = info.display_size
+    frames = 0
+    for part, segment in zip(parts, segments):
+        part_info = _probe_result(part, ffprobe, should_stop)
+        if (part_info.width, part_info.height) != (width * scale, height * scale) or part_info.frame_count > segment.frames:
+            raise RetryableError(ErrorCode.OUTPUT_MISMATCH, f"segment {segment.index} holds {part_info.frame_count} "
+                                 f"frames of {part_info.width}x{part_info.height}, not what its plan says")
+        frames += part_info.frame_count
+    join_parts(list(zip(parts, (segment.span_s for segment in segments))), output, encoder=encoder,
+               streams_from=source, audio=audio, subtitles=subtitles, video_start_s=info.video_start_s,
+               end_s=info.video_start_s + info.video_duration_s, should_stop=should_stop)
+    result_info = _probe_result(output, ffprobe, should_stop)
+    _check_result(result_info, (width * scale, height * scale, frames), len(info.audio_streams) if audio else 0,
+                  len(subtitles))
+    log.info("%d segments joined: %d frames", len(segments), frames)
+    metadata = ResultMetadata(width=width * scale, height=height * scale, fps=round(float(info.fps), 3),
+                              frame_count=frames, duration=round(result_info.duration_s, 3))
+    return UpscaleResult(metadata, result_info.has_audio, time.monotonic() - started)
 
 
 class _Stages:

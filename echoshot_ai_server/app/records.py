@@ -25,7 +25,7 @@ from typing import Literal, Protocol
 log = logging.getLogger(__name__)
 
 RECORD_PREFIX = "processed/jobs/"
-State = Literal["running", "completed", "failed"]
+State = Literal["running", "segmented", "completed", "failed"]
 
 
 def record_key(job_id: str) -> str:
@@ -47,6 +47,7 @@ class JobRecord:
     output_key: str | None = None
     metadata: dict | None = None
     reported: bool = False  # Spring acknowledged the final callback
+    plan: dict | None = None  # a job cut into segments: how (app/segments.py)
 
     @classmethod
     def from_json(cls, data: dict) -> "JobRecord | None":
@@ -54,7 +55,7 @@ class JobRecord:
             record = cls(**data)
         except TypeError:
             return None
-        if record.state not in ("running", "completed", "failed") or not isinstance(record.expires_at, (int, float)):
+        if record.state not in ("running", "segmented", "completed", "failed") or not isinstance(record.expires_at, (int, float)):
             return None
         return record
 
@@ -64,6 +65,7 @@ class Decision(str, Enum):
     REPORT = "report"  # claimed: the result exists, Spring has not acknowledged it yet
     DUPLICATE = "duplicate"  # done and reported, or being done by another message: drop this one
     BUSY = "busy"  # another message does other work under this job id: try again later
+    SEGMENTED = "segmented"  # this message cut the job into segments: their messages may not all be sent
 
 
 @dataclass
@@ -71,15 +73,16 @@ class Claim:
     """An attempt's hold on a job's record. Written by the job and by the heartbeat (renewals), so
     writes take turns; once settled (reported, or let go), renewals stop."""
 
-    job_id: str
+    name: str  # the job id; a segment's record: "{jobId}/{run}/{index}"
     record: JobRecord
     etag: str
     settled: bool = False
+    tags: dict[str, str] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def key(self) -> str:
-        return record_key(self.job_id)
+        return record_key(self.name)
 
 
 class LostClaim(Exception):
@@ -90,7 +93,8 @@ class JsonStore(Protocol):
     """What the records need of S3 (adapters/s3.py): small JSON objects and conditional writes."""
 
     def read_json(self, key: str) -> tuple[dict, str] | None: ...
-    def put_json(self, key: str, data: dict, *, if_match: str | None = None, if_absent: bool = False) -> str | None: ...
+    def put_json(self, key: str, data: dict, *, if_match: str | None = None, if_absent: bool = False,
+                 tags: dict[str, str] | None = None) -> str | None: ...
 
 
 class JobRecords:
@@ -98,24 +102,33 @@ class JobRecords:
         self.storage = storage
         self.lease_s = lease_s
 
-    def claim(self, job_id: str, wanted: str, owner: str) -> tuple[Decision, Claim | None]:
-        """Decide what this attempt does with the job, taking its record when it is to work on it."""
+    def read(self, name: str) -> tuple[JobRecord, str] | None:
+        found = self.storage.read_json(record_key(name))
+        record = JobRecord.from_json(found[0]) if found else None
+        return (record, found[1]) if record else None
+
+    def claim(self, name: str, wanted: str, owner: str, *, run: str | None = None,
+              tags: dict[str, str] | None = None) -> tuple[Decision, Claim | None]:
+        """Decide what this attempt does with the job (or segment), taking its record when it is to
+        work on it. `run`: claim a job cut into segments by that plan, to join them."""
         for _ in range(5):  # each round loses at most one race to another attempt
-            found = self.storage.read_json(record_key(job_id))
+            found = self.storage.read_json(record_key(name))
             current = JobRecord.from_json(found[0]) if found else None
-            decision = _decide(current, wanted, owner)
+            decision = _decide(current, wanted, owner) if run is None else _decide_assembly(current, wanted, owner, run)
             if decision in (Decision.DUPLICATE, Decision.BUSY):
-                log.info("job record: %s (%s by %s)", decision.value, current.state, current.owner)
+                log.info("job record: %s (%s)", decision.value, f"{current.state} by {current.owner}" if current else "none")
                 return decision, None
-            if decision is Decision.REPORT:
+            if decision is Decision.SEGMENTED:
+                return decision, Claim(name, current, found[1], settled=True)
+            if decision is Decision.REPORT or run is not None:
                 record = replace(current, owner=owner, expires_at=time.time() + self.lease_s)
             else:
                 record = JobRecord(wanted, "running", owner, time.time() + self.lease_s)
-            etag = self.storage.put_json(record_key(job_id), asdict(record), if_match=found[1] if found else None,
-                                         if_absent=not found)
+            etag = self.storage.put_json(record_key(name), asdict(record), if_match=found[1] if found else None,
+                                         if_absent=not found, tags=tags)
             if etag is not None:
-                return decision, Claim(job_id, record, etag)
-        raise RuntimeError(f"could not claim the record of job {job_id}: it keeps changing")
+                return decision, Claim(name, record, etag, tags=tags)
+        raise RuntimeError(f"could not claim the record {name}: it keeps changing")
 
     def renew(self, claim: Claim) -> None:
         self._write(claim, lambda record: replace(record, expires_at=time.time() + self.lease_s))
@@ -123,6 +136,22 @@ class JobRecords:
     def completed(self, claim: Claim, output_key: str, metadata: dict) -> None:
         self._write(claim, lambda record: replace(record, state="completed", output_key=output_key, metadata=metadata,
                                                   expires_at=time.time() + self.lease_s))
+
+    def segmented(self, claim: Claim, plan: dict) -> None:
+        """The job is cut into segments, each with a message of its own: nobody holds the job now."""
+        self._write(claim, lambda record: replace(record, state="segmented", plan=plan, expires_at=0), settle=True)
+
+    def fail_segmented(self, job_id: str, run: str) -> bool:
+        """Mark a job cut into segments by `run` failed. False when it is no longer in progress under
+        that plan (it failed already, or was planned again): only one segment reports the failure."""
+        for _ in range(5):
+            found = self.read(job_id)
+            if found is None or found[0].state != "segmented" or (found[0].plan or {}).get("run") != run:
+                return False
+            if self.storage.put_json(record_key(job_id), asdict(replace(found[0], state="failed", expires_at=0)),
+                                     if_match=found[1]) is not None:
+                return True
+        raise RuntimeError(f"could not mark job {job_id} failed: its record keeps changing")
 
     def reported(self, claim: Claim) -> None:
         """Spring acknowledged the final callback: the record is settled, and free for a new attempt
@@ -132,7 +161,8 @@ class JobRecords:
     def let_go(self, claim: Claim) -> None:
         """The attempt failed for good (or gave up): a later message with this job id, such as a
         replay from the dead-letter queue, may take the job at once."""
-        self._write(claim, lambda record: replace(record, state="failed" if record.state == "running" else record.state,
+        failed = ("running", "segmented")
+        self._write(claim, lambda record: replace(record, state="failed" if record.state in failed else record.state,
                                                   expires_at=0), settle=True)
 
     def _write(self, claim: Claim, change, settle: bool = False) -> None:
@@ -140,9 +170,9 @@ class JobRecords:
             if claim.settled:
                 return
             record = change(claim.record)
-            etag = self.storage.put_json(claim.key, asdict(record), if_match=claim.etag)
+            etag = self.storage.put_json(claim.key, asdict(record), if_match=claim.etag, tags=claim.tags)
             if etag is None:
-                raise LostClaim(f"the record of job {claim.job_id} was taken over by another attempt")
+                raise LostClaim(f"the record {claim.name} was taken over by another attempt")
             claim.record, claim.etag, claim.settled = record, etag, settle
 
 
@@ -153,6 +183,21 @@ def _decide(current: JobRecord | None, wanted: str, owner: str) -> Decision:
     held_by_another = current.owner != owner and current.expires_at > time.time()
     if held_by_another:
         return Decision.DUPLICATE if same_work else Decision.BUSY
+    if current.state == "segmented":  # its segments are in progress under their own messages
+        if not same_work:
+            return Decision.BUSY
+        return Decision.SEGMENTED if current.owner == owner else Decision.DUPLICATE
     if same_work and current.state == "completed":
         return Decision.DUPLICATE if current.reported else Decision.REPORT
     return Decision.WORK
+
+
+def _decide_assembly(current: JobRecord | None, wanted: str, owner: str, run: str) -> Decision:
+    """Joining the segments of plan `run`: only while the job is in progress (or done) under that plan."""
+    if current is None or current.fingerprint != wanted or (current.plan or {}).get("run") != run:
+        return Decision.DUPLICATE
+    if current.owner != owner and current.expires_at > time.time():
+        return Decision.DUPLICATE
+    if current.state == "completed":
+        return Decision.DUPLICATE if current.reported else Decision.REPORT
+    return Decision.WORK if current.state == "segmented" else Decision.DUPLICATE

@@ -94,6 +94,8 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None, st
         limits=input_limits(settings),
         allowed_source_prefixes=tuple(settings.allowed_source_prefixes),
         disk_headroom_bytes=settings.disk_headroom_bytes,
+        queue=job_queue,
+        segment_s=settings.segment_seconds,
     )
     try:
         if upscalers is None:

@@ -13,7 +13,8 @@ from echoshot_ai_server.adapters.sqs import JobQueue, QueueMessage
 from echoshot_ai_server.app.heartbeat import VisibilityHeartbeat
 from echoshot_ai_server.app.monitoring import Monitoring
 from echoshot_ai_server.app.protection import ScaleInProtection
-from echoshot_ai_server.app.task import JobAttempt, TaskOutcome, UpscaleTask
+from echoshot_ai_server.app.attempt import JobAttempt, TaskOutcome
+from echoshot_ai_server.app.task import UpscaleTask
 from echoshot_ai_server.app.workspace import WorkerDirectory
 from echoshot_ai_server.engine.upscaler import Upscaler
 from echoshot_ai_server.errors import (
@@ -247,6 +248,9 @@ class Worker:
             if outcome is TaskOutcome.DUPLICATE:
                 log.info("job already done or in progress under another message: this one is dropped")
                 return "duplicate"
+            if outcome in (TaskOutcome.SPLIT, TaskOutcome.SEGMENT):
+                log.info("%s, message deleted", "job cut into segments" if outcome is TaskOutcome.SPLIT else "segment done")
+                return outcome.value
             log.info("job done, message deleted")
             return "completed"
         if isinstance(error, JobCancelled):
@@ -284,7 +288,7 @@ class Worker:
             kind = CALLBACK if error.code == ErrorCode.CALLBACK_MISCONFIGURED else SETUP
             self.monitoring.problem(kind, str(error))
             self._next_recheck = time.monotonic() + self.recheck_every_s
-        elif error is None and outcome is not TaskOutcome.DUPLICATE:
+        elif error is None and outcome in (TaskOutcome.COMPLETED, TaskOutcome.REPORTED):  # COMPLETED went through
             self.monitoring.clear(CALLBACK)
 
     def _report_failure_then(self, message: QueueMessage, job_id: str | None, error: JobError, settle) -> str:
