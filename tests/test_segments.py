@@ -1,18 +1,25 @@
 """Long jobs cut into segments: each a message of its own, joined frame-exact, one COMPLETED, nothing left."""
 
 import json
+import os
+import re
+import subprocess
+import sys
+import threading
 from fractions import Fraction
 
 import numpy as np
 import pytest
 
-from conftest import BUCKET, decode_frames, streams_of, tiny_upscaler
+from conftest import BUCKET, REGION, REPO_ROOT, decode_frames, streams_of, tiny_upscaler
 from echoshot_ai_server.app.segments import Segment, cut
 from echoshot_ai_server.engine.device import DeviceOutOfMemory
 from echoshot_ai_server.job import job_message_body
 from echoshot_ai_server.media.probe import VideoInfo, probe
 from echoshot_ai_server.media.reader import FrameReader
-from worker_harness import enqueue, leftovers, make_worker, queue_counts, run_jobs, send, statuses, upload_clip
+from worker_harness import (
+    enqueue, leftovers, make_worker, queue_counts, run_jobs, send, statuses, upload_clip, wait_until,
+)
 
 SOURCE = "uploads/user123/long.mp4"
 
@@ -214,3 +221,90 @@ def test_segment_steps_that_spring_could_not_have_sent_are_refused():
 
 def test_segment_names_sort_in_order():
     assert [Segment(i, 0, 1, 0, 1).name for i in (0, 9, 10, 123)] == ["0000", "0009", "0010", "0123"]
+
+
+# -- across worker processes ------------------------------------------------------------------
+def test_segments_spread_over_worker_processes_and_survive_one_killed_mid_segment(stack, make_clip, shared_weights_dir,
+                                                                                  tmp_path):
+    """48 frames in 4 segments over 3 worker daemons (the official weights, CPU): one is SIGKILLed in
+    the middle of a segment and replaced. The result is frame-exact, no segment is stored twice, and
+    nothing is left in S3, the queue or the work directory."""
+    from echoshot_ai_server.app.pipeline import upscale_video
+    from echoshot_ai_server.app.wiring import load_engine
+    from echoshot_ai_server.config import Settings
+    from echoshot_ai_server.media.writer import EncoderSettings
+
+    key = upload_clip(stack, make_clip, key=SOURCE, name="long.mp4", size=(32, 24), frames=48, fps="24", audio_s=2.0)
+    env = {
+        **stack.moto.env(REGION), "PATH": os.environ["PATH"], "SQS_QUEUE_URL": stack.queue_url,
+        "S3_BUCKET_NAME": BUCKET, "SPRING_CALLBACK_URL": stack.receiver.url, "WEIGHTS_DIR": str(shared_weights_dir),
+        "WORK_DIR": str(stack.work_dir), "WORKER_DEVICE": "cpu", "CPU_WORKER_COUNT": "1", "POLL_WAIT_S": "1",
+        "METRICS_ENABLED": "false", "PROGRESS_CALLBACK_INTERVAL_S": "1", "VISIBILITY_TIMEOUT_S": "6",
+        "SEGMENT_SECONDS": "0.5", "X264_CRF": "0", "RETRY_BASE_DELAY_S": "0",
+    }
+    workers: list[tuple[subprocess.Popen, list[str]]] = []
+
+    def start_worker() -> tuple[subprocess.Popen, list[str]]:
+        process = subprocess.Popen([sys.executable, "echoshot_ai_server/main.py"], cwd=REPO_ROOT, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+        workers.append((process, lines))
+        return process, lines
+
+    try:
+        for _ in range(3):
+            start_worker()
+        for _, lines in workers:
+            wait_until(lambda: any("worker started" in line for line in lines), 120, "a worker never started")
+
+        # When the job runs, and a worker is killed once it is busy with a segment's frames
+        enqueue(stack, key, "j-spread")
+
+        def busy_with_a_segment():
+            for process, lines in workers:
+                text = "".join(lines)
+                started = re.findall(r"segment (\d+): frames", text)
+                if started and "업스케일 진행률" in text.split(f"segment {started[-1]}: frames")[-1]:
+                    return process, int(started[-1])
+            return None
+
+        victim, killed_segment = wait_until(busy_with_a_segment, 120, "no worker got to a segment's frames")
+        victim.kill()
+        victim.wait()
+        start_worker()
+        stack.receiver.wait_for("j-spread", timeout_s=300)
+        wait_until(lambda: queue_counts(stack) == (0, 0), 60, "messages left on the queue")
+    finally:
+        for process, _ in workers:
+            if process.poll() is None:
+                process.terminate()
+        for process, _ in workers:
+            process.wait(timeout=120)
+    logs = ["".join(lines) for _, lines in workers]
+
+    # Then Spring heard COMPLETED once; each segment was stored once, the killed one by another worker
+    assert statuses(stack, "j-spread").count("COMPLETED") == 1, "\n".join(logs)
+    assert "FAILED" not in statuses(stack, "j-spread")
+    stored = re.findall(r"segment (\d+) stored: ", "".join(logs))
+    assert sorted(stored) == ["0", "1", "2", "3"], "\n".join(logs)
+    killed_log = logs[[p for p, _ in workers].index(victim)]
+    assert f"segment {killed_segment} stored" not in killed_log
+    assert sum("segments joined" in log for log in logs) == 1
+
+    # And the result is frame-exact: the same frames as the job done in one piece by one process
+    result = tmp_path / "result.mp4"
+    stack.s3.download_file(BUCKET, "processed/upscaled/j-spread/long_upscaled.mp4", str(result))
+    stack.s3.download_file(BUCKET, key, str(tmp_path / "source.mp4"))
+    settings = Settings(weights_dir=shared_weights_dir)
+    [upscaler] = load_engine(settings, "cpu")
+    upscale_video(tmp_path / "source.mp4", tmp_path / "whole.mp4", scale=2, device="cpu",
+                  get_upscaler=lambda: upscaler, encoder=EncoderSettings(crf=0))
+    assert probe(result).frame_times == probe(tmp_path / "whole.mp4").frame_times
+    assert np.array_equal(decode_frames(result), decode_frames(tmp_path / "whole.mp4"))
+
+    # And nothing is left over: not in S3, not on the queues, not in the shared work directory
+    assert bucket_keys(stack) == sorted([SOURCE, "processed/jobs/j-spread.json",
+                                         "processed/upscaled/j-spread/long_upscaled.mp4"])
+    assert queue_counts(stack, stack.dlq_url) == (0, 0)
+    assert list(stack.work_dir.iterdir()) == []
