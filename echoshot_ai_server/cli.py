@@ -21,7 +21,7 @@ from echoshot_ai_server.app.doctor import check_environment
 from echoshot_ai_server.app.operations import publish_backlog, replay_dead_letters
 from echoshot_ai_server.app.pipeline import upscale_video, validate_scale
 from echoshot_ai_server.app.wiring import (
-    autoscaling_from, build_worker, encoder_settings, input_limits, load_engine, queue_from, tuned_file,
+    autoscaling_from, build_worker, encoder_settings, input_limits, load_engine, pick_gpu, queue_from, tuned_file,
 )
 from echoshot_ai_server.app.workspace import job_workspace
 from echoshot_ai_server.config import Settings
@@ -174,6 +174,7 @@ def publish_backlog_loop(args: argparse.Namespace, settings: Settings) -> None:
 
 def warm_up(settings: Settings) -> None:
     """Fill the kernel cache for this machine's GPU: what a worker would tune and compile at start."""
+    pick_gpu(settings)
     if resolve_device("gpu") != "gpu":
         raise PermanentError(ErrorCode.TOOL_MISSING, "no CUDA GPU here: the kernel cache is made on the GPU it is for")
     if settings.kernel_cache_dir is None:

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
 
     # The worker
     worker_device: Literal["auto", "gpu", "cpu"] = "auto"
+    # On a host with several GPUs, the one this worker uses (one worker process per GPU); unset: the first
+    gpu_device_index: int | None = Field(None, ge=0)
     gpu_worker_count: int = Field(1, ge=1)
     cpu_worker_count: int = Field(2, ge=1)
     poll_wait_s: int = Field(20, ge=0, le=20)
@@ -71,8 +73,9 @@ class Settings(BaseSettings):
     retry_base_delay_s: int = Field(10, ge=0)
     retry_max_delay_s: int = Field(900, ge=0, le=43200)
     # Videos longer than this are cut into segments of about this length, each a message of its own
-    # that any worker of the queue may take (0: every job in one piece)
-    segment_seconds: float = Field(20, ge=0)
+    # that any worker of the queue may take (0: every job in one piece). 15 s: a minute's video is 4
+    # segments, which 1, 2 or 4 GPUs share evenly; each segment costs a few seconds more than its frames.
+    segment_seconds: float = Field(15, ge=0)
 
     # The Spring callback
     spring_callback_url: str | None = None

@@ -13,7 +13,7 @@ from conftest import REPO_ROOT
 from echoshot_ai_server.config import Settings
 
 VENV_BIN = Path(sys.executable).parent
-UNITS = ["echoshotx-worker.service", "echoshotx-backlog.service", "echoshotx-backlog.timer"]
+UNITS = ["echoshotx-worker.service", "echoshotx-worker@.service", "echoshotx-backlog.service", "echoshotx-backlog.timer"]
 
 
 @pytest.fixture
@@ -25,10 +25,11 @@ def systemd_root(tmp_path):
     units.mkdir(parents=True)
     for unit in UNITS:
         shutil.copy(REPO_ROOT / "deploy/systemd" / unit, units / unit)
-    python = root / "opt/echoshotx-ai/.venv/bin/python"
-    python.parent.mkdir(parents=True)
-    python.write_text("#!/bin/sh\n")
-    python.chmod(0o755)
+    for program in ("opt/echoshotx-ai/.venv/bin/python", "usr/bin/env"):
+        stand_in = root / program
+        stand_in.parent.mkdir(parents=True)
+        stand_in.write_text("#!/bin/sh\n")
+        stand_in.chmod(0o755)
     return root
 
 
@@ -39,7 +40,7 @@ def verify(root: Path, *units: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_systemd_units_pass_verify(systemd_root):
-    result = verify(systemd_root, *UNITS)
+    result = verify(systemd_root, *[unit.replace("@.", "@1.") for unit in UNITS])  # the template as GPU 1's instance
     assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
 
 
@@ -67,6 +68,24 @@ def test_the_worker_unit_outlasts_the_graceful_shutdown():
     assert unit["User"] == ["echoshotx"] and unit["NoNewPrivileges"] == ["yes"]
     assert unit["ProtectSystem"] == ["strict"] and unit["PrivateTmp"] == ["yes"]
     assert unit["ExecStart"] == ["/opt/echoshotx-ai/.venv/bin/python echoshot_ai_server/main.py"]
+
+
+def test_the_per_gpu_template_gives_each_gpu_its_own_worker():
+    template = unit_settings("echoshotx-worker@.service")
+    single = unit_settings("echoshotx-worker.service")
+    # the same unit otherwise: hardening, stop timeout, settings file
+    same = {key for key in single if key not in ("Description", "ExecStart", "Environment")}
+    assert {key: template[key] for key in same} == {key: single[key] for key in same}
+    [command] = [line.split() for line in template["ExecStart"]]
+    assert command[0] == "/usr/bin/env" and command[-2:] == ["/opt/echoshotx-ai/.venv/bin/python",
+                                                             "echoshot_ai_server/main.py"]
+    per_gpu = dict(arg.split("=", 1) for arg in command[1:-2])
+    # its GPU, its metrics port and its work folder, set after worker.env so that it cannot override them
+    assert per_gpu == {"WORKER_DEVICE": "gpu", "GPU_DEVICE_INDEX": "%i", "METRICS_PORT": "920%i",
+                       "WORK_DIR": "/var/lib/echoshotx/work-gpu%i"}
+    for index in range(10):
+        settings = Settings(**{k.lower(): v.replace("%i", str(index)) for k, v in per_gpu.items()})
+        assert (settings.gpu_device_index, settings.metrics_port) == (index, 9200 + index)
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
@@ -107,11 +126,13 @@ def test_compose_services():
     compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     assert services["worker-cpu"]["deploy"]["replicas"] == 2
-    [gpu] = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
-    assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
+    for name, index in (("worker-gpu", "0"), ("worker-gpu-1", "1")):  # one worker per GPU
+        [gpu] = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"] and gpu["device_ids"] == [index]
+        assert services[name]["environment"]["WORKER_DEVICE"] == "gpu"
     local = {name for name, service in services.items() if "local" in service.get("profiles", [])}
     assert local == {"s3-sqs", "spring-stub", "local-setup", "worker-local"}
-    for name in ("worker-cpu", "worker-gpu", "worker-local"):
+    for name in ("worker-cpu", "worker-gpu", "worker-gpu-1", "worker-local"):
         assert services[name]["stop_grace_period"] == "3m"
     assert services["worker-local"]["environment"]["AWS_ENDPOINT_URL"] == "http://s3-sqs:5000"
 

@@ -1,6 +1,7 @@
 """A worker that cannot work must not eat the queue: a missing bucket or an unusable work directory
 stops it at start, and if they go wrong later it stops taking jobs and says so until they are fixed."""
 
+import os
 import time
 from concurrent.futures import wait
 
@@ -40,6 +41,16 @@ def test_a_missing_queue_stops_the_worker_at_start(worker_env, capsys):
     worker_env.setenv("AWS_CONNECT_TIMEOUT_S", "0.5")
     assert echoshot(["worker"]) == 1
     assert "[QUEUE_UNAVAILABLE]" in capsys.readouterr().err
+
+
+def test_a_gpu_index_the_host_does_not_have_stops_a_gpu_worker_at_start(worker_env, capsys):
+    # One worker per GPU: GPU_DEVICE_INDEX names its GPU; a worker asked for the GPU never works on the CPU instead
+    worker_env.setenv("CUDA_VISIBLE_DEVICES", "")  # restored after the test: the worker sets it for its process
+    worker_env.setenv("WORKER_DEVICE", "gpu")
+    worker_env.setenv("GPU_DEVICE_INDEX", "1")
+    assert echoshot(["worker"]) == 1
+    assert "[INVALID_PARAMETERS] GPU_DEVICE_INDEX=1: this host has no such GPU" in capsys.readouterr().err
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"  # the only GPU the process would see, as its first
 
 
 def wait_ready(worker, timeout_s=10):

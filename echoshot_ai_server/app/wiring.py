@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 
 from echoshot_ai_server.app.pipeline import GPU_FALLBACK_WARNING, InputLimits
 from echoshot_ai_server.config import Settings
-from echoshot_ai_server.engine.device import gpu_memory_stats, kernel_cache_folder, resolve_device, use_kernel_cache
+from echoshot_ai_server.engine.device import (
+    gpu_memory_stats, gpu_name, kernel_cache_folder, resolve_device, use_kernel_cache, use_only_gpu,
+)
 from echoshot_ai_server.engine.specs import X4PLUS, Device
 from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler, load_upscalers
 from echoshot_ai_server.errors import ErrorCode, PermanentError, RetryableError
@@ -43,6 +45,7 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None, st
     from echoshot_ai_server.app.workspace import WorkerDirectory, check_writable, remove_stale_worker_dirs
 
     required(settings, "sqs_queue_url", "s3_bucket_name", "spring_callback_url")
+    pick_gpu(settings)
     requested = "gpu" if settings.worker_device == "auto" else settings.worker_device
     device = resolve_device(requested)
     if device != requested and settings.worker_device != "auto":
@@ -131,6 +134,19 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None, st
         warm_up=warm_up,
         started=started,
     )
+
+
+def pick_gpu(settings: Settings) -> None:
+    """GPU_DEVICE_INDEX: this process sees and uses that GPU of the host only. Asked for the GPU, a
+    worker whose index names no GPU stops with that error rather than working on the CPU."""
+    index = settings.gpu_device_index
+    if index is None:
+        return
+    use_only_gpu(index)
+    if resolve_device("gpu") == "gpu":
+        log.info("GPU %d of the host: %s", index, gpu_name())
+    elif settings.worker_device == "gpu":
+        raise PermanentError(ErrorCode.INVALID_PARAMETERS, f"GPU_DEVICE_INDEX={index}: this host has no such GPU")
 
 
 def aws_timeouts(settings: Settings) -> dict[str, float]:

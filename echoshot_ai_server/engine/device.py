@@ -17,6 +17,14 @@ class DeviceOutOfMemory(RuntimeError):
     """The device ran out of memory even with the fallback tile size."""
 
 
+def use_only_gpu(index: int) -> None:
+    """Make the host's GPU `index` the only one this process sees (as its first), for one worker per
+    GPU. CUDA reads the choice once, when it starts: this must come before anything touches it."""
+    if torch.cuda.is_initialized():
+        raise RuntimeError("CUDA started before the GPU was chosen")
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+
+
 def resolve_device(requested: Device) -> Device:
     """The device that will really be used: the GPU only when CUDA is there."""
     return "cpu" if requested == "gpu" and not torch.cuda.is_available() else requested
@@ -38,6 +46,10 @@ def gpu_memory_budget(limit_gb: float) -> int:
     return max(limit - GPU_MEMORY_RESERVE_BYTES, limit // 2)
 
 
+def gpu_name() -> str:
+    return torch.cuda.get_device_properties(0).name
+
+
 def gpu_memory_stats() -> dict[str, int]:
     return {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved()}
 
@@ -52,9 +64,8 @@ def torch_runtime() -> dict:
         "gpu_memory_gb": None,
     }
     if info["cuda_available"]:
-        props = torch.cuda.get_device_properties(0)
-        info["gpu_name"] = props.name
-        info["gpu_memory_gb"] = props.total_memory / 1024**3
+        info["gpu_name"] = gpu_name()
+        info["gpu_memory_gb"] = torch.cuda.get_device_properties(0).total_memory / 1024**3
     return info
 
 

@@ -22,6 +22,7 @@ interpreter (TRITON_INTERPRET=1), which is how the tests check it.
 
 import inspect
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -119,7 +120,10 @@ def save_tuned(path: Path) -> int:
     results on disk for kernels whose configurations carry a pre-hook, as these do."""
     entries = [{"key": list(key), "kwargs": cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
                for key, cfg in conv3x3_tuned.cache.items()]
-    path.write_text(json.dumps(entries))
+    # Workers of one host (one per GPU) share the file: it is replaced whole, never seen half written.
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(entries))
+    os.replace(partial, path)
     return len(entries)
 
 
