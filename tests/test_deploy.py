@@ -1,5 +1,6 @@
 """Deployment artifacts, validated with the tools this machine has (no Docker engine runs here)."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -172,3 +173,18 @@ def test_the_autoscaling_policies_apply(moto_server):
     alarms = {a["AlarmName"]: a for a in cloudwatch.describe_alarms()["MetricAlarms"]}
     assert alarms["echoshotx-gpu-jobs-waiting"]["AlarmActions"] == [arns["SCALE_OUT_POLICY_ARN"]]
     assert alarms["echoshotx-gpu-idle-5-minutes"]["EvaluationPeriods"] == 5
+
+
+def test_the_lifecycle_rules_apply_and_match_what_the_worker_tags(moto_server):
+    from echoshot_ai_server.app.segments import SEGMENT_TAG
+    from echoshot_ai_server.dev.local import create_bucket
+
+    moto_server.reset()
+    s3 = moto_server.client("s3", "ap-northeast-2")
+    create_bucket(s3, "lifecycle-bucket", "ap-northeast-2")
+    rules = json.loads((REPO_ROOT / "deploy/s3-lifecycle.json").read_text())
+    s3.put_bucket_lifecycle_configuration(Bucket="lifecycle-bucket", LifecycleConfiguration=rules)
+    applied = s3.get_bucket_lifecycle_configuration(Bucket="lifecycle-bucket")["Rules"]
+    assert {rule["ID"] for rule in applied} == {"job-records", "long-job-segments"}
+    [segments] = [rule for rule in applied if rule["ID"] == "long-job-segments"]
+    assert (segments["Filter"]["Tag"]["Key"], segments["Filter"]["Tag"]["Value"]) == SEGMENT_TAG

@@ -37,6 +37,8 @@ VALID = {
     "upper-case device": message(parameters__device="CPU"),
     "unknown extra fields": {**message(), "priority": 1, "createdAt": "2026-01-01"},
     "no user id": message(userId=None),
+    "a segment's step (the worker's own)": message(segment={"run": "abcdef12", "index": 3}),
+    "an assembly step (the worker's own)": message(segment={"run": "abcdef12", "assemble": True}),
 }
 INVALID = {
     "scale 3": (message(parameters__scale_factor=3), ErrorCode.INVALID_PARAMETERS),
@@ -47,6 +49,12 @@ INVALID = {
     "empty job id": (message(jobId=""), ErrorCode.INVALID_MESSAGE),
     "no parameters": (message(parameters=None), ErrorCode.INVALID_MESSAGE),
     "other task": (message(taskType="TRANSCODE"), ErrorCode.UNSUPPORTED_TASK),
+    "segment without a step": (message(segment={"run": "abcdef12"}), ErrorCode.INVALID_MESSAGE),
+    "segment with two steps": (message(segment={"run": "abcdef12", "index": 1, "assemble": True}),
+                               ErrorCode.INVALID_MESSAGE),
+    "segment with a bad run": (message(segment={"run": "../x", "index": 1}), ErrorCode.INVALID_MESSAGE),
+    "segment with a negative index": (message(segment={"run": "abcdef12", "index": -1}), ErrorCode.INVALID_MESSAGE),
+    "segment with extra fields": (message(segment={"run": "abcdef12", "index": 1, "x": 1}), ErrorCode.INVALID_MESSAGE),
 }
 
 
