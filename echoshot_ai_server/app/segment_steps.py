@@ -194,7 +194,7 @@ class SegmentSteps:
             self.records.completed(claim, key, result.metadata.model_dump())
             self._remove_pieces(job, run)
             self.task.report_completed(job, claim, attempt.cancel)
-            return TaskResult(TaskOutcome.COMPLETED, result.metadata.frame_count)
+            return TaskResult(TaskOutcome.COMPLETED)  # its frames were counted as its segments were upscaled
         except LostClaim as exc:
             log.warning("%s: it reports the job, this attempt stops", exc)
             return TaskResult(TaskOutcome.DUPLICATE)
