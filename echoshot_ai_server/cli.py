@@ -21,12 +21,13 @@ from echoshot_ai_server.app.doctor import check_environment
 from echoshot_ai_server.app.operations import publish_backlog, replay_dead_letters
 from echoshot_ai_server.app.pipeline import upscale_video, validate_scale
 from echoshot_ai_server.app.wiring import (
-    autoscaling_from, build_worker, encoder_settings, input_limits, load_engine, pick_gpu, queue_from, tuned_file,
+    autoscaling_from, build_worker, encoder_settings, input_limits, load_engine, load_models, pick_gpu, queue_from,
+    served_models, tuned_file,
 )
 from echoshot_ai_server.app.workspace import job_workspace
 from echoshot_ai_server.config import Settings
 from echoshot_ai_server.engine.device import kernel_cache_folder, resolve_device
-from echoshot_ai_server.engine.specs import SUPPORTED_SCALES, X4PLUS
+from echoshot_ai_server.engine.specs import DEFAULT_MODEL, MODELS, SUPPORTED_SCALES, ModelSpec
 from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError
 from echoshot_ai_server.job import job_message_body, output_key
 from echoshot_ai_server.logs import configure_logging, job_context
@@ -44,9 +45,9 @@ def _print_block(title: str, lines: list[str]) -> None:
     print(RULE, flush=True)
 
 
-def check_env(settings: Settings) -> bool:
+def check_env(settings: Settings, models: list[ModelSpec] | None = None) -> bool:
     report = check_environment(ffmpeg=settings.ffmpeg_bin, ffprobe=settings.ffprobe_bin,
-                               weights_dir=settings.weights_dir, model=X4PLUS)
+                               weights_dir=settings.weights_dir, models=models or served_models(settings))
     _print_block("환경 검증 중...", report.lines)
     return report.ok
 
@@ -56,18 +57,20 @@ def upscale(args: argparse.Namespace, settings: Settings) -> None:
     validate_scale(args.scale)
     if not source.is_file():
         raise PermanentError(ErrorCode.INPUT_NOT_FOUND, f"input file not found: {source}")
-    if not args.no_validation and not check_env(settings):
+    model = MODELS[args.model]
+    if not args.no_validation and not check_env(settings, [model]):
         raise PermanentError(ErrorCode.TOOL_MISSING, "environment check failed (see the report above)")
 
     output_dir = Path(args.output)
     job_id = f"test_{datetime.now():%Y%m%d_%H%M%S}"
     _print_block(
         "업스케일 테스트 시작",
-        [f"입력 파일: {source}", f"출력 디렉토리: {output_dir}", f"스케일: {args.scale}x", f"디바이스: {args.device.upper()}"],
+        [f"입력 파일: {source}", f"출력 디렉토리: {output_dir}", f"스케일: {args.scale}x", f"디바이스: {args.device.upper()}",
+         f"모델: {model.name}"],
     )
 
     def get_upscaler():
-        return load_engine(settings, resolve_device(args.device))[0]
+        return load_engine(settings, resolve_device(args.device), spec=model)[0]
 
     bars = []
 
@@ -117,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--input", required=True, help="video file to upscale")
     up.add_argument("--scale", type=int, choices=SUPPORTED_SCALES, default=2, help="output scale (default 2)")
     up.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="device (default cpu)")
+    up.add_argument("--model", choices=tuple(MODELS), default=DEFAULT_MODEL, help=f"network (default {DEFAULT_MODEL})")
     up.add_argument("--output", default="output_upscaled", help="output directory (default output_upscaled/)")
     up.add_argument("--no-validation", action="store_true", help="skip the environment report")
 
@@ -131,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     enq.add_argument("--source", required=True, help="S3 key of the source video in S3_BUCKET_NAME")
     enq.add_argument("--scale", type=int, required=True, help="scale_factor (2 or 4)")
     enq.add_argument("--device", required=True, help="device (gpu or cpu)")
+    enq.add_argument("--model", choices=tuple(MODELS), default=None, help=f"network (default: the worker's, {DEFAULT_MODEL})")
     enq.add_argument("--job-id", default=None, help="job id (default: a new UUID)")
     enq.add_argument("--user-id", default=None, help="user id")
     enq.add_argument("--queue-url", default=None, help="queue (default: SQS_QUEUE_URL)")
@@ -179,16 +184,17 @@ def warm_up(settings: Settings) -> None:
         raise PermanentError(ErrorCode.TOOL_MISSING, "no CUDA GPU here: the kernel cache is made on the GPU it is for")
     if settings.kernel_cache_dir is None:
         raise PermanentError(ErrorCode.INVALID_PARAMETERS, "set KERNEL_CACHE_DIR to the folder the workers will read")
-    [upscaler] = load_engine(settings, "gpu")
-    seconds = upscaler.warm_up(tuned=tuned_file(settings))
-    print(json.dumps({"kernelCache": str(kernel_cache_folder(settings.kernel_cache_dir)), "engine": upscaler.engine,
-                      "seconds": round(seconds, 1)}))
+    [models] = load_models(settings, "gpu")
+    seconds = sum(upscaler.warm_up(tuned=tuned_file(settings)) for upscaler in models.values())
+    print(json.dumps({"kernelCache": str(kernel_cache_folder(settings.kernel_cache_dir)),
+                      "engines": {name: upscaler.engine for name, upscaler in models.items()}, "seconds": round(seconds, 1)}))
 
 
 def enqueue(args: argparse.Namespace, settings: Settings) -> None:
     job_queue = queue_from(settings, args.queue_url)
     job_id = args.job_id or str(uuid.uuid4())
-    body = job_message_body(job_id, args.source, scale=args.scale, device=args.device, user_id=args.user_id)
+    body = job_message_body(job_id, args.source, scale=args.scale, device=args.device, user_id=args.user_id,
+                            model=args.model)
     message_id = job_queue.send(body, group_id=args.user_id or job_id, dedup_id=job_id)
     print(json.dumps({"jobId": job_id, "messageId": message_id, "queueUrl": job_queue.url}))
 

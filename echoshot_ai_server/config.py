@@ -14,6 +14,8 @@ class Settings(BaseSettings):
 
     # Model
     weights_dir: Path = Path("weights")
+    # The models a job may ask for, loaded at start (comma-separated; empty: every model the engine knows)
+    models: Annotated[list[str], NoDecode] = []
     pre_pad: int = Field(0, ge=0)
     gpu_tile: int = Field(0, ge=0)
     gpu_tile_pad: int = Field(10, ge=0)
@@ -100,7 +102,7 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
-    @field_validator("allowed_source_prefixes", mode="before")
+    @field_validator("allowed_source_prefixes", "models", mode="before")
     @classmethod
     def _comma_separated(cls, value):
         if isinstance(value, str):

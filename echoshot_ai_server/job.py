@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from echoshot_ai_server.engine.specs import scale_problem
+from echoshot_ai_server.engine.specs import DEFAULT_MODEL, model_problem, scale_problem
 from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError
 
 UPSCALE = "UPSCALE"
@@ -40,12 +40,26 @@ class JobParameters(BaseModel):
             raise ValueError("must be an integer or a numeric string")
         return value
 
+    model: str = Field(DEFAULT_MODEL, description="the network: RealESRGAN_x4plus, realesr-animevideov3 or RealESRGAN_x4plus_anime_6B")
+
     @field_validator("scale_factor")
     @classmethod
     def _supported(cls, value: int) -> int:
         if (problem := scale_problem(value)) is not None:
             raise ValueError(problem)
         return value
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if (problem := model_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
+
+    def work(self) -> dict:
+        """What the parameters ask for, defaults left out: a job's identity does not change when a
+        parameter is added with a default that keeps today's behaviour."""
+        return self.model_dump(mode="json", exclude_defaults=True)
 
 
 class SegmentStep(BaseModel):
@@ -107,14 +121,17 @@ def output_key(job_id: str, source_name: str) -> str:
     return f"processed/upscaled/{job_id}/{stem[:100]}_upscaled.mp4"
 
 
-def job_message_body(job_id: str, source_s3_key: str, *, scale: int, device: str, user_id: str | None = None) -> str:
-    """A message body exactly as Spring enqueues it."""
+def job_message_body(job_id: str, source_s3_key: str, *, scale: int, device: str, user_id: str | None = None,
+                     **optional: Any) -> str:
+    """A message body exactly as Spring enqueues it; `optional` parameters (`model`, `maxInputHeight`)
+    are sent when not None."""
+    parameters = {"device": device, "scale_factor": scale} | {k: v for k, v in optional.items() if v is not None}
     return json.dumps({
         "jobId": job_id,
         "userId": user_id,
         "taskType": UPSCALE,
         "sourceS3Key": source_s3_key,
-        "parameters": {"device": device, "scale_factor": scale},
+        "parameters": parameters,
     })
 
 

@@ -39,12 +39,17 @@ VALID = {
     "no user id": message(userId=None),
     "a segment's step (the worker's own)": message(segment={"run": "abcdef12", "index": 3}),
     "an assembly step (the worker's own)": message(segment={"run": "abcdef12", "assemble": True}),
+    "the fast video model": message(parameters__model="realesr-animevideov3"),
+    "the anime model": message(parameters__model="RealESRGAN_x4plus_anime_6B"),
+    "the guide's model named": message(parameters__model="RealESRGAN_x4plus"),
 }
 INVALID = {
     "scale 3": (message(parameters__scale_factor=3), ErrorCode.INVALID_PARAMETERS),
     "scale as words": (message(parameters__scale_factor="four"), ErrorCode.INVALID_PARAMETERS),
     "fractional scale": (message(parameters__scale_factor=2.5), ErrorCode.INVALID_PARAMETERS),
     "device tpu": (message(parameters__device="tpu"), ErrorCode.INVALID_PARAMETERS),
+    "unknown model": (message(parameters__model="RealESRGAN_x2plus"), ErrorCode.INVALID_PARAMETERS),
+    "model not a string": (message(parameters__model=4), ErrorCode.INVALID_PARAMETERS),
     "no source": (message(sourceS3Key=None), ErrorCode.INVALID_MESSAGE),
     "empty job id": (message(jobId=""), ErrorCode.INVALID_MESSAGE),
     "no parameters": (message(parameters=None), ErrorCode.INVALID_MESSAGE),

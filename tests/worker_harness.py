@@ -35,8 +35,8 @@ def send(stack, body: str) -> None:
     stack.sqs.send_message(QueueUrl=stack.queue_url, MessageBody=body)
 
 
-def enqueue(stack, key: str, job_id: str, scale: int = 2, device: str = "cpu") -> None:
-    send(stack, job_message_body(job_id, key, scale=scale, device=device, user_id="123"))
+def enqueue(stack, key: str, job_id: str, scale: int = 2, device: str = "cpu", **optional) -> None:
+    send(stack, job_message_body(job_id, key, scale=scale, device=device, user_id="123", **optional))
 
 
 def run_jobs(worker, rounds: int = 1) -> None:

@@ -19,7 +19,7 @@ class EnvironmentReport:
         return not self.problems
 
 
-def check_environment(*, ffmpeg: str, ffprobe: str, weights_dir: Path, model: ModelSpec) -> EnvironmentReport:
+def check_environment(*, ffmpeg: str, ffprobe: str, weights_dir: Path, models: list[ModelSpec]) -> EnvironmentReport:
     report = EnvironmentReport()
     runtime = torch_runtime()
     report.lines.append(f"PyTorch 버전: {runtime['torch_version']}")
@@ -34,11 +34,12 @@ def check_environment(*, ffmpeg: str, ffprobe: str, weights_dir: Path, model: Mo
         except JobError as exc:
             report.problems.append(exc.message)
             report.lines.append(f"❌ {exc.message}")
-    weights = weights_dir / model.weights_file
-    if weights.is_file():
-        report.lines.append(f"✅ 모델 가중치 확인: {weights}")
-    else:
-        problem = f"model weights not found: {weights} (download {model.url} there, or set WEIGHTS_DIR)"
-        report.problems.append(problem)
-        report.lines.append(f"❌ {problem}")
+    for model in models:
+        weights = weights_dir / model.weights_file
+        if weights.is_file():
+            report.lines.append(f"✅ 모델 가중치 확인: {weights}")
+        else:
+            problem = f"model weights not found: {weights} (download {model.url} there, or set WEIGHTS_DIR)"
+            report.problems.append(problem)
+            report.lines.append(f"❌ {problem}")
     return report

@@ -87,7 +87,7 @@ class SegmentSteps:
 
     # -- 2. and 3. ----------------------------------------------------------------------------
     def run(self, job: JobMessage, upscaler: Upscaler, attempt: JobAttempt) -> TaskResult:
-        wanted = fingerprint(job.source_s3_key, job.parameters.model_dump(mode="json"))
+        wanted = fingerprint(job.source_s3_key, job.parameters.work())
         if job.segment.assemble:
             return self._assemble(job, wanted, attempt)
         found = self.records.read(job.job_id)
@@ -278,7 +278,7 @@ class WholeJobProgress:
 
     @property
     def plan_fingerprint(self) -> str:
-        return fingerprint(self.job.source_s3_key, self.job.parameters.model_dump(mode="json"))
+        return fingerprint(self.job.source_s3_key, self.job.parameters.work())
 
     def _update(self, done: int, interval_s: float):
         storage = self.steps.storage

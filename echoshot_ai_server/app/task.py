@@ -9,6 +9,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable, Protocol
 
 from echoshot_ai_server.app.attempt import JobAttempt, TaskOutcome, TaskResult
@@ -71,13 +72,15 @@ class UpscaleTask:
     queue: MessageSender | None = None  # where the messages of a job's segments go (None: never cut)
     segment_s: float = 0  # jobs longer than this are cut into segments of about this length (0: never)
 
-    def run(self, job: JobMessage, upscaler: Upscaler, attempt: JobAttempt) -> TaskResult:
-        """Do the job (or one step of a job cut into segments), or find that it is done or being done.
-        Raises JobError or JobCancelled; the caller settles the message."""
+    def run(self, job: JobMessage, models: Mapping[str, Upscaler], attempt: JobAttempt) -> TaskResult:
+        """Do the job (or one step of a job cut into segments) with the model it asks for among
+        `models`, or find that it is done or being done. Raises JobError or JobCancelled; the caller
+        settles the message."""
         check_source_key(job.source_s3_key, list(self.allowed_source_prefixes))
+        upscaler = model_for(job, models)
         if job.segment is not None:
             return SegmentSteps(self).run(job, upscaler, attempt)
-        wanted = fingerprint(job.source_s3_key, job.parameters.model_dump(mode="json"))
+        wanted = fingerprint(job.source_s3_key, job.parameters.work())
         decision, claim = self.records.claim(job.job_id, wanted, attempt.message_id)
         if decision is Decision.DUPLICATE:
             return TaskResult(TaskOutcome.DUPLICATE)
@@ -189,3 +192,11 @@ class UpscaleTask:
         else:
             log.info("COMPLETED callback delivered")
         self.records.reported(claim)
+
+
+def model_for(job: JobMessage, models: Mapping[str, Upscaler]) -> Upscaler:
+    name = job.parameters.model
+    if name not in models:
+        raise PermanentError(ErrorCode.INVALID_PARAMETERS,
+                             f"model {name} is not served by this worker (MODELS: {', '.join(models)})")
+    return models[name]

@@ -4,6 +4,7 @@ The only module besides cli.py that reads `Settings`; everything below it gets p
 """
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from echoshot_ai_server.app.pipeline import GPU_FALLBACK_WARNING, InputLimits
@@ -11,7 +12,7 @@ from echoshot_ai_server.config import Settings
 from echoshot_ai_server.engine.device import (
     gpu_memory_stats, gpu_name, kernel_cache_folder, resolve_device, use_kernel_cache, use_only_gpu,
 )
-from echoshot_ai_server.engine.specs import X4PLUS, Device
+from echoshot_ai_server.engine.specs import DEFAULT_MODEL, MODELS, X4PLUS, Device, ModelSpec, model_problem
 from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler, load_upscalers
 from echoshot_ai_server.errors import ErrorCode, PermanentError, RetryableError
 from echoshot_ai_server.media.writer import EncoderSettings
@@ -31,8 +32,10 @@ def required(settings: Settings, *names: str) -> None:
         raise PermanentError(ErrorCode.INVALID_PARAMETERS, f"required setting(s) not set: {', '.join(missing)}")
 
 
-def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None, started: float | None = None) -> "Worker":
-    """The worker as the settings describe it. `upscalers` replaces the model loading (tests).
+def build_worker(settings: Settings, upscalers: list[Upscaler | Mapping[str, Upscaler]] | None = None,
+                 started: float | None = None) -> "Worker":
+    """The worker as the settings describe it. `upscalers` replaces the model loading (tests): per
+    slot, the models by name, or one upscaler that serves the default model.
 
     Checks first that the worker can work at all (the queue, the bucket, the work directory), so
     that a misspelt setting stops it at start with one clear line instead of failing every job."""
@@ -102,14 +105,17 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None, st
     )
     try:
         if upscalers is None:
-            upscalers = load_engine(settings, device, slots)
+            models = load_models(settings, device, slots)
+        else:
+            models = [u if isinstance(u, Mapping) else {DEFAULT_MODEL: u} for u in upscalers]
     except BaseException:
         directory.close()
         raise
-    log.info("업스케일러 초기화 완료 - %s, slots: %d", upscalers[0].describe(), slots)
+    log.info("업스케일러 초기화 완료 - %s, slots: %d, models: %s", next(iter(models[0].values())).describe(), slots,
+             ", ".join(models[0]))
 
     def warm_up() -> None:
-        seconds = sum(upscaler.warm_up(tuned=tuned_file(settings)) for upscaler in upscalers)
+        seconds = sum(upscaler.warm_up(tuned=tuned_file(settings)) for slot in models for upscaler in slot.values())
         if seconds:
             log.info("GPU kernels tuned and compiled for every frame size in %.1fs", seconds)
 
@@ -117,7 +123,7 @@ def build_worker(settings: Settings, upscalers: list[Upscaler] | None = None, st
         job_queue=job_queue,
         task=task,
         callback=callback,
-        upscalers=upscalers,
+        models=models,
         max_receive_count=redrive_max or settings.max_receive_count,
         dead_letter_queue=redrive_max is not None,
         poll_wait_s=settings.poll_wait_s,
@@ -197,18 +203,33 @@ def tuned_file(settings: Settings):
     return kernel_cache_folder(settings.kernel_cache_dir) / "tuned-tiles.json"
 
 
-def load_engine(settings: Settings, device: Device, count: int = 1) -> list[Upscaler]:
+def served_models(settings: Settings) -> list[ModelSpec]:
+    """The models this worker serves (MODELS; unset: every model the engine knows)."""
+    for name in settings.models:
+        if (problem := model_problem(name)) is not None:
+            raise PermanentError(ErrorCode.INVALID_PARAMETERS, f"MODELS: {problem}")
+    return [MODELS[name] for name in settings.models] or list(MODELS.values())
+
+
+def load_models(settings: Settings, device: Device, count: int = 1) -> list[dict[str, Upscaler]]:
+    """Per worker slot, each served model by name (a slot runs one job at a time, so its models
+    share the slot's memory)."""
+    loaded = {spec.name: load_engine(settings, device, count, spec) for spec in served_models(settings)}
+    return [{name: upscalers[slot] for name, upscalers in loaded.items()} for slot in range(count)]
+
+
+def load_engine(settings: Settings, device: Device, count: int = 1, spec: ModelSpec = X4PLUS) -> list[Upscaler]:
     """The model loaded `count` times for `device`; weights that are missing or wrong are a clear error."""
     if device == "gpu" and settings.kernel_cache_dir is not None:
         log.info("GPU kernel cache: %s", use_kernel_cache(settings.kernel_cache_dir))
     try:
-        return load_upscalers(settings.weights_dir, X4PLUS, device, run_profile(settings, device), count=count,
+        return load_upscalers(settings.weights_dir, spec, device, run_profile(settings, device), count=count,
                               memory_limit_gb=settings.gpu_memory_limit_gb)
     except FileNotFoundError as exc:
         raise PermanentError(
             ErrorCode.WEIGHTS_MISSING,
-            f"{exc}. Download them with 'mkdir -p {settings.weights_dir} && curl -L {X4PLUS.url} -o "
-            f"{settings.weights_dir / X4PLUS.weights_file}' or point WEIGHTS_DIR at their folder",
+            f"{exc}. Download them with 'mkdir -p {settings.weights_dir} && curl -L {spec.url} -o "
+            f"{settings.weights_dir / spec.weights_file}' or point WEIGHTS_DIR at their folder",
         ) from exc
     except ValueError as exc:
         raise PermanentError(ErrorCode.WEIGHTS_INVALID, str(exc)) from exc

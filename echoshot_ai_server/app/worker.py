@@ -6,6 +6,7 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, wait
+from collections.abc import Mapping
 from typing import Callable
 
 from echoshot_ai_server.adapters.spring import SpringCallback
@@ -38,7 +39,7 @@ class Worker:
         job_queue: JobQueue,
         task: UpscaleTask,
         callback: SpringCallback,
-        upscalers: list[Upscaler],
+        models: list[Mapping[str, Upscaler]],
         max_receive_count: int,
         dead_letter_queue: bool,
         poll_wait_s: int = 20,
@@ -78,10 +79,10 @@ class Worker:
         self.started = time.monotonic() if started is None else started
         self.heartbeat = VisibilityHeartbeat(job_queue, timeout_s=visibility_timeout_s, every_s=visibility_extend_every_s,
                                              on_success=self.monitoring.queue_answered)
-        self._slot_count = len(upscalers)
-        self._slots: stdlib_queue.Queue[Upscaler] = stdlib_queue.Queue()
-        for upscaler in upscalers:
-            self._slots.put(upscaler)
+        self._slot_count = len(models)
+        self._slots: stdlib_queue.Queue[Mapping[str, Upscaler]] = stdlib_queue.Queue()  # a slot: its models by name
+        for slot in models:
+            self._slots.put(slot)
         self._running: dict[Future, QueueMessage] = {}
         self._next_recheck = 0.0
         self.stopping = threading.Event()  # no new messages
@@ -204,15 +205,15 @@ class Worker:
 
     # -- one message ----------------------------------------------------------------------
     def _handle_in_slot(self, message: QueueMessage) -> None:
-        upscaler = self._slots.get()
+        slot = self._slots.get()
         try:
-            self.handle(message, upscaler)
+            self.handle(message, slot)
         except Exception:  # settling failed (SQS down): the message reappears after its timeout
             log.exception("could not settle message %s", message.message_id)
         finally:
-            self._slots.put(upscaler)
+            self._slots.put(slot)
 
-    def handle(self, message: QueueMessage, upscaler: Upscaler) -> None:
+    def handle(self, message: QueueMessage, models: Mapping[str, Upscaler]) -> None:
         job_id = read_job_id(message.body)
         started = time.monotonic()
         with job_context(job_id or f"message:{message.message_id}"):
@@ -226,7 +227,7 @@ class Worker:
                 job = parse_job(message.body)
                 attempt = JobAttempt(message.message_id, self.cancel, lambda renew: self.heartbeat.attach(message, renew),
                                      final=message.receive_count >= self.max_receive_count)
-                result = self.task.run(job, upscaler, attempt)
+                result = self.task.run(job, models, attempt)
             except BaseException as exc:  # noqa: BLE001 - classified in one place
                 error = classify(exc)
             finally:

@@ -257,8 +257,8 @@ def _widths(model: nn.Module) -> tuple[int, int]:
 
 def fused_unsupported_reason(model: nn.Module, device: torch.device) -> str | None:
     """Why the fused engine cannot run this model here, or None when it can."""
-    if getattr(model, "scale", None) != 4:
-        return "the fused engine runs the x4 network only"
+    if not hasattr(model, "conv_first") or getattr(model, "scale", None) != 4:
+        return "the fused engine runs the x4 RRDBNet only"
     feat, grow = _widths(model)
     if any(c < 16 or c & (c - 1) for c in (feat, grow)):
         return f"the fused engine needs power-of-two channel counts of at least 16 (got {feat}/{grow})"

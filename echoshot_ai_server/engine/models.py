@@ -1,12 +1,14 @@
-"""Building basicsr's RRDBNet and loading its weights (strictly, from a local file)."""
+"""Building the networks (basicsr's RRDBNet, Real-ESRGAN's SRVGGNetCompact) and loading their
+weights strictly from a local file whose digest is known."""
 
+import hashlib
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from echoshot_ai_server.engine.specs import RRDBNetArch
+from echoshot_ai_server.engine.specs import RRDBNetArch, SRVGGNetArch
 
 
 def _import_rrdbnet():
@@ -22,12 +24,32 @@ def _import_rrdbnet():
     return RRDBNet
 
 
-def build_model(arch: RRDBNetArch) -> nn.Module:
-    """An RRDBNet of this shape with random weights (also makes realesrgan importable)."""
-    return _import_rrdbnet()(
+def build_model(arch: RRDBNetArch | SRVGGNetArch) -> nn.Module:
+    """The network of this shape with random weights (also makes realesrgan importable)."""
+    rrdbnet = _import_rrdbnet()
+    if isinstance(arch, SRVGGNetArch):
+        from realesrgan.archs.srvgg_arch import SRVGGNetCompact
+
+        return SRVGGNetCompact(num_in_ch=3, num_out_ch=3, num_feat=arch.num_feat, num_conv=arch.num_conv,
+                               upscale=arch.scale, act_type=arch.act_type)
+    return rrdbnet(
         num_in_ch=3, num_out_ch=3, num_feat=arch.num_feat, num_block=arch.num_block, num_grow_ch=arch.num_grow_ch,
         scale=arch.scale,
     )
+
+
+def check_digest(path: Path, known: tuple[str, ...]) -> None:
+    """The file is one of the known files of its model (a checkpoint is a pickle: an unknown one is
+    never loaded). Raises FileNotFoundError when there is no file, ValueError when it is unknown."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model weights not found: {path}")
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() not in known:
+        raise ValueError(f"{path} is not a known file of this model: sha256 {digest.hexdigest()}, "
+                         f"expected {' or '.join(known)}")
 
 
 def read_state_dict(path: Path) -> dict:
@@ -48,7 +70,7 @@ def read_state_dict(path: Path) -> dict:
     return checkpoint
 
 
-def load_model(path: Path, arch: RRDBNetArch, state_dict: dict | None = None) -> nn.Module:
+def load_model(path: Path, arch: RRDBNetArch | SRVGGNetArch, state_dict: dict | None = None) -> nn.Module:
     """The network with the weights of `path` (or of `state_dict`, read from it before), loaded strictly.
 
     Raises FileNotFoundError / ValueError as `read_state_dict`, ValueError when the weights do not fit."""
@@ -56,5 +78,5 @@ def load_model(path: Path, arch: RRDBNetArch, state_dict: dict | None = None) ->
     try:
         model.load_state_dict(read_state_dict(path) if state_dict is None else state_dict, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"{path} does not match RRDBNet{arch}: {str(exc).splitlines()[0]}") from exc
+        raise ValueError(f"{path} does not match {arch}: {str(exc).splitlines()[0]}") from exc
     return model

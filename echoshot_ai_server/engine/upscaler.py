@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from echoshot_ai_server.engine.device import DeviceOutOfMemory, gpu_memory_budget, is_out_of_memory
-from echoshot_ai_server.engine.models import load_model, read_state_dict
+from echoshot_ai_server.engine.models import check_digest, load_model, read_state_dict
 from echoshot_ai_server.engine.resize import lanczos_half
 from echoshot_ai_server.engine.specs import Device, Engine, ModelSpec, scale_problem
 from echoshot_ai_server.engine.tiling import plan_forward, tile_windows
@@ -250,8 +250,10 @@ def load_upscalers(weights_dir: Path, spec: ModelSpec, device: Device, profile: 
     """`count` upscalers (one per worker slot) of the model `spec`, its weights read once from `weights_dir`.
 
     On the GPU the memory below `memory_limit_gb` (0: the whole card) is shared out between them.
-    Raises FileNotFoundError (no weights file) or ValueError (weights that do not fit the model)."""
+    Raises FileNotFoundError (no weights file) or ValueError (an unknown file, or weights that do not
+    fit the model)."""
     path = weights_dir / spec.weights_file
+    check_digest(path, spec.sha256)
     state_dict = read_state_dict(path)
     if device == "gpu":
         # cuDNN's heuristics, not its benchmark: timing its algorithms for every new frame size cost
@@ -264,5 +266,5 @@ def load_upscalers(weights_dir: Path, spec: ModelSpec, device: Device, profile: 
         for _ in range(count)
     ]
     if device == "gpu":
-        log.info("GPU engine: %s (requested: %s)", upscalers[0].engine, profile.engine)
+        log.info("GPU engine for %s: %s (requested: %s)", spec.name, upscalers[0].engine, profile.engine)
     return upscalers
