@@ -91,6 +91,7 @@ def upscale(args: argparse.Namespace, settings: Settings) -> None:
                 ffprobe=settings.ffprobe_bin,
                 on_progress=on_progress,
                 limits=input_limits(settings),
+                max_input_height=args.max_input_height or settings.pre_resize_max_height,
             )
         finally:
             for bar in bars:
@@ -121,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--scale", type=int, choices=SUPPORTED_SCALES, default=2, help="output scale (default 2)")
     up.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="device (default cpu)")
     up.add_argument("--model", choices=tuple(MODELS), default=DEFAULT_MODEL, help=f"network (default {DEFAULT_MODEL})")
+    up.add_argument("--max-input-height", type=int, default=0, help="scale taller sources down to this height "
+                    "first (default: PRE_RESIZE_MAX_HEIGHT, 0: never)")
     up.add_argument("--output", default="output_upscaled", help="output directory (default output_upscaled/)")
     up.add_argument("--no-validation", action="store_true", help="skip the environment report")
 
@@ -136,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     enq.add_argument("--scale", type=int, required=True, help="scale_factor (2 or 4)")
     enq.add_argument("--device", required=True, help="device (gpu or cpu)")
     enq.add_argument("--model", choices=tuple(MODELS), default=None, help=f"network (default: the worker's, {DEFAULT_MODEL})")
+    enq.add_argument("--max-input-height", type=int, default=None, help="parameters.maxInputHeight (default: none)")
     enq.add_argument("--job-id", default=None, help="job id (default: a new UUID)")
     enq.add_argument("--user-id", default=None, help="user id")
     enq.add_argument("--queue-url", default=None, help="queue (default: SQS_QUEUE_URL)")
@@ -194,7 +198,7 @@ def enqueue(args: argparse.Namespace, settings: Settings) -> None:
     job_queue = queue_from(settings, args.queue_url)
     job_id = args.job_id or str(uuid.uuid4())
     body = job_message_body(job_id, args.source, scale=args.scale, device=args.device, user_id=args.user_id,
-                            model=args.model)
+                            model=args.model, maxInputHeight=args.max_input_height)
     message_id = job_queue.send(body, group_id=args.user_id or job_id, dedup_id=job_id)
     print(json.dumps({"jobId": job_id, "messageId": message_id, "queueUrl": job_queue.url}))
 

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     max_output_pixels: int = Field(7680 * 4320, ge=0)
     max_download_bytes: int = Field(4 * 2**30, ge=0)
     allowed_source_prefixes: Annotated[list[str], NoDecode] = ["uploads/"]
+    # A job whose estimated compute on this worker (frames x pixels x the model's cost / its speed here,
+    # measured at start) is longer than this is refused with JOB_TOO_LARGE before its frames (0: never)
+    max_job_seconds: float = Field(7200, ge=0)
+    # Sources taller than this are scaled down to it before upscaling, aspect kept (the guide's
+    # "pre-resize to 720p"); a job's parameters.maxInputHeight may ask for less (0: never)
+    pre_resize_max_height: int = Field(0, ge=0)
     disk_headroom_bytes: int = Field(2**30, ge=0)
 
     # Files

@@ -6,7 +6,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator,
+)
 
 from echoshot_ai_server.engine.specs import DEFAULT_MODEL, model_problem, scale_problem
 from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError
@@ -26,7 +28,7 @@ def _lower(value: Any) -> Any:
 
 
 class JobParameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     device: Annotated[Literal["gpu", "cpu"], BeforeValidator(_lower)]
     scale_factor: int = Field(description="2 or 4; an integer or a numeric string")
@@ -41,6 +43,8 @@ class JobParameters(BaseModel):
         return value
 
     model: str = Field(DEFAULT_MODEL, description="the network: RealESRGAN_x4plus, realesr-animevideov3 or RealESRGAN_x4plus_anime_6B")
+    max_input_height: int | None = Field(None, alias="maxInputHeight", ge=16, le=4320, strict=True,
+                                         description="taller sources are scaled down to this height before upscaling")
 
     @field_validator("scale_factor")
     @classmethod
@@ -59,7 +63,7 @@ class JobParameters(BaseModel):
     def work(self) -> dict:
         """What the parameters ask for, defaults left out: a job's identity does not change when a
         parameter is added with a default that keeps today's behaviour."""
-        return self.model_dump(mode="json", exclude_defaults=True)
+        return self.model_dump(mode="json", by_alias=True, exclude_defaults=True)
 
 
 class SegmentStep(BaseModel):
@@ -209,6 +213,13 @@ class ResultMetadata(BaseModel):
     fps: float
     frame_count: int
     duration: float
+    # Set when the source was pre-resized (parameters.maxInputHeight or PRE_RESIZE_MAX_HEIGHT): its size as shown
+    source_width: int | None = None
+    source_height: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset(self, handler):
+        return {name: value for name, value in handler(self).items() if value is not None}
 
     def as_s3_metadata(self) -> dict[str, str]:
         return {name: str(value) for name, value in self.model_dump().items()}

@@ -73,11 +73,11 @@ def test_the_disk_filling_up_while_downloading_is_retried(stack, tmp_path, small
         proxy.slow(s3_get("noise.mp4"), seconds=2, times=1)  # time to fill the disk after the check
         worker = make_worker(stack, aws_endpoint_url=proxy.url, work_dir=small_disk, disk_headroom_bytes=0)
         [future] = worker.run_once()
-        wait_until(lambda: statuses(stack, "j-full-download"), 30, "the job never started")
+        wait_until(lambda: leftovers(small_disk), 30, "the job never started")  # its folder, before the download
         filler = fill(small_disk, 0)
         wait([future])
     assert "[INSUFFICIENT_DISK] the work directory is full" in caplog.text
-    assert statuses(stack, "j-full-download") == ["PROCESSING"]
+    assert statuses(stack, "j-full-download") == []  # retryable, and no estimate was made yet
     assert queue_counts(stack) == (1, 0) and leftovers(small_disk) == [filler]
 
 

@@ -42,6 +42,7 @@ VALID = {
     "the fast video model": message(parameters__model="realesr-animevideov3"),
     "the anime model": message(parameters__model="RealESRGAN_x4plus_anime_6B"),
     "the guide's model named": message(parameters__model="RealESRGAN_x4plus"),
+    "a pre-resize to 720p": message(parameters__maxInputHeight=720),
 }
 INVALID = {
     "scale 3": (message(parameters__scale_factor=3), ErrorCode.INVALID_PARAMETERS),
@@ -50,6 +51,9 @@ INVALID = {
     "device tpu": (message(parameters__device="tpu"), ErrorCode.INVALID_PARAMETERS),
     "unknown model": (message(parameters__model="RealESRGAN_x2plus"), ErrorCode.INVALID_PARAMETERS),
     "model not a string": (message(parameters__model=4), ErrorCode.INVALID_PARAMETERS),
+    "pre-resize too small": (message(parameters__maxInputHeight=8), ErrorCode.INVALID_PARAMETERS),
+    "pre-resize as a string": (message(parameters__maxInputHeight="720"), ErrorCode.INVALID_PARAMETERS),
+    "pre-resize fractional": (message(parameters__maxInputHeight=720.5), ErrorCode.INVALID_PARAMETERS),
     "no source": (message(sourceS3Key=None), ErrorCode.INVALID_MESSAGE),
     "empty job id": (message(jobId=""), ErrorCode.INVALID_MESSAGE),
     "no parameters": (message(parameters=None), ErrorCode.INVALID_MESSAGE),

@@ -36,6 +36,9 @@ class Monitoring:
                            registry=self.registry)
         self.startup = Gauge("echoshot_startup_seconds", "From the process's start to ready: the model loaded, its "
                              "kernels tuned and compiled", registry=self.registry)
+        self.model_speed = Gauge("echoshot_model_speed_pixels_per_second", "Pixels a model takes in per second on this "
+                                 "worker's device, measured at start-up (job estimates come from it)", ["model"],
+                                 registry=self.registry)
         self.ready.set_function(lambda: 1.0 if self.is_ready()[0] else 0.0)
         if gpu_memory is not None:
             gauge = Gauge("echoshot_gpu_memory_bytes", "GPU memory held by PyTorch", ["kind"], registry=self.registry)

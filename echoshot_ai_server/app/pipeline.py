@@ -55,8 +55,19 @@ class UpscaleResult:
     stages_s: dict[str, float] = field(default_factory=dict)  # where the time went
 
 
-def check_limits(info: VideoInfo, scale: int, limits: InputLimits) -> None:
-    """Refuse, before any heavy work, what the settings do not allow."""
+def input_size(info: VideoInfo, max_height: int = 0) -> tuple[int, int]:
+    """The size the model takes the frames at: as shown, or, when taller than `max_height` (0: no
+    limit), that height with the width that keeps the aspect, both even (the guide's "pre-resize")."""
+    width, height = info.display_size
+    if not max_height or height <= max_height:
+        return width, height
+    new_height = max(2, max_height // 2 * 2)
+    return max(2, round(width * new_height / height / 2) * 2), new_height
+
+
+def check_limits(info: VideoInfo, scale: int, limits: InputLimits, size: tuple[int, int] | None = None) -> None:
+    """Refuse, before any heavy work, what the settings do not allow. `size`: what the model takes the
+    frames at, when the source is pre-resized."""
     problems = []
     if limits.max_width and info.width > limits.max_width:
         problems.append(f"width {info.width} > {limits.max_width}")
@@ -70,11 +81,11 @@ def check_limits(info: VideoInfo, scale: int, limits: InputLimits) -> None:
         problems.append(f"{info.frame_count} frames > {limits.max_frame_count}")
     if problems:
         raise PermanentError(ErrorCode.INPUT_TOO_LARGE, "input over the limits: " + "; ".join(problems))
-    out_pixels = info.width * scale * info.height * scale
-    if limits.max_output_pixels and out_pixels > limits.max_output_pixels:
+    width, height = size or (info.width, info.height)
+    if limits.max_output_pixels and width * scale * height * scale > limits.max_output_pixels:
         raise PermanentError(
             ErrorCode.OUTPUT_TOO_LARGE,
-            f"{scale}x of {info.width}x{info.height} would be {info.width * scale}x{info.height * scale}, "
+            f"{scale}x of {width}x{height} would be {width * scale}x{height * scale}, "
             f"more than {limits.max_output_pixels} pixels",
         )
 
@@ -139,9 +150,14 @@ def upscale_video(
     should_stop: Callable[[], bool] = lambda: False,
     limits: InputLimits = InputLimits(),
     segment: Segment | None = None,
+    max_input_height: int = 0,
+    before_frames: Callable[[int, int, int], None] | None = None,
 ) -> UpscaleResult:
     """Upscale `source` into an H.264 MP4 at `output`, keeping its audio. With `segment`, only
     that segment's frames, timed from its start, without audio (join_segments adds it).
+    `max_input_height`: taller sources are scaled down to it first (0: never).
+    `before_frames(frames, width, height)`: called once the work is known and before the model
+    runs (the frames to upscale and the size the model takes them at); it may refuse the job.
 
     Raises JobError, or JobCancelled when `should_stop()` turns true between two batches.
     """
@@ -158,7 +174,10 @@ def upscale_video(
         raise PermanentError(ErrorCode.INVALID_VIDEO, f"{source.name} is a still image ({info.format_name}), not a video")
     if info.frame_count <= 0:
         raise PermanentError(ErrorCode.NO_FRAMES, f"{source.name} has no video frames")
-    check_limits(info, scale, limits)
+    in_width, in_height = input_size(info, max_input_height)
+    if (in_width, in_height) != (width, height):
+        log.info("pre-resized to %dx%d (max input height %d)", in_width, in_height, max_input_height)
+    check_limits(info, scale, limits, (in_width, in_height))
 
     upscaler = get_upscaler()
     clock.mark("model")
@@ -174,12 +193,14 @@ def upscale_video(
         log.info("segment %d: frames %d-%d", segment.index, segment.first_frame, segment.first_frame + segment.frames - 1)
         audio, subtitles = False, ()
         expected, video_start_s, end_s = segment.frames, 0.0, segment.span_s
-    out_w, out_h = width * scale, height * scale
+    if before_frames is not None:
+        before_frames(expected, in_width, in_height)
+    out_w, out_h = in_width * scale, in_height * scale
     log.info("비디오 인코딩 중 (%s)...", "오디오 포함" if audio else "오디오 없음")
     progress = _ProgressLog(expected)
     done = 0
     # Three stages overlap: decoding (ffmpeg, read by a thread), the model (here), encoding (ffmpeg, fed by a thread).
-    with FrameReader(source, info, ffmpeg=encoder.ffmpeg,
+    with FrameReader(source, info, ffmpeg=encoder.ffmpeg, size=(in_width, in_height),
                      part=None if segment is None else (segment.start_s, segment.frames)) as reader, FrameWriter(
         output,
         width=out_w,
@@ -223,8 +244,14 @@ def upscale_video(
     log.info("최종 비디오 생성 완료")
     log.info("시간: %s", ", ".join(f"{name} {seconds:.2f}s" for name, seconds in clock.stages.items()))
     metadata = ResultMetadata(width=out_w, height=out_h, fps=round(float(info.fps), 3),
-                              frame_count=writer.frames_written, duration=round(result_info.duration_s, 3))
+                              frame_count=writer.frames_written, duration=round(result_info.duration_s, 3),
+                              **_pre_resized(info, (in_width, in_height)))
     return UpscaleResult(metadata, result_info.has_audio, time.monotonic() - started, clock.stages)
+
+
+def _pre_resized(info: VideoInfo, size: tuple[int, int]) -> dict:
+    """The metadata's account of a pre-resize: the source's size as shown, when the model took another."""
+    return {} if size == info.display_size else {"source_width": info.display_size[0], "source_height": info.display_size[1]}
 
 
 def join_segments(
@@ -237,13 +264,14 @@ def join_segments(
     encoder: EncoderSettings,
     ffprobe: str = "ffprobe",
     should_stop: Callable[[], bool] = lambda: False,
+    max_input_height: int = 0,
 ) -> UpscaleResult:
     """One MP4 from the upscaled segments of `source` (without encoding the video again) and the
     source's audio, checked like a result made in one piece."""
     started = time.monotonic()
     info = probe(source, ffprobe, should_stop)
     audio, subtitles = _streams_to_keep(source, info, encoder.ffmpeg, should_stop)
-    width, height = info.display_size
+    width, height = input_size(info, max_input_height)
     frames = 0
     for part, segment in zip(parts, segments):
         part_info = _probe_result(part, ffprobe, should_stop)
@@ -259,7 +287,8 @@ def join_segments(
                   len(subtitles))
     log.info("%d segments joined: %d frames", len(segments), frames)
     metadata = ResultMetadata(width=width * scale, height=height * scale, fps=round(float(info.fps), 3),
-                              frame_count=frames, duration=round(result_info.duration_s, 3))
+                              frame_count=frames, duration=round(result_info.duration_s, 3),
+                              **_pre_resized(info, (width, height)))
     return UpscaleResult(metadata, result_info.has_audio, time.monotonic() - started)
 
 

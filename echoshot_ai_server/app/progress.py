@@ -41,11 +41,18 @@ class ProgressReporter:
         self.whole_job = whole_job
         self._abort = threading.Event()  # ends a callback in flight
         self.started = time.monotonic()
+        self._estimate_s: float | None = None
         self._pending: tuple[int, int] | None = None
         self._closing = False
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"progress-{job_id}", daemon=True)
         self._thread.start()
+
+    def start(self, estimate_s: float | None) -> None:
+        """The first PROCESSING: 0 % and the estimated time of the work (None: not known)."""
+        self.started = time.monotonic()
+        self._estimate_s = estimate_s
+        self.update(0, 1)
 
     def update(self, done: int, total: int) -> None:
         with self._changed:
@@ -88,7 +95,7 @@ class ProgressReporter:
             percent, eta = figures
         else:
             elapsed = time.monotonic() - self.started
-            percent, eta = 100.0 * done / max(total, 1), elapsed / done * (total - done) if done else None
+            percent, eta = 100.0 * done / max(total, 1), elapsed / done * (total - done) if done else self._estimate_s
         payload = CallbackPayload(
             job_id=self.job_id, status=JobStatus.PROCESSING,
             progress=round(percent, 1), eta_seconds=None if eta is None else round(eta, 1),

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from echoshot_ai_server.app.attempt import JobAttempt, TaskOutcome, TaskResult
-from echoshot_ai_server.app.pipeline import check_limits, join_segments
+from echoshot_ai_server.app.pipeline import check_limits, input_size, join_segments
 from echoshot_ai_server.app.progress import ProgressReporter
 from echoshot_ai_server.app.records import Claim, Decision, LostClaim, fingerprint
 from echoshot_ai_server.app.segments import (
@@ -60,18 +60,23 @@ class SegmentSteps:
         self.records = task.records
 
     # -- 1. the job's message ---------------------------------------------------------------
-    def split(self, job: JobMessage, source: Path, source_object, claim: Claim, cancel: threading.Event) -> bool:
-        """Cut the job into segments if it is long enough; False: it runs in one piece."""
+    def split(self, job: JobMessage, source: Path, source_object, claim: Claim, upscaler: Upscaler,
+              progress: ProgressReporter, cancel: threading.Event) -> bool:
+        """Cut the job into segments if it is long enough; False: it runs in one piece. The whole job
+        is estimated (and may be refused) here, and its first PROCESSING sent with the estimate."""
         if self.task.segment_s <= 0:
             return False
         info = probe(source, self.task.ffprobe, cancel.is_set)
         segments = cut(info, self.task.segment_s)
         if segments is None:
             return False
-        check_limits(info, job.parameters.scale_factor, self.task.limits)
+        max_input_height = self.task.max_input_height(job)
+        size = input_size(info, max_input_height)
+        check_limits(info, job.parameters.scale_factor, self.task.limits, size)
+        progress.start(self.task.estimate(job, upscaler, info.frame_count, *size))
         plan = SegmentPlan(new_run(), tuple(segments),
                            SourceVersion(source_object.key, source_object.size, source_object.etag,
-                                         source_object.version_id), time.time())
+                                         source_object.version_id), time.time(), max_input_height)
         self.records.segmented(claim, plan.to_json())
         log.info("%.1fs of video cut into %d segments of about %.1fs (plan %s)", info.video_duration_s, len(segments),
                  info.video_duration_s / len(segments), plan.run)
@@ -160,7 +165,8 @@ class SegmentSteps:
                 source = self.task.fetch_source(job, plan.source, workspace, cancel)
                 output = workspace / f"{segment.name}.mp4"
                 result = self.task.upscale(job, source, output, upscaler, reporter, cancel, segment=segment,
-                                           should_stop=lambda: cancel.is_set() or progress.job_over.is_set())
+                                           should_stop=lambda: cancel.is_set() or progress.job_over.is_set(),
+                                           max_input_height=plan.max_input_height)
                 self.storage.upload(output, key, content_type="video/mp4", metadata=result.metadata.as_s3_metadata(),
                                     should_stop=cancel.is_set, tags=TAGS)
         finally:
@@ -223,7 +229,8 @@ class SegmentSteps:
                 self.storage.download(stored_part, parts[-1], max_bytes=0, should_stop=cancel.is_set)
             result = join_segments(source, parts, plan.segments, workspace / "output.mp4",
                                    scale=job.parameters.scale_factor, encoder=self.task.encoder,
-                                   ffprobe=self.task.ffprobe, should_stop=cancel.is_set)
+                                   ffprobe=self.task.ffprobe, should_stop=cancel.is_set,
+                                   max_input_height=plan.max_input_height)
             self.storage.upload(workspace / "output.mp4", key, content_type="video/mp4",
                                 metadata=result.metadata.as_s3_metadata(), should_stop=cancel.is_set)
         log.info("result uploaded: %s (%d segments joined in %.1fs, %.1fs since the job was cut)",

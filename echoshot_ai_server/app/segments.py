@@ -49,6 +49,7 @@ class SegmentPlan:
     segments: tuple[Segment, ...]
     source: SourceVersion
     started_at: float  # wall clock, when the job was planned: the ETA counts from here
+    max_input_height: int = 0  # the pre-resize every segment and the assembly use (0: none)
 
     @property
     def total_frames(self) -> int:
@@ -60,7 +61,7 @@ class SegmentPlan:
     @classmethod
     def from_json(cls, data: dict) -> "SegmentPlan":
         return cls(data["run"], tuple(Segment(**s) for s in data["segments"]), SourceVersion(**data["source"]),
-                   data["started_at"])
+                   data["started_at"], data.get("max_input_height", 0))
 
 
 def cut(info: VideoInfo, segment_s: float) -> list[Segment] | None:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Callable, Protocol
 
 from echoshot_ai_server.app.attempt import JobAttempt, TaskOutcome, TaskResult
+from echoshot_ai_server.app.estimate import ComputeEstimator
 from echoshot_ai_server.app.pipeline import InputLimits, UpscaleResult, upscale_video
 from echoshot_ai_server.app.progress import Notifier, ProgressReporter
 from echoshot_ai_server.app.records import Claim, Decision, JobRecords, LostClaim, fingerprint
@@ -71,6 +72,8 @@ class UpscaleTask:
     disk_headroom_bytes: int = 2**30
     queue: MessageSender | None = None  # where the messages of a job's segments go (None: never cut)
     segment_s: float = 0  # jobs longer than this are cut into segments of about this length (0: never)
+    estimator: ComputeEstimator | None = None  # estimates (and refuses) a job's compute before its frames
+    pre_resize_max_height: int = 0  # taller sources are scaled down to this height first (0: never)
 
     def run(self, job: JobMessage, models: Mapping[str, Upscaler], attempt: JobAttempt) -> TaskResult:
         """Do the job (or one step of a job cut into segments) with the model it asks for among
@@ -131,12 +134,12 @@ class UpscaleTask:
         source_object = self.find_source(job)
         self.check_disk(source_object.size, job.parameters.scale_factor)
         progress = ProgressReporter(self.callback, job.job_id, self.progress_interval_s)
-        progress.update(0, 1)
         key = output_key(job.job_id, job.source_s3_key)
         try:
             with job_workspace(self.work_dir, job.job_id) as workspace:
                 source = self.fetch_source(job, source_object, workspace, cancel)
-                if self.queue is not None and SegmentSteps(self).split(job, source, source_object, claim, cancel):
+                if self.queue is not None and SegmentSteps(self).split(job, source, source_object, claim, upscaler,
+                                                                       progress, cancel):
                     return TaskResult(TaskOutcome.SPLIT)
                 result = self.upscale(job, source, workspace / "output.mp4", upscaler, progress, cancel)
                 self.storage.upload(workspace / "output.mp4", key, content_type="video/mp4",
@@ -150,18 +153,34 @@ class UpscaleTask:
 
     def upscale(self, job: JobMessage, source: Path, output: Path, upscaler: Upscaler, progress: ProgressReporter,
                 cancel: threading.Event, segment: Segment | None = None,
-                should_stop: Callable[[], bool] | None = None) -> UpscaleResult:
+                should_stop: Callable[[], bool] | None = None, max_input_height: int | None = None) -> UpscaleResult:
+        def before_frames(frames: int, width: int, height: int) -> None:
+            if segment is None:  # a job in segments was estimated whole when it was cut
+                progress.start(self.estimate(job, upscaler, frames, width, height))
+
         try:
             return upscale_video(
                 source, output, scale=job.parameters.scale_factor, device=job.parameters.device,
                 get_upscaler=lambda: upscaler, encoder=self.encoder, ffprobe=self.ffprobe,
                 on_progress=progress.update, should_stop=should_stop or cancel.is_set, limits=self.limits,
-                segment=segment,
+                segment=segment, before_frames=before_frames,
+                max_input_height=self.max_input_height(job) if max_input_height is None else max_input_height,
             )
         except PermanentError as exc:
             if exc.code == ErrorCode.INPUT_NOT_FOUND:  # our own download vanished: not the job's fault
                 raise RetryableError(ErrorCode.WORK_DIR_UNUSABLE, "the downloaded source disappeared from the work directory") from exc
             raise
+
+    def estimate(self, job: JobMessage, upscaler: Upscaler, frames: int, width: int, height: int) -> float | None:
+        """The compute time of `frames` at this size (None: no estimator); JOB_TOO_LARGE over the limit."""
+        if self.estimator is None:
+            return None
+        return self.estimator.check(job.parameters.model, upscaler, frames, width, height)
+
+    def max_input_height(self, job: JobMessage) -> int:
+        """The height sources are scaled down to first: the job's or the setting's, the lower (0: none)."""
+        asked = [h for h in (job.parameters.max_input_height, self.pre_resize_max_height) if h]
+        return min(asked, default=0)
 
     def check_disk(self, source_bytes: int, scale: int) -> None:
         """Room for the source and a result that may be scale^2 times its size, plus headroom."""

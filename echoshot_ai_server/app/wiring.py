@@ -7,6 +7,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from echoshot_ai_server.app.estimate import ComputeEstimator
 from echoshot_ai_server.app.pipeline import GPU_FALLBACK_WARNING, InputLimits
 from echoshot_ai_server.config import Settings
 from echoshot_ai_server.engine.device import (
@@ -102,6 +103,9 @@ def build_worker(settings: Settings, upscalers: list[Upscaler | Mapping[str, Ups
         disk_headroom_bytes=settings.disk_headroom_bytes,
         queue=job_queue,
         segment_s=settings.segment_seconds,
+        estimator=ComputeEstimator(settings.max_job_seconds,
+                                   on_measured=lambda model, speed: monitoring.model_speed.labels(model).set(speed)),
+        pre_resize_max_height=settings.pre_resize_max_height,
     )
     try:
         if upscalers is None:
@@ -118,6 +122,8 @@ def build_worker(settings: Settings, upscalers: list[Upscaler | Mapping[str, Ups
         seconds = sum(upscaler.warm_up(tuned=tuned_file(settings)) for slot in models for upscaler in slot.values())
         if seconds:
             log.info("GPU kernels tuned and compiled for every frame size in %.1fs", seconds)
+        for name, upscaler in models[0].items():  # the speeds job estimates are made from
+            task.estimator.speed(name, upscaler)
 
     return Worker(
         job_queue=job_queue,

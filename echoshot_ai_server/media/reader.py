@@ -41,15 +41,19 @@ def raw_format(bits: int) -> str:
 class FrameReader:
     """Batches of uint8 (or, for sources deeper than 8 bits, uint16) BGR frames (N, H, W, 3) with times."""
 
-    def __init__(self, path: Path, info: VideoInfo, *, ffmpeg: str = "ffmpeg", part: tuple[float, int] | None = None):
+    def __init__(self, path: Path, info: VideoInfo, *, ffmpeg: str = "ffmpeg", part: tuple[float, int] | None = None,
+                 size: tuple[int, int] | None = None):
         """`part`: (start, count) to decode only `count` frames from the one shown at `start` seconds
-        on the file's clock (see probe's frame times); the first frame's time is then 0."""
+        on the file's clock (see probe's frame times); the first frame's time is then 0. `size`:
+        (width, height) to scale the frames to (Lanczos), when not the size they are shown at."""
         self.path = path
         self.info = info
+        self.size = size or info.display_size
         self.frames_read = 0
         colour = info.colour
-        convert = (f"scale=in_color_matrix={scale_matrix(colour.matrix)}:in_range={'pc' if colour.full_range else 'tv'}"
-                   f":flags={SCALE_FLAGS},format={raw_format(info.bits)}")
+        resize = "" if self.size == info.display_size else f"w={self.size[0]}:h={self.size[1]}:"
+        convert = (f"scale={resize}in_color_matrix={scale_matrix(colour.matrix)}:in_range={'pc' if colour.full_range else 'tv'}"
+                   f":flags={'lanczos+' if resize else ''}{SCALE_FLAGS},format={raw_format(info.bits)}")
         seek, limit = [], []
         if part is not None:
             # Accurate seeking: decoded from the keyframe before, frames shown before `start` dropped.
@@ -80,7 +84,7 @@ class FrameReader:
             raise PermanentError(ErrorCode.TOOL_MISSING, f"{self.args[0]} not found: install ffmpeg") from exc
         try:
             self.stream = RawStreamReader(self._process.stdout)
-            width, height = self.info.display_size
+            width, height = self.size
             if (self.track.width, self.track.height) != (width, height):
                 raise PermanentError(ErrorCode.DECODE_FAILED, f"{self.path.name} decodes as {self.track.width}x"
                                      f"{self.track.height}, expected {width}x{height}")
