@@ -1,13 +1,15 @@
 """A job's compute is estimated before its frames: the estimate goes to Spring first, a job over the
 limit is refused before any heavy work, and a pre-resize makes it fit."""
 
+import json
 from fractions import Fraction
 
+import jsonschema
 import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
-from conftest import BUCKET, ffprobe_json, tiny_upscaler
+from conftest import BUCKET, REPO_ROOT, ffprobe_json, tiny_upscaler
 from echoshot_ai_server.app.estimate import ComputeEstimator, human_duration
 from echoshot_ai_server.app.pipeline import input_size
 from echoshot_ai_server.engine.specs import DEFAULT_MODEL
@@ -83,6 +85,9 @@ def test_a_job_over_the_limit_is_refused_before_its_frames_and_a_pre_resize_make
     completed = stack.receiver.bodies("j-resized")[-1]
     assert completed["metadata"] == {"width": 64, "height": 48, "fps": 10.0, "frame_count": 6,
                                      "duration": pytest.approx(0.6, abs=0.05), "source_width": 64, "source_height": 48}
+    schema = json.loads((REPO_ROOT / "docs" / "schemas" / "callback.schema.json").read_text())
+    for body in stack.receiver.bodies("j-resized") + stack.receiver.bodies("j-too-large"):
+        jsonschema.validate(body, schema)
     result = tmp_path / "resized.mp4"
     stack.s3.download_file(BUCKET, "processed/upscaled/j-resized/clip_upscaled.mp4", str(result))
     video = [s for s in ffprobe_json(result)["streams"] if s["codec_type"] == "video"][0]
