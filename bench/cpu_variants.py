@@ -32,11 +32,12 @@ from echoshot_ai_server.media.reader import FrameReader  # noqa: E402
 
 
 def guide(weights: Path):
+    model = build_model(X4PLUS.arch)  # first: it makes realesrgan importable
     from realesrgan import RealESRGANer
 
-    enhancer = RealESRGANer(scale=4, model_path=str(weights), model=build_model(X4PLUS.arch), tile=128, tile_pad=5,
+    enhancer = RealESRGANer(scale=4, model_path=str(weights), model=model, tile=128, tile_pad=5,
                             pre_pad=0, half=False, device=torch.device("cpu"))
-    return lambda frames: np.stack([enhancer.enhance(f[:, :, ::-1], outscale=4)[0][:, :, ::-1] for f in frames])
+    return lambda frames: np.stack([enhancer.enhance(f, outscale=4)[0] for f in frames])  # BGR in and out, as ours
 
 
 def ours(weights: Path, **profile):

@@ -101,7 +101,8 @@ def cpu_speeds(settings, threads: int, specs) -> list[dict]:
         [upscaler] = load_engine(settings, "cpu", spec=spec)
         upscaler.measure_speed((64, 48))  # oneDNN's first call
         speed = upscaler.measure_speed((160, 120))
-        rows.append({"model": spec.name, "threads": threads, "pixels_per_s": round(speed),
+        rows.append({"model": spec.name, "threads": threads, "precision": str(upscaler.dtype).removeprefix("torch."),
+                     "pixels_per_s": round(speed),
                      "tflops": round(speed * spec.mflop_per_pixel / 1e6, 3),
                      **{f"fps_{w}x{h}": round(speed / upscaler.work_pixels(h, w), 4) for w, h, _ in SIZES}})
         print(json.dumps(rows[-1]), flush=True)
@@ -115,14 +116,17 @@ def main() -> int:
     parser.add_argument("--presets", default="medium,veryfast")
     parser.add_argument("--cpu-threads", default="8,16")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: all)")
+    parser.add_argument("--cpu-only", action="store_true", help="only part 3 (a machine without a GPU)")
+    parser.add_argument("--cpu-precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--ffmpeg", default="ffmpeg")
     parser.add_argument("--ffprobe", default="ffprobe")
     args = parser.parse_args()
-    settings = Settings(ffmpeg_bin=args.ffmpeg, ffprobe_bin=args.ffprobe)
-    report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "seconds": args.seconds,
+    settings = Settings(ffmpeg_bin=args.ffmpeg, ffprobe_bin=args.ffprobe, cpu_precision=args.cpu_precision)
+    report = {"card": None if args.cpu_only else torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "seconds": args.seconds, "cpu_precision": args.cpu_precision,
               "model_only": [], "fast_model_end_to_end": [], "cpu": []}
     specs = [MODELS[name] for name in args.models.split(",")]
-    for spec in specs:
+    for spec in [] if args.cpu_only else specs:
         [upscaler] = load_engine(settings, "gpu", spec=spec)
         started = time.perf_counter()
         upscaler.warm_up(tuned=tuned_file(settings))
@@ -134,7 +138,8 @@ def main() -> int:
         del upscaler
         torch.cuda.empty_cache()
     args.json.write_text(json.dumps(report, indent=2))
-    fast_model_end_to_end(settings, args, report)
+    if not args.cpu_only:
+        fast_model_end_to_end(settings, args, report)
     for threads in (int(t) for t in args.cpu_threads.split(",") if t):
         report["cpu"] += cpu_speeds(settings, threads, specs)
         args.json.write_text(json.dumps(report, indent=2))

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     cpu_tile_pad: int = Field(5, ge=0)
     cpu_tile_fallback: int = Field(64, ge=0)
     cpu_batch_frames: int = Field(1, ge=1)
+    # bf16: the model in bfloat16 (about 2.3x fp32 where the CPU multiplies bf16, ≥ 50 dB against fp32);
+    # auto: bf16 on such CPUs (AVX-512 BF16, AMX), else fp32, the guide's
+    cpu_precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Tuned, compiled GPU kernels: kept under this folder, in a subfolder per GPU, driver and library
     # versions (unset: Triton's and torch.compile's own folders)
     kernel_cache_dir: Path | None = None

@@ -22,7 +22,7 @@ ANIME = MODELS["RealESRGAN_x4plus_anime_6B"]
 @pytest.mark.parametrize("spec", [FAST, ANIME], ids=lambda spec: spec.name)
 @pytest.mark.parametrize("outscale", [4, 2])
 def test_each_model_equals_realesrganer_with_its_architecture(shared_weights_dir, spec, outscale):
-    settings = Settings(weights_dir=shared_weights_dir)  # the CPU profile: tile 128, pad 5, fp32
+    settings = Settings(weights_dir=shared_weights_dir, cpu_precision="fp32")  # the CPU profile: tile 128, pad 5
     frames = random_frames(1, 36, 140, seed=11)  # two tiles wide
     [ours] = load_engine(settings, "cpu", spec=spec)
     reference = reference_enhancer(shared_weights_dir / spec.weights_file, spec.arch, tile=128, tile_pad=5)

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_ARCH, make_tiny_model, reference_enhancer, tiny_upscaler
+from conftest import TINY_ARCH, make_tiny_model, psnr, reference_enhancer, tiny_upscaler
 from echoshot_ai_server.config import Settings
-from echoshot_ai_server.engine.device import DeviceOutOfMemory, resolve_device
+from echoshot_ai_server.engine.device import DeviceOutOfMemory, cpu_multiplies_bf16, resolve_device
 from echoshot_ai_server.engine.models import load_model, read_state_dict
 from echoshot_ai_server.engine.resize import lanczos4_weights, lanczos_half
-from echoshot_ai_server.engine.specs import X4PLUS
+from echoshot_ai_server.engine.specs import MODELS, X4PLUS
 from echoshot_ai_server.engine.tiling import BYTES_PER_INPUT_PIXEL, plan_forward, tile_windows
 from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler
 from echoshot_ai_server.errors import ErrorCode, PermanentError
@@ -63,7 +63,7 @@ def test_frames_equal_realesrganer_enhance(tiny_checkpoint, outscale, pre_pad):
 
 def test_official_weights_equal_realesrganer(shared_weights_dir):
     # The production model, CPU profile (tile 128, pad 5, fp32), on a frame that needs two tiles
-    settings = Settings(weights_dir=shared_weights_dir)
+    settings = Settings(weights_dir=shared_weights_dir, cpu_precision="fp32")
     profile = run_profile(settings, "cpu")
     frames = random_frames(1, 40, 150, seed=7)
     [ours] = load_engine(settings, "cpu")
@@ -318,3 +318,42 @@ def test_the_compiled_engine_compiles_once_for_every_frame_size(tiny_checkpoint)
         assert np.abs(compiled.upscale(frames, 4).astype(int) - eager.upscale(frames, 4).astype(int)).max() <= 1
 
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after the warm-up
+
+
+def natural_frames(n: int, h: int, w: int) -> np.ndarray:
+    """Frames with smooth gradients, fine detail and film grain (a Mandelbrot zoom), as ffmpeg makes them."""
+    import subprocess
+
+    raw = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
+                          f"mandelbrot=size={w}x{h}:rate=10,noise=alls=6:allf=t+u", "-frames:v", str(n),
+                          "-f", "rawvideo", "-pix_fmt", "bgr24", "-"], check=True, capture_output=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(n, h, w, 3).copy()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bfloat16_on_the_cpu_stays_within_40_db_of_fp32(shared_weights_dir, name):
+    # The CPU profile as "auto" picks it on CPUs that multiply bf16 (forced here, whatever this CPU is)
+    spec = MODELS[name]
+    settings = Settings(weights_dir=shared_weights_dir, cpu_precision="bf16")
+    [ours] = load_engine(settings, "cpu", spec=spec)
+    assert ours.dtype == torch.bfloat16 and "bfloat16" in ours.describe()
+    frames = natural_frames(2, 48, 64)
+    reference = reference_enhancer(shared_weights_dir / spec.weights_file, spec.arch, tile=128, tile_pad=5)
+
+    out = ours.upscale(frames, 4)
+
+    for got, frame in zip(out, frames):
+        expected, _ = reference.enhance(frame, outscale=4)
+        assert psnr(got, expected) >= 40
+
+
+def test_auto_precision_follows_the_cpu(tmp_path, monkeypatch):
+    from echoshot_ai_server.app import wiring
+
+    for flags, bf16 in (("fpu sse avx2 avx512f", False), ("fpu avx512f avx512_bf16", True), ("amx_bf16 amx_tile", True)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor : 0\nflags : {flags}\n")
+        monkeypatch.setattr(wiring, "cpu_multiplies_bf16", lambda path=cpuinfo: cpu_multiplies_bf16(path))
+        assert run_profile(Settings(), "cpu").bf16 is bf16
+        assert run_profile(Settings(cpu_precision="fp32"), "cpu").bf16 is False
+    assert cpu_multiplies_bf16(tmp_path / "missing") is False

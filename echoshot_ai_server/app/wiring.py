@@ -11,7 +11,8 @@ from echoshot_ai_server.app.estimate import ComputeEstimator
 from echoshot_ai_server.app.pipeline import GPU_FALLBACK_WARNING, InputLimits
 from echoshot_ai_server.config import Settings
 from echoshot_ai_server.engine.device import (
-    gpu_memory_stats, gpu_name, kernel_cache_folder, resolve_device, use_kernel_cache, use_only_gpu,
+    cpu_multiplies_bf16, gpu_memory_stats, gpu_name, kernel_cache_folder, resolve_device, use_kernel_cache,
+    use_only_gpu,
 )
 from echoshot_ai_server.engine.specs import DEFAULT_MODEL, MODELS, X4PLUS, Device, ModelSpec, model_problem
 from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler, load_upscalers
@@ -198,8 +199,9 @@ def run_profile(settings: Settings, device: Device) -> RunProfile:
     if device == "gpu":
         return RunProfile(settings.gpu_tile, settings.gpu_tile_pad, settings.gpu_tile_fallback, half=True,
                           batch_frames=settings.gpu_batch_frames, engine=settings.gpu_engine, pre_pad=settings.pre_pad)
-    return RunProfile(settings.cpu_tile, settings.cpu_tile_pad, settings.cpu_tile_fallback, half=False,
-                      batch_frames=settings.cpu_batch_frames, pre_pad=settings.pre_pad)
+    bf16 = settings.cpu_precision == "bf16" or (settings.cpu_precision == "auto" and cpu_multiplies_bf16())
+    return RunProfile(settings.cpu_tile, settings.cpu_tile_pad, settings.cpu_tile_fallback, half=False, bf16=bf16,
+                      batch_frames=settings.cpu_batch_frames, pre_pad=settings.pre_pad, channels_last=True)
 
 
 def tuned_file(settings: Settings):

@@ -160,7 +160,8 @@ class Upscaler:
 
     def describe(self) -> str:
         tile = self.profile.tile if self.profile.tile > 0 else "auto"
-        return f"Device: {self.device.upper()}, Tile: {tile}, Half Precision: {self.half}"
+        bf16 = ", bfloat16" if self.dtype == torch.bfloat16 else ""
+        return f"Device: {self.device.upper()}, Tile: {tile}, Half Precision: {self.half}{bf16}"
 
     @torch.inference_mode()
     def upscale(self, frames: np.ndarray, outscale: int) -> np.ndarray:
