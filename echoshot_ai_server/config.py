@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     aws_region: str = "ap-northeast-2"
     aws_endpoint_url: str | None = None
     sqs_queue_url: str | None = None
+    # Several queues, comma-separated, highest priority first (e.g. standard, then basic, on a CPU worker):
+    # a lower one is read when those above it are empty, and at least every QUEUE_STARVATION_S
+    sqs_queue_urls: Annotated[list[str], NoDecode] = []
+    queue_starvation_s: float = Field(300, gt=0)
     s3_bucket_name: str | None = None
     aws_connect_timeout_s: float = Field(5, gt=0)
     aws_read_timeout_s: float = Field(60, gt=0)
@@ -111,7 +115,7 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
-    @field_validator("allowed_source_prefixes", "models", mode="before")
+    @field_validator("allowed_source_prefixes", "models", "sqs_queue_urls", mode="before")
     @classmethod
     def _comma_separated(cls, value):
         if isinstance(value, str):

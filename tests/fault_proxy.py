@@ -18,6 +18,7 @@ class FaultProxy:
         self._lie_about_size: list[tuple[Match, int]] = []
         self._trickle: list[tuple[Match, float]] = []
         self._lock = threading.Lock()
+        self._closed = threading.Event()
         self.failed = 0
         self._sent: dict[str, int] = {}  # bytes of successful GET answers handed to the client, by path
         proxy = self
@@ -30,7 +31,8 @@ class FaultProxy:
                 body = self.rfile.read(length) if length else b""
                 status = proxy._fault_for(self.command, self.path, dict(self.headers))
                 if status is not None and status < 0:
-                    time.sleep(-status)
+                    if proxy._closed.wait(-status):
+                        return  # held past the proxy's end: dropped, never forwarded into a later test
                     status = None
                 if status:
                     payload = b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"
@@ -86,6 +88,7 @@ class FaultProxy:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closed.set()
         self._server.shutdown()
         self._server.server_close()
 

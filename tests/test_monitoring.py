@@ -59,8 +59,8 @@ def test_health_and_metrics_of_a_working_worker(stack, make_clip):
             wait_until(lambda: metric(requests.get(f"{base}/metrics", timeout=5).text, "echoshot_jobs_in_flight") == 0,
                        10, "jobs still in flight")
             text = requests.get(f"{base}/metrics", timeout=5).text
-            assert 'echoshot_jobs_total{outcome="completed"} 1.0' in text
-            assert 'echoshot_jobs_total{outcome="failed"} 1.0' in text
+            assert 'echoshot_jobs_total{outcome="completed",queue="upscale-cpu-queue"} 1.0' in text
+            assert 'echoshot_jobs_total{outcome="failed",queue="upscale-cpu-queue"} 1.0' in text
             assert metric(text, "echoshot_job_duration_seconds_count") == 2
             assert metric(text, "echoshot_queue_wait_seconds_count") == 2
             assert metric(text, "echoshot_frames_upscaled_total") == 6

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 from echoshot_ai_server.adapters import aws
@@ -17,6 +18,7 @@ class QueueMessage:
     body: str
     receive_count: int
     sent_at_ms: int | None
+    queue_url: str = ""  # the queue it came from: where it is settled
 
 
 class JobQueue:
@@ -44,6 +46,7 @@ class JobQueue:
                 body=m.get("Body", ""),
                 receive_count=int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
                 sent_at_ms=int(m["Attributes"]["SentTimestamp"]) if "SentTimestamp" in m.get("Attributes", {}) else None,
+                queue_url=self.url,
             )
             for m in response.get("Messages", [])
         ]
@@ -57,6 +60,10 @@ class JobQueue:
     def release(self, message: QueueMessage, delay_s: int = 0) -> None:
         """Make the message visible again after `delay_s` seconds (0: at once)."""
         self.extend_visibility(message, delay_s)
+
+    def of(self, message: QueueMessage) -> "JobQueue":
+        """The queue a message is settled on: this one."""
+        return self
 
     def send(self, body: str, *, group_id: str, dedup_id: str) -> str:
         extra = {"MessageGroupId": group_id, "MessageDeduplicationId": dedup_id} if self.is_fifo else {}
@@ -86,3 +93,46 @@ class JobQueue:
         if "RedrivePolicy" not in attributes:
             return None
         return int(json.loads(attributes["RedrivePolicy"])["maxReceiveCount"])
+
+
+class PriorityQueues:
+    """The queues a worker serves, highest priority first. A lower queue is read only when the ones
+    above it are empty, except that a queue left unread for `starvation_s` is read first; when all
+    are empty, the worker waits for new work on the highest. Each message is settled (deleted,
+    released, kept invisible) on the queue it came from."""
+
+    def __init__(self, queues: list[JobQueue], *, starvation_s: float = 300):
+        self.queues = queues
+        self.starvation_s = starvation_s
+        self._by_url = {queue.url: queue for queue in queues}
+        self._last_read = {queue.url: time.monotonic() for queue in queues}
+
+    @property
+    def url(self) -> str:
+        return ", ".join(queue.url for queue in self.queues)
+
+    def of(self, message: QueueMessage) -> JobQueue:
+        return self._by_url.get(message.queue_url, self.queues[0])
+
+    def receive(self, max_messages: int, *, wait_s: int, visibility_timeout_s: int) -> list[QueueMessage]:
+        if len(self.queues) == 1:
+            return self.queues[0].receive(max_messages, wait_s=wait_s, visibility_timeout_s=visibility_timeout_s)
+        unread_s = {q.url: time.monotonic() - self._last_read[q.url] for q in self.queues}
+        starved = [q for q in self.queues[1:] if unread_s[q.url] > self.starvation_s][:1]
+        for queue in starved + [q for q in self.queues if q not in starved]:
+            messages = queue.receive(max_messages, wait_s=0, visibility_timeout_s=visibility_timeout_s)
+            self._last_read[queue.url] = time.monotonic()
+            if messages:
+                if queue in starved:
+                    log.info("%s not read for %.0fs: served before the queues above it", queue.name, unread_s[queue.url])
+                return messages
+        return self.queues[0].receive(max_messages, wait_s=wait_s, visibility_timeout_s=visibility_timeout_s)
+
+    def delete(self, message: QueueMessage) -> None:
+        self.of(message).delete(message)
+
+    def extend_visibility(self, message: QueueMessage, timeout_s: int) -> None:
+        self.of(message).extend_visibility(message, timeout_s)
+
+    def release(self, message: QueueMessage, delay_s: int = 0) -> None:
+        self.of(message).release(message, delay_s)

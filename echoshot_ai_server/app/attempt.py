@@ -3,7 +3,13 @@
 import threading
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
+from typing import Callable, Protocol
+
+
+class MessageSender(Protocol):
+    """What a job needs of its queue (adapters/sqs.py): to send the messages of its segments."""
+
+    def send(self, body: str, *, group_id: str, dedup_id: str) -> str: ...
 
 
 class TaskOutcome(str, Enum):
@@ -28,3 +34,4 @@ class JobAttempt:
     cancel: threading.Event  # set: stop now, the message goes back to the queue
     keep_alive: Callable[[Callable[[], None]], None]  # registers a renewal to run with the message's heartbeat
     final: bool = False  # the queue's last attempt: a failure now is the job's end
+    queue: MessageSender | None = None  # the message's own queue: a job's segments go there (None: never cut)

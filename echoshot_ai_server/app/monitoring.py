@@ -23,7 +23,8 @@ class Monitoring:
 
     def __init__(self, *, queue_stale_after_s: float = 60, gpu_memory: Callable[[], dict] | None = None):
         self.registry = CollectorRegistry()
-        self.jobs = Counter("echoshot_jobs", "Jobs settled, by outcome", ["outcome"], registry=self.registry)
+        self.jobs = Counter("echoshot_jobs", "Jobs settled, by outcome and queue", ["outcome", "queue"],
+                            registry=self.registry)
         self.job_duration = Histogram("echoshot_job_duration_seconds", "Wall time of a job, from receipt to settling",
                                       buckets=DURATION_BUCKETS_S, registry=self.registry)
         self.queue_wait = Histogram("echoshot_queue_wait_seconds", "Time from Spring sending a job to a worker receiving it",
@@ -72,9 +73,9 @@ class Monitoring:
         if sent_at_ms:
             self.queue_wait.observe(max(0.0, time.time() - sent_at_ms / 1000))
 
-    def job_settled(self, outcome: str, duration_s: float, frames: int = 0) -> None:
+    def job_settled(self, outcome: str, duration_s: float, frames: int = 0, queue: str = "") -> None:
         self.in_flight.dec()
-        self.jobs.labels(outcome).inc()
+        self.jobs.labels(outcome, queue).inc()
         self.job_duration.observe(duration_s)
         if frames:
             self.frames.inc(frames)

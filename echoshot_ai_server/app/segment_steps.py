@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from echoshot_ai_server.app.attempt import JobAttempt, TaskOutcome, TaskResult
+from echoshot_ai_server.app.attempt import JobAttempt, MessageSender, TaskOutcome, TaskResult
 from echoshot_ai_server.app.pipeline import check_limits, input_size, join_segments
 from echoshot_ai_server.app.progress import ProgressReporter
 from echoshot_ai_server.app.records import Claim, Decision, LostClaim, fingerprint
@@ -54,8 +54,10 @@ def _message_ids(job: JobMessage, step: str) -> dict[str, str]:
 
 
 class SegmentSteps:
-    def __init__(self, task: "UpscaleTask"):
+    def __init__(self, task: "UpscaleTask", queue: MessageSender):
+        """`queue`: the queue of the job's messages, where its segments' messages go."""
         self.task = task
+        self.queue = queue
         self.storage = task.storage
         self.records = task.records
 
@@ -84,7 +86,7 @@ class SegmentSteps:
         return True
 
     def send_segments(self, job: JobMessage, plan: SegmentPlan) -> None:
-        queue = self.task.queue
+        queue = self.queue
         for segment in plan.segments:
             queue.send(job.body_for(SegmentStep(run=plan.run, index=segment.index)),
                        **_message_ids(job, f"{plan.run}/{segment.name}"))
@@ -180,7 +182,7 @@ class SegmentSteps:
         if missing:
             log.info("%d of %d segments stored", len(plan.segments) - len(missing), len(plan.segments))
             return
-        self.task.queue.send(job.body_for(SegmentStep(run=plan.run, assemble=True)),
+        self.queue.send(job.body_for(SegmentStep(run=plan.run, assemble=True)),
                              **_message_ids(job, f"{plan.run}/assemble"))
         log.info("all %d segments stored: assembly message sent", len(plan.segments))
 

@@ -50,12 +50,6 @@ class ObjectStore(Protocol):
     def delete_prefix(self, prefix: str) -> int: ...
 
 
-class MessageSender(Protocol):
-    """What the task needs of SQS (adapters/sqs.py): to send the messages of a job's segments."""
-
-    def send(self, body: str, *, group_id: str, dedup_id: str) -> str: ...
-
-
 @dataclass
 class UpscaleTask:
     """One job from the queue: S3 download -> upscale -> S3 upload -> Spring callback -> cleanup."""
@@ -70,7 +64,6 @@ class UpscaleTask:
     limits: InputLimits = InputLimits()
     allowed_source_prefixes: tuple[str, ...] = ("uploads/",)
     disk_headroom_bytes: int = 2**30
-    queue: MessageSender | None = None  # where the messages of a job's segments go (None: never cut)
     segment_s: float = 0  # jobs longer than this are cut into segments of about this length (0: never)
     estimator: ComputeEstimator | None = None  # estimates (and refuses) a job's compute before its frames
     pre_resize_max_height: int = 0  # taller sources are scaled down to this height first (0: never)
@@ -82,7 +75,7 @@ class UpscaleTask:
         check_source_key(job.source_s3_key, list(self.allowed_source_prefixes))
         upscaler = model_for(job, models)
         if job.segment is not None:
-            return SegmentSteps(self).run(job, upscaler, attempt)
+            return SegmentSteps(self, attempt.queue).run(job, upscaler, attempt)
         wanted = fingerprint(job.source_s3_key, job.parameters.work())
         decision, claim = self.records.claim(job.job_id, wanted, attempt.message_id)
         if decision is Decision.DUPLICATE:
@@ -90,7 +83,7 @@ class UpscaleTask:
         if decision is Decision.BUSY:
             raise RetryableError(ErrorCode.JOB_ID_IN_USE, "another message with this jobId but other work is in progress")
         if decision is Decision.SEGMENTED:  # cut by this message before: make sure every segment's message is out
-            SegmentSteps(self).send_segments(job, SegmentPlan.from_json(claim.record.plan))
+            SegmentSteps(self, attempt.queue).send_segments(job, SegmentPlan.from_json(claim.record.plan))
             return TaskResult(TaskOutcome.SPLIT)
         attempt.keep_alive(lambda: self.records.renew(claim))
         try:
@@ -99,7 +92,7 @@ class UpscaleTask:
                          self.storage.url(claim.record.output_key))
                 self.report_completed(job, claim, attempt.cancel)
                 return TaskResult(TaskOutcome.REPORTED)
-            return self._compute(job, upscaler, claim, attempt.cancel)
+            return self._compute(job, upscaler, claim, attempt)
         except LostClaim as exc:  # our hold lapsed (a stall longer than the lease) and another attempt has the job
             log.warning("%s: it reports the job, this attempt stops", exc)
             return TaskResult(TaskOutcome.DUPLICATE)
@@ -130,7 +123,8 @@ class UpscaleTask:
         log.info("source downloaded: %s (%s)", self.storage.url(job.source_s3_key), human_bytes(source_object.size))
         return source
 
-    def _compute(self, job: JobMessage, upscaler: Upscaler, claim: Claim, cancel: threading.Event) -> TaskResult:
+    def _compute(self, job: JobMessage, upscaler: Upscaler, claim: Claim, attempt: JobAttempt) -> TaskResult:
+        cancel = attempt.cancel
         source_object = self.find_source(job)
         self.check_disk(source_object.size, job.parameters.scale_factor)
         progress = ProgressReporter(self.callback, job.job_id, self.progress_interval_s)
@@ -138,8 +132,8 @@ class UpscaleTask:
         try:
             with job_workspace(self.work_dir, job.job_id) as workspace:
                 source = self.fetch_source(job, source_object, workspace, cancel)
-                if self.queue is not None and SegmentSteps(self).split(job, source, source_object, claim, upscaler,
-                                                                       progress, cancel):
+                if attempt.queue is not None and SegmentSteps(self, attempt.queue).split(
+                        job, source, source_object, claim, upscaler, progress, cancel):
                     return TaskResult(TaskOutcome.SPLIT)
                 result = self.upscale(job, source, workspace / "output.mp4", upscaler, progress, cancel)
                 self.storage.upload(workspace / "output.mp4", key, content_type="video/mp4",

@@ -43,13 +43,15 @@ def build_worker(settings: Settings, upscalers: list[Upscaler | Mapping[str, Ups
     that a misspelt setting stops it at start with one clear line instead of failing every job."""
     from echoshot_ai_server.adapters.s3 import Storage
     from echoshot_ai_server.adapters.spring import SpringCallback
+    from echoshot_ai_server.adapters.sqs import PriorityQueues
     from echoshot_ai_server.app.monitoring import Monitoring
     from echoshot_ai_server.app.records import JobRecords
     from echoshot_ai_server.app.task import UpscaleTask
     from echoshot_ai_server.app.worker import Worker
     from echoshot_ai_server.app.workspace import WorkerDirectory, check_writable, remove_stale_worker_dirs
 
-    required(settings, "sqs_queue_url", "s3_bucket_name", "spring_callback_url")
+    urls = queue_urls(settings)
+    required(settings, "s3_bucket_name", "spring_callback_url")
     pick_gpu(settings)
     requested = "gpu" if settings.worker_device == "auto" else settings.worker_device
     device = resolve_device(requested)
@@ -57,17 +59,21 @@ def build_worker(settings: Settings, upscalers: list[Upscaler | Mapping[str, Ups
         log.warning(GPU_FALLBACK_WARNING)
     slots = settings.gpu_worker_count if device == "gpu" else settings.cpu_worker_count
 
-    job_queue = queue_from(settings, settings.sqs_queue_url)
+    queues = [queue_from(settings, url) for url in urls]
+    job_queue = PriorityQueues(queues, starvation_s=settings.queue_starvation_s)
     storage = Storage(settings.s3_bucket_name, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url,
                       **aws_timeouts(settings))
     monitoring = Monitoring(
         queue_stale_after_s=settings.poll_wait_s + settings.aws_read_timeout_s + 30,
         gpu_memory=gpu_memory_stats if device == "gpu" else None,
     )
-    redrive_max = job_queue.max_receive_count()
+    redrive = {queue.url: queue.max_receive_count() for queue in queues}
     monitoring.queue_answered()
-    if redrive_max is None:
-        log.warning("queue has no redrive policy: failed jobs are dropped after %d attempts", settings.max_receive_count)
+    for queue in queues:
+        if redrive[queue.url] is None:
+            log.warning("queue %s has no redrive policy: failed jobs are dropped after %d attempts", queue.name,
+                        settings.max_receive_count)
+    redrive_max = redrive[queues[0].url]
     storage.check_bucket()
     for stale in remove_stale_worker_dirs(settings.work_dir):
         log.warning("removed the files of a worker that died: %s", stale)
@@ -102,7 +108,6 @@ def build_worker(settings: Settings, upscalers: list[Upscaler | Mapping[str, Ups
         limits=input_limits(settings),
         allowed_source_prefixes=tuple(settings.allowed_source_prefixes),
         disk_headroom_bytes=settings.disk_headroom_bytes,
-        queue=job_queue,
         segment_s=settings.segment_seconds,
         estimator=ComputeEstimator(settings.max_job_seconds,
                                    on_measured=lambda model, speed: monitoring.model_speed.labels(model).set(speed)),
@@ -146,6 +151,7 @@ def build_worker(settings: Settings, upscalers: list[Upscaler | Mapping[str, Ups
         preflight=preflight,
         warm_up=warm_up,
         started=started,
+        redrive=redrive,
     )
 
 
@@ -164,6 +170,14 @@ def pick_gpu(settings: Settings) -> None:
 
 def aws_timeouts(settings: Settings) -> dict[str, float]:
     return dict(connect_timeout_s=settings.aws_connect_timeout_s, read_timeout_s=settings.aws_read_timeout_s)
+
+
+def queue_urls(settings: Settings) -> list[str]:
+    """The queues a worker serves, highest priority first: SQS_QUEUE_URLS, else SQS_QUEUE_URL."""
+    urls = settings.sqs_queue_urls or ([settings.sqs_queue_url] if settings.sqs_queue_url else [])
+    if not urls:
+        raise PermanentError(ErrorCode.INVALID_PARAMETERS, "required setting(s) not set: SQS_QUEUE_URL (or SQS_QUEUE_URLS)")
+    return urls
 
 
 def queue_from(settings: Settings, url: str | None) -> "JobQueue":

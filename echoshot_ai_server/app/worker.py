@@ -57,12 +57,14 @@ class Worker:
         stop_wait_s: float = STOP_WAIT_S,
         warm_up: Callable[[], None] = lambda: None,
         started: float | None = None,
+        redrive: dict[str, int | None] | None = None,
     ):
         self.queue = job_queue
         self.task = task
         self.callback = callback
         self.max_receive_count = max_receive_count
         self.dead_letter_queue = dead_letter_queue
+        self.redrive = redrive or {}  # per queue url: its redrive policy's receive count (None: no dead-letter queue)
         self.poll_wait_s = poll_wait_s
         self.visibility_timeout_s = visibility_timeout_s
         self.shutdown_grace_s = shutdown_grace_s
@@ -219,14 +221,15 @@ class Worker:
         with job_context(job_id or f"message:{message.message_id}"):
             self.heartbeat.track(message)  # first: nothing slow happens before the message is kept invisible
             self.monitoring.job_received(message.sent_at_ms)
-            log.info("message received (attempt %d/%d)", message.receive_count, self.max_receive_count)
+            max_receives, _ = self._attempts_of(message)
+            log.info("message received (attempt %d/%d)", message.receive_count, max_receives)
             if self.protection:
                 self.protection.job_started()
             result, error = None, None
             try:
                 job = parse_job(message.body)
                 attempt = JobAttempt(message.message_id, self.cancel, lambda renew: self.heartbeat.attach(message, renew),
-                                     final=message.receive_count >= self.max_receive_count)
+                                     final=message.receive_count >= max_receives, queue=self.queue.of(message))
                 result = self.task.run(job, models, attempt)
             except BaseException as exc:  # noqa: BLE001 - classified in one place
                 error = classify(exc)
@@ -236,7 +239,8 @@ class Worker:
             try:
                 outcome = self._settle(message, job_id, result.outcome if result else None, error)
             finally:
-                self.monitoring.job_settled(outcome, time.monotonic() - started, result.frames if result else 0)
+                self.monitoring.job_settled(outcome, time.monotonic() - started, result.frames if result else 0,
+                                            queue=self.queue.of(message).name)
                 if self.protection:
                     self.protection.job_ended()
 
@@ -263,9 +267,10 @@ class Worker:
             return self._report_failure_then(message, job_id, error, settle=self.queue.delete)
         if error.code == ErrorCode.INTERNAL_ERROR:
             log.error("unexpected error", exc_info=error.__cause__ or error)
-        last_attempt = message.receive_count >= self.max_receive_count
+        max_receives, dead_letter_queue = self._attempts_of(message)
+        last_attempt = message.receive_count >= max_receives
         # With a redrive policy the next receive moves the message to the dead-letter queue.
-        give_up = self.queue.release if self.dead_letter_queue else self.queue.delete
+        give_up = self.queue.release if dead_letter_queue else self.queue.delete
         if last_attempt and isinstance(error, ResultNotReported):
             log.error("COMPLETED never acknowledged after %d attempts, giving up (the result stays in S3): %s",
                       message.receive_count, error)
@@ -275,7 +280,7 @@ class Worker:
             log.error("job failed after %d attempts, giving up: %s", message.receive_count, error)
             return self._report_failure_then(message, job_id, error, settle=give_up)
         delay = self._retry_delay(message.receive_count)
-        log.warning("job failed (attempt %d/%d), retry in %ds: %s", message.receive_count, self.max_receive_count, delay, error)
+        log.warning("job failed (attempt %d/%d), retry in %ds: %s", message.receive_count, max_receives, delay, error)
         self.queue.release(message, delay)
         return "retried"
 
@@ -309,6 +314,13 @@ class Worker:
             log.error("message has no readable jobId, nobody to report to; dropped: %.200r", message.body)
         settle(message)
         return "failed"
+
+    def _attempts_of(self, message: QueueMessage) -> tuple[int, bool]:
+        """How many receives the message's queue allows, and whether its dead-letter queue takes it then."""
+        if message.queue_url in self.redrive:
+            limit = self.redrive[message.queue_url]
+            return limit or self.max_receive_count, limit is not None
+        return self.max_receive_count, self.dead_letter_queue
 
     def _retry_delay(self, receive_count: int) -> int:
         """Backoff from SQS's own receive count: the worker keeps no retry counter of its own."""
