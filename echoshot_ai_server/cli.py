@@ -34,6 +34,8 @@ from echoshot_ai_server.logs import configure_logging, job_context
 
 log = logging.getLogger(__name__)
 RULE = "=" * 70
+# The guide's subscription tiers and the device each one's jobs run on (구독 티어별 권장 설정)
+TIERS = {"basic": "cpu", "standard": "cpu", "premium": "gpu", "pro": "gpu"}
 
 
 def _print_block(title: str, lines: list[str]) -> None:
@@ -137,11 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     enq = commands.add_parser("enqueue", help="send a job to the queue exactly as Spring does")
     enq.add_argument("--source", required=True, help="S3 key of the source video in S3_BUCKET_NAME")
     enq.add_argument("--scale", type=int, required=True, help="scale_factor (2 or 4)")
-    enq.add_argument("--device", required=True, help="device (gpu or cpu)")
+    enq.add_argument("--device", default=None, help="device (gpu or cpu; default: the tier's)")
+    enq.add_argument("--tier", choices=TIERS, default=None, help="subscription tier: its queue (TIER_QUEUE_URLS) "
+                     "and device (basic, standard: cpu; premium, pro: gpu)")
     enq.add_argument("--model", choices=tuple(MODELS), default=None, help=f"network (default: the worker's, {DEFAULT_MODEL})")
     enq.add_argument("--max-input-height", type=int, default=None, help="parameters.maxInputHeight (default: none)")
     enq.add_argument("--job-id", default=None, help="job id (default: a new UUID)")
     enq.add_argument("--user-id", default=None, help="user id")
+    enq.add_argument("--group-id", default=None, help="FIFO queues: MessageGroupId (default: the job id, so that "
+                     "no two jobs wait on each other)")
     enq.add_argument("--queue-url", default=None, help="queue (default: SQS_QUEUE_URL)")
 
     dlq = commands.add_parser("replay-dlq", help="move failed jobs from the dead-letter queue back to the job queue")
@@ -195,11 +201,20 @@ def warm_up(settings: Settings) -> None:
 
 
 def enqueue(args: argparse.Namespace, settings: Settings) -> None:
-    job_queue = queue_from(settings, args.queue_url)
+    url = args.queue_url
+    if args.tier is not None and url is None:
+        url = settings.tier_queue_urls.get(args.tier)
+        if url is None:
+            raise PermanentError(ErrorCode.INVALID_PARAMETERS, f"no queue for tier {args.tier}: set TIER_QUEUE_URLS "
+                                 "(tier=url pairs) or pass --queue-url")
+    args.device = args.device or (TIERS[args.tier] if args.tier else None)
+    if args.device is None:
+        raise PermanentError(ErrorCode.INVALID_PARAMETERS, "pass --device or --tier")
+    job_queue = queue_from(settings, url)
     job_id = args.job_id or str(uuid.uuid4())
     body = job_message_body(job_id, args.source, scale=args.scale, device=args.device, user_id=args.user_id,
                             model=args.model, maxInputHeight=args.max_input_height)
-    message_id = job_queue.send(body, group_id=args.user_id or job_id, dedup_id=job_id)
+    message_id = job_queue.send(body, group_id=args.group_id or job_id, dedup_id=job_id)
     print(json.dumps({"jobId": job_id, "messageId": message_id, "queueUrl": job_queue.url}))
 
 

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     # a lower one is read when those above it are empty, and at least every QUEUE_STARVATION_S
     sqs_queue_urls: Annotated[list[str], NoDecode] = []
     queue_starvation_s: float = Field(300, gt=0)
+    # Where each subscription tier's jobs go, for `echoshot enqueue --tier` (Spring keeps its own copy):
+    # comma-separated tier=url pairs, e.g. premium=<gpu queue>,pro=<gpu queue>,standard=<...>,basic=<...>
+    tier_queue_urls: Annotated[dict[str, str], NoDecode] = {}
     s3_bucket_name: str | None = None
     aws_connect_timeout_s: float = Field(5, gt=0)
     aws_read_timeout_s: float = Field(60, gt=0)
@@ -114,6 +117,16 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9108, ge=0, le=65535)
 
     log_level: str = "INFO"
+
+    @field_validator("tier_queue_urls", mode="before")
+    @classmethod
+    def _pairs(cls, value):
+        if isinstance(value, str):
+            pairs = [part.split("=", 1) for part in value.split(",") if part.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError("expected tier=url pairs separated by commas")
+            return {tier.strip().lower(): url.strip() for tier, url in pairs}
+        return value
 
     @field_validator("allowed_source_prefixes", "models", "sqs_queue_urls", mode="before")
     @classmethod

@@ -222,7 +222,7 @@ def test_enqueue_on_a_fifo_queue(stack):
         "jobId": "j-fifo", "userId": "7", "taskType": "UPSCALE", "sourceS3Key": "uploads/u/v.mp4",
         "parameters": {"device": "gpu", "scale_factor": 4},
     }
-    assert message["Attributes"]["MessageGroupId"] == "7"
+    assert message["Attributes"]["MessageGroupId"] == "j-fifo"  # one group per job: no job waits on another
 
 
 def test_worker_refuses_to_start_without_its_settings(stack, capsys, monkeypatch):

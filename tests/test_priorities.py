@@ -1,0 +1,154 @@
+"""The guide's priorities on one worker: several queues, highest first, none starved; each message
+settled, retried and dead-lettered on the queue it came from."""
+
+import time
+
+from conftest import BUCKET
+from echoshot_ai_server.adapters.sqs import JobQueue, PriorityQueues
+from echoshot_ai_server.dev.local import create_queue_with_dlq
+from echoshot_ai_server.engine.device import DeviceOutOfMemory
+from echoshot_ai_server.job import job_message_body
+from worker_harness import make_worker, queue_counts, run_jobs, statuses, tiny_upscaler
+
+
+def two_queues(stack, basic_receives: int = 3) -> tuple[str, str, str]:
+    """A standard queue (the stack's) and a basic one with its own dead-letter queue."""
+    basic, basic_dlq = create_queue_with_dlq(stack.sqs, "upscale-cpu-basic-queue", max_receive_count=basic_receives,
+                                             visibility_timeout_s=30)
+    return stack.queue_url, basic, basic_dlq
+
+
+def send_to(stack, url: str, job_id: str, key: str) -> None:
+    stack.sqs.send_message(QueueUrl=url, MessageBody=job_message_body(job_id, key, scale=2, device="cpu"))
+
+
+def completed_order(stack) -> list[str]:
+    return [c.body["jobId"] for c in stack.receiver.received if c.body["status"] == "COMPLETED"]
+
+
+def test_the_higher_queue_is_served_first(stack, make_clip):
+    standard, basic, _ = two_queues(stack)
+    stack.s3.upload_file(str(make_clip(frames=2)), BUCKET, "uploads/u/clip.mp4")
+    for i in range(2):
+        send_to(stack, basic, f"basic-{i}", "uploads/u/clip.mp4")
+    for i in range(2):
+        send_to(stack, standard, f"standard-{i}", "uploads/u/clip.mp4")
+    worker = make_worker(stack, sqs_queue_urls=[standard, basic], poll_wait_s=0)
+
+    run_jobs(worker, rounds=4)
+
+    order = completed_order(stack)
+    assert set(order[:2]) == {"standard-0", "standard-1"} and set(order[2:]) == {"basic-0", "basic-1"}
+    assert queue_counts(stack, standard) == (0, 0) and queue_counts(stack, basic) == (0, 0)
+    metrics = {(s.labels["outcome"], s.labels["queue"]): s.value
+               for m in worker.monitoring.registry.collect() if m.name == "echoshot_jobs" for s in m.samples
+               if s.name == "echoshot_jobs_total"}
+    assert metrics == {("completed", "upscale-cpu-queue"): 2, ("completed", "upscale-cpu-basic-queue"): 2}
+
+
+def test_a_lower_queue_is_never_starved_for_longer_than_the_guard(stack, make_clip):
+    standard, basic, _ = two_queues(stack)
+    stack.s3.upload_file(str(make_clip(frames=2)), BUCKET, "uploads/u/clip.mp4")
+    send_to(stack, basic, "basic-0", "uploads/u/clip.mp4")
+    for i in range(6):
+        send_to(stack, standard, f"standard-{i}", "uploads/u/clip.mp4")
+    worker = make_worker(stack, sqs_queue_urls=[standard, basic], poll_wait_s=0, queue_starvation_s=1)
+
+    started = time.monotonic()
+    while "basic-0" not in completed_order(stack):
+        run_jobs(worker)
+        assert time.monotonic() - started < 120
+    order = completed_order(stack)
+    # the standard queue never ran dry, yet the basic job was served within about the guard
+    assert order.index("basic-0") < 6 and queue_counts(stack, standard)[0] > 0
+
+
+class OutOfMemory:
+    def __init__(self):
+        self.inner = tiny_upscaler()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def upscale(self, frames, outscale):
+        raise DeviceOutOfMemory("out of memory (planted)")
+
+
+def test_each_message_is_retried_and_dead_lettered_on_its_own_queue(stack, make_clip):
+    standard, basic, basic_dlq = two_queues(stack, basic_receives=2)
+    stack.s3.upload_file(str(make_clip(frames=2)), BUCKET, "uploads/u/clip.mp4")
+    send_to(stack, basic, "basic-oom", "uploads/u/clip.mp4")
+    worker = make_worker(stack, [OutOfMemory()], sqs_queue_urls=[standard, basic], poll_wait_s=0)
+    assert worker.redrive == {standard: 3, basic: 2}
+
+    run_jobs(worker)  # attempt 1 of 2: released on the basic queue for a retry
+    assert queue_counts(stack, basic) == (1, 0) and queue_counts(stack, standard) == (0, 0)
+    run_jobs(worker)  # attempt 2 of 2 (the basic queue's redrive): FAILED, handed to its dead-letter queue
+    assert statuses(stack, "basic-oom")[-1] == "FAILED"
+    run_jobs(worker)  # the next receive moves it
+    assert queue_counts(stack, basic_dlq)[0] == 1 and queue_counts(stack, stack.dlq_url) == (0, 0)
+
+
+def test_priority_queues_settle_each_message_where_it_came_from(stack):
+    standard, basic, _ = two_queues(stack)
+    queues = PriorityQueues([JobQueue(u, region="ap-northeast-2", endpoint_url=stack.moto.endpoint_url)
+                             for u in (standard, basic)], starvation_s=300)
+    stack.sqs.send_message(QueueUrl=basic, MessageBody="{}")
+    [message] = queues.receive(1, wait_s=0, visibility_timeout_s=30)
+    assert message.queue_url == basic and queues.of(message).name == "upscale-cpu-basic-queue"
+    queues.release(message)
+    assert queue_counts(stack, basic) == (1, 0)
+    [message] = queues.receive(1, wait_s=0, visibility_timeout_s=30)
+    queues.delete(message)
+    assert queue_counts(stack, basic) == (0, 0)
+
+
+def test_enqueue_sends_to_the_tiers_queue(stack, monkeypatch):
+    from echoshot_ai_server.cli import main as echoshot
+
+    standard, basic, _ = two_queues(stack)
+    monkeypatch.setenv("TIER_QUEUE_URLS", f"standard={standard}, basic={basic}")
+    assert echoshot(["enqueue", "--source", "uploads/a.mp4", "--scale", "2", "--tier", "basic", "--job-id", "b"]) == 0
+    [message] = stack.sqs.receive_message(QueueUrl=basic)["Messages"]
+    assert '"device": "cpu"' in message["Body"] and queue_counts(stack, standard) == (0, 0)
+    assert echoshot(["enqueue", "--source", "uploads/a.mp4", "--scale", "4", "--tier", "premium"]) == 1  # no queue set
+
+
+class FailsFirstTimeOn:
+    """The tiny upscaler, out of memory the first time it meets a frame of a given colour."""
+
+    def __init__(self):
+        self.inner = tiny_upscaler()
+        self.failed = False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def upscale(self, frames, outscale):
+        if not self.failed and frames.mean() < 20:  # the black clip
+            self.failed = True
+            raise DeviceOutOfMemory("out of memory (planted)")
+        return self.inner.upscale(frames, outscale)
+
+
+def test_fifo_retries_wait_their_backoff_without_holding_up_other_groups(stack, make_clip):
+    """FIFO queues take no per-message delay: a retry is the message kept out of sight for its backoff
+    (its visibility timeout), which holds back only its own group."""
+    fifo, _ = create_queue_with_dlq(stack.sqs, "upscale-gpu-queue.fifo", max_receive_count=3, visibility_timeout_s=30)
+    black = make_clip(name="black.mp4", frames=2, pattern="color")  # black
+    stack.s3.upload_file(str(black), BUCKET, "uploads/u/black.mp4")
+    stack.s3.upload_file(str(make_clip(frames=2)), BUCKET, "uploads/u/clip.mp4")
+    for job, key in (("j-retried", "uploads/u/black.mp4"), ("j-other", "uploads/u/clip.mp4")):
+        stack.sqs.send_message(QueueUrl=fifo, MessageBody=job_message_body(job, key, scale=2, device="cpu"),
+                               MessageGroupId=job, MessageDeduplicationId=job)
+    worker = make_worker(stack, [FailsFirstTimeOn()], sqs_queue_url=fifo, poll_wait_s=0, retry_base_delay_s=4)
+
+    run_jobs(worker)  # j-retried fails once: out of sight for its backoff (2-4 s)
+    failed_at = time.monotonic()
+    run_jobs(worker)  # meanwhile the other group's job runs
+    assert statuses(stack, "j-other")[-1] == "COMPLETED" and "COMPLETED" not in statuses(stack, "j-retried")
+    while "COMPLETED" not in statuses(stack, "j-retried"):
+        run_jobs(worker)
+        assert time.monotonic() - failed_at < 30
+    assert time.monotonic() - failed_at >= 1.5  # it waited its backoff
+    assert queue_counts(stack, fifo) == (0, 0)
