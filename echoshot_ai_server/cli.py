@@ -7,6 +7,7 @@ PROCESS_STARTED = time.monotonic()  # before the heavy imports below: a worker's
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import uuid  # noqa: E402
@@ -17,19 +18,20 @@ from pydantic import ValidationError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from echoshot_ai_server.app.cancel import cancel_key
 from echoshot_ai_server.app.doctor import check_environment
 from echoshot_ai_server.app.operations import publish_backlog, replay_dead_letters
 from echoshot_ai_server.app.pipeline import upscale_video, validate_scale
 from echoshot_ai_server.app.wiring import (
     autoscaling_from, build_worker, encoder_settings, input_limits, load_engine, load_models, pick_gpu, queue_from,
-    served_models, tuned_file,
+    served_models, storage_from, tuned_file,
 )
 from echoshot_ai_server.app.workspace import job_workspace
 from echoshot_ai_server.config import Settings
 from echoshot_ai_server.engine.device import kernel_cache_folder, resolve_device
 from echoshot_ai_server.engine.specs import DEFAULT_MODEL, MODELS, SUPPORTED_SCALES, ModelSpec
 from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError
-from echoshot_ai_server.job import job_message_body, output_key
+from echoshot_ai_server.job import JOB_ID_PATTERN, job_message_body, output_key
 from echoshot_ai_server.logs import configure_logging, job_context
 
 log = logging.getLogger(__name__)
@@ -150,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "no two jobs wait on each other)")
     enq.add_argument("--queue-url", default=None, help="queue (default: SQS_QUEUE_URL)")
 
+    cancel = commands.add_parser("cancel", help="cancel a job, queued or running, as Spring does (the marker "
+                                 "control/cancel/{jobId} in S3_BUCKET_NAME)")
+    cancel.add_argument("--job-id", required=True, help="the job to cancel")
+
     dlq = commands.add_parser("replay-dlq", help="move failed jobs from the dead-letter queue back to the job queue")
     dlq.add_argument("--queue-url", default=None, help="job queue (default: SQS_QUEUE_URL)")
     dlq.add_argument("--dlq-url", default=None, help="dead-letter queue (default: the job queue's redrive target)")
@@ -218,6 +224,15 @@ def enqueue(args: argparse.Namespace, settings: Settings) -> None:
     print(json.dumps({"jobId": job_id, "messageId": message_id, "queueUrl": job_queue.url}))
 
 
+def cancel_job(args: argparse.Namespace, settings: Settings) -> None:
+    if not re.fullmatch(JOB_ID_PATTERN, args.job_id):
+        raise PermanentError(ErrorCode.INVALID_PARAMETERS, f"not a job id: {args.job_id!r}")
+    key = cancel_key(args.job_id)
+    storage_from(settings).put_json(key, {"jobId": args.job_id, "requestedAt": datetime.now().astimezone().isoformat(),
+                                          "by": "echoshot cancel"})
+    print(json.dumps({"jobId": args.job_id, "cancelKey": key}))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -231,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             warm_up(settings)
         elif args.command == "enqueue":
             enqueue(args, settings)
+        elif args.command == "cancel":
+            cancel_job(args, settings)
         elif args.command == "replay-dlq":
             replay_dlq(args, settings)
         elif args.command == "publish-backlog":

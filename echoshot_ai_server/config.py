@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     callback_backoff_base_s: float = Field(1, ge=0)
     callback_backoff_max_s: float = Field(30, ge=0)
     progress_callback_interval_s: float = Field(10, ge=0)
+    # How often a running job looks for Spring's cancel marker (control/cancel/{jobId} in the bucket)
+    cancel_check_s: float = Field(2, gt=0)
 
     # Auto Scaling: the group this worker's instance belongs to, for the backlog figure and for
     # scale-in protection while a job runs (the instance id comes from the metadata service if unset)

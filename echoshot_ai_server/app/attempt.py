@@ -18,6 +18,7 @@ class TaskOutcome(str, Enum):
     DUPLICATE = "duplicate"  # done, or being done, under another message: nothing to do
     SPLIT = "split"  # cut into segments, each sent as a message of its own
     SEGMENT = "segment"  # one segment upscaled and stored
+    CANCELLED = "cancelled"  # Spring cancelled the job: stopped (or never started), CANCELLED sent
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import Literal, Protocol
 log = logging.getLogger(__name__)
 
 RECORD_PREFIX = "processed/jobs/"
-State = Literal["running", "segmented", "completed", "failed"]
+State = Literal["running", "segmented", "completed", "failed", "cancelled"]
 
 
 def record_key(job_id: str) -> str:
@@ -55,7 +55,7 @@ class JobRecord:
             record = cls(**data)
         except TypeError:
             return None
-        if record.state not in ("running", "segmented", "completed", "failed") or not isinstance(record.expires_at, (int, float)):
+        if record.state not in ("running", "segmented", "completed", "failed", "cancelled") or not isinstance(record.expires_at, (int, float)):
             return None
         return record
 
@@ -153,6 +153,34 @@ class JobRecords:
                 return True
         raise RuntimeError(f"could not mark job {job_id} failed: its record keeps changing")
 
+    def cancel(self, job_id: str, owner: str, claim: Claim | None = None) -> Literal["send", "drop", "too late"]:
+        """Mark the job cancelled by request. "send": this attempt (message `owner`) marked it, or
+        marked it before and has not had the CANCELLED callback acknowledged: it sends the callback;
+        "drop": another attempt did; "too late": the job had ended (completed or failed) already."""
+        if claim is not None:
+            with claim.lock:
+                claim.settled = True  # our hold ends here: no renewal may overwrite the mark
+        for _ in range(5):
+            found = self.storage.read_json(record_key(job_id))
+            current = JobRecord.from_json(found[0]) if found else None
+            if current is not None and current.state in ("completed", "failed"):
+                return "too late"
+            if current is not None and current.state == "cancelled":
+                return "send" if current.owner == owner and not current.reported else "drop"
+            record = (JobRecord("", "cancelled", owner, 0) if current is None
+                      else replace(current, state="cancelled", owner=owner, expires_at=0))
+            if self.storage.put_json(record_key(job_id), asdict(record), if_match=found[1] if found else None,
+                                     if_absent=not found) is not None:
+                return "send"
+        raise RuntimeError(f"could not mark job {job_id} cancelled: its record keeps changing")
+
+    def cancel_reported(self, job_id: str) -> None:
+        """Spring acknowledged CANCELLED (best effort: at worst it is sent once more)."""
+        found = self.storage.read_json(record_key(job_id))
+        current = JobRecord.from_json(found[0]) if found else None
+        if current is not None and current.state == "cancelled":
+            self.storage.put_json(record_key(job_id), asdict(replace(current, reported=True)), if_match=found[1])
+
     def reported(self, claim: Claim) -> None:
         """Spring acknowledged the final callback: the record is settled, and free for a new attempt
         (which, for a completed job, will find nothing to do)."""
@@ -179,6 +207,8 @@ class JobRecords:
 def _decide(current: JobRecord | None, wanted: str, owner: str) -> Decision:
     if current is None:
         return Decision.WORK
+    if current.state == "cancelled":  # for good: a message of a cancelled job is never worked on
+        return Decision.DUPLICATE
     same_work = current.fingerprint == wanted
     held_by_another = current.owner != owner and current.expires_at > time.time()
     if held_by_another:

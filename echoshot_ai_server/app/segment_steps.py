@@ -149,11 +149,11 @@ class SegmentSteps:
             if not self.records.fail_segmented(job.job_id, plan.run):
                 return TaskResult(TaskOutcome.DUPLICATE)  # another segment failed it first and reported
             log.error("segment %d failed: the job fails", segment.index)
-            self._remove_pieces(job, plan.run)
+            self.remove_pieces(job, plan.run)
             raise
         if self._plan_in_progress(self._job_record(job), wanted, plan.run) is None:
             log.info("the job ended while segment %d ran: its pieces are removed", segment.index)
-            self._remove_pieces(job, plan.run)
+            self.remove_pieces(job, plan.run)
         else:
             self._assemble_when_complete(job, plan)
         return TaskResult(TaskOutcome.SEGMENT, segment.frames)
@@ -194,13 +194,13 @@ class SegmentSteps:
         attempt.keep_alive(lambda: self.records.renew(claim))
         try:
             if decision is Decision.REPORT:  # joined and stored before; COMPLETED not acknowledged
-                self._remove_pieces(job, run)
+                self.remove_pieces(job, run)
                 self.task.report_completed(job, claim, attempt.cancel)
                 return TaskResult(TaskOutcome.REPORTED)
             plan = SegmentPlan.from_json(claim.record.plan)
             result, key = self._join(job, plan, attempt.cancel)
             self.records.completed(claim, key, result.metadata.model_dump())
-            self._remove_pieces(job, run)
+            self.remove_pieces(job, run)
             self.task.report_completed(job, claim, attempt.cancel)
             return TaskResult(TaskOutcome.COMPLETED)  # its frames were counted as its segments were upscaled
         except LostClaim as exc:
@@ -209,7 +209,7 @@ class SegmentSteps:
         except JobError as exc:
             if isinstance(exc, PermanentError) or attempt.final:
                 self.task.let_go(claim)
-                self._remove_pieces(job, run)
+                self.remove_pieces(job, run)
             raise
 
     def _join(self, job: JobMessage, plan: SegmentPlan, cancel: threading.Event):
@@ -244,7 +244,7 @@ class SegmentSteps:
         found = self.records.read(job.job_id)
         return found[0] if found else None
 
-    def _remove_pieces(self, job: JobMessage, run: str) -> None:
+    def remove_pieces(self, job: JobMessage, run: str) -> None:
         """The segments' videos, records and progress ledger: not needed once the job has ended.
         Best effort: whatever stays carries the tag a lifecycle rule expires."""
         try:

@@ -7,12 +7,13 @@ to storage, the queue and Spring through the small protocols below, not the adap
 import logging
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Callable, Protocol
 
 from echoshot_ai_server.app.attempt import JobAttempt, TaskOutcome, TaskResult
+from echoshot_ai_server.app.cancel import CancelWatch, cancel_key
 from echoshot_ai_server.app.estimate import ComputeEstimator
 from echoshot_ai_server.app.pipeline import InputLimits, UpscaleResult, upscale_video
 from echoshot_ai_server.app.progress import Notifier, ProgressReporter
@@ -21,7 +22,9 @@ from echoshot_ai_server.app.segment_steps import SegmentSteps
 from echoshot_ai_server.app.segments import Segment, SegmentPlan
 from echoshot_ai_server.app.workspace import job_workspace
 from echoshot_ai_server.engine.upscaler import Upscaler
-from echoshot_ai_server.errors import ErrorCode, JobError, PermanentError, ResultNotReported, RetryableError, human_bytes
+from echoshot_ai_server.errors import (
+    ErrorCode, JobCancelled, JobError, PermanentError, ResultNotReported, RetryableError, human_bytes,
+)
 from echoshot_ai_server.job import CallbackPayload, JobMessage, JobStatus, ResultMetadata, check_source_key, output_key
 from echoshot_ai_server.media.writer import EncoderSettings
 
@@ -67,6 +70,7 @@ class UpscaleTask:
     segment_s: float = 0  # jobs longer than this are cut into segments of about this length (0: never)
     estimator: ComputeEstimator | None = None  # estimates (and refuses) a job's compute before its frames
     pre_resize_max_height: int = 0  # taller sources are scaled down to this height first (0: never)
+    cancel_check_s: float = 2  # how often a running job looks for Spring's cancel marker
 
     def run(self, job: JobMessage, models: Mapping[str, Upscaler], attempt: JobAttempt) -> TaskResult:
         """Do the job (or one step of a job cut into segments) with the model it asks for among
@@ -74,6 +78,17 @@ class UpscaleTask:
         settles the message."""
         check_source_key(job.source_s3_key, list(self.allowed_source_prefixes))
         upscaler = model_for(job, models)
+        if self.cancel_requested(job):  # cancelled while it waited in the queue: never processed
+            return self._cancelled(job, attempt)
+        with CancelWatch(lambda: self.cancel_requested(job), attempt.cancel, self.cancel_check_s) as watch:
+            try:
+                return self._run(job, upscaler, replace(attempt, cancel=watch.stop))
+            except JobCancelled:
+                if not watch.by_request:
+                    raise
+        return self._cancelled(job, attempt)
+
+    def _run(self, job: JobMessage, upscaler: Upscaler, attempt: JobAttempt) -> TaskResult:
         if job.segment is not None:
             return SegmentSteps(self, attempt.queue).run(job, upscaler, attempt)
         wanted = fingerprint(job.source_s3_key, job.parameters.work())
@@ -100,6 +115,27 @@ class UpscaleTask:
             if isinstance(exc, PermanentError) or attempt.final:
                 self.let_go(claim)
             raise
+
+    def cancel_requested(self, job: JobMessage) -> bool:
+        return self.storage.head(cancel_key(job.job_id)) is not None
+
+    def _cancelled(self, job: JobMessage, attempt: JobAttempt) -> TaskResult:
+        """Spring cancelled the job: mark its record, remove what it left in S3, and tell Spring once."""
+        found = self.records.read(job.job_id)
+        plan = found[0].plan if found else None
+        decision = self.records.cancel(job.job_id, attempt.message_id)
+        if decision == "too late":  # it ended first: its own outcome stands (sent again on redelivery)
+            log.info("cancel request for a job that has ended: its result stands")
+            raise JobCancelled()
+        if decision == "drop":
+            log.info("job cancelled by request (reported by another attempt): message dropped")
+            return TaskResult(TaskOutcome.CANCELLED)
+        if plan is not None:
+            SegmentSteps(self, attempt.queue).remove_pieces(job, plan["run"])
+        self.callback.notify(CallbackPayload(job_id=job.job_id, status=JobStatus.CANCELLED), stop=attempt.cancel)
+        self.records.cancel_reported(job.job_id)
+        log.info("job cancelled by request: CANCELLED callback delivered")
+        return TaskResult(TaskOutcome.CANCELLED)
 
     def let_go(self, claim: Claim) -> None:
         try:

@@ -21,6 +21,7 @@ from echoshot_ai_server.media.writer import EncoderSettings
 
 if TYPE_CHECKING:  # the AWS side is imported where it is built: the local pipeline needs no boto3
     from echoshot_ai_server.adapters.autoscaling import AutoScaling
+    from echoshot_ai_server.adapters.s3 import Storage
     from echoshot_ai_server.adapters.sqs import JobQueue
     from echoshot_ai_server.app.protection import ScaleInProtection
     from echoshot_ai_server.app.worker import Worker
@@ -41,7 +42,6 @@ def build_worker(settings: Settings, upscalers: list[Upscaler | Mapping[str, Ups
 
     Checks first that the worker can work at all (the queue, the bucket, the work directory), so
     that a misspelt setting stops it at start with one clear line instead of failing every job."""
-    from echoshot_ai_server.adapters.s3 import Storage
     from echoshot_ai_server.adapters.spring import SpringCallback
     from echoshot_ai_server.adapters.sqs import PriorityQueues
     from echoshot_ai_server.app.monitoring import Monitoring
@@ -61,8 +61,7 @@ def build_worker(settings: Settings, upscalers: list[Upscaler | Mapping[str, Ups
 
     queues = [queue_from(settings, url) for url in urls]
     job_queue = PriorityQueues(queues, starvation_s=settings.queue_starvation_s)
-    storage = Storage(settings.s3_bucket_name, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url,
-                      **aws_timeouts(settings))
+    storage = storage_from(settings)
     monitoring = Monitoring(
         queue_stale_after_s=settings.poll_wait_s + settings.aws_read_timeout_s + 30,
         gpu_memory=gpu_memory_stats if device == "gpu" else None,
@@ -112,6 +111,7 @@ def build_worker(settings: Settings, upscalers: list[Upscaler | Mapping[str, Ups
         estimator=ComputeEstimator(settings.max_job_seconds,
                                    on_measured=lambda model, speed: monitoring.model_speed.labels(model).set(speed)),
         pre_resize_max_height=settings.pre_resize_max_height,
+        cancel_check_s=settings.cancel_check_s,
     )
     try:
         if upscalers is None:
@@ -170,6 +170,14 @@ def pick_gpu(settings: Settings) -> None:
 
 def aws_timeouts(settings: Settings) -> dict[str, float]:
     return dict(connect_timeout_s=settings.aws_connect_timeout_s, read_timeout_s=settings.aws_read_timeout_s)
+
+
+def storage_from(settings: Settings) -> "Storage":
+    from echoshot_ai_server.adapters.s3 import Storage
+
+    required(settings, "s3_bucket_name")
+    return Storage(settings.s3_bucket_name, region=settings.aws_region, endpoint_url=settings.aws_endpoint_url,
+                   **aws_timeouts(settings))
 
 
 def queue_urls(settings: Settings) -> list[str]:

@@ -253,6 +253,9 @@ class Worker:
             if outcome is TaskOutcome.DUPLICATE:
                 log.info("job already done or in progress under another message: this one is dropped")
                 return "duplicate"
+            if outcome is TaskOutcome.CANCELLED:
+                log.info("job cancelled, message deleted")
+                return "cancelled"
             if outcome in (TaskOutcome.SPLIT, TaskOutcome.SEGMENT):
                 log.info("%s, message deleted", "job cut into segments" if outcome is TaskOutcome.SPLIT else "segment done")
                 return outcome.value
