@@ -226,6 +226,16 @@ class ResultMetadata(BaseModel):
         return {name: str(value) for name, value in self.model_dump().items()}
 
 
+class Usage(BaseModel):
+    """What a completed job counts against the subscription's monthly minutes (COMPLETED only)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    billed_seconds: float = Field(alias="billedSeconds", description="the source video's duration")
+    compute_seconds: float = Field(alias="computeSeconds", description="worker time spent: download to upload, "
+                                   "every segment and the assembly of a job in segments")
+
+
 class CallbackPayload(BaseModel):
     """What the worker POSTs to SPRING_CALLBACK_URL."""
 
@@ -239,6 +249,7 @@ class CallbackPayload(BaseModel):
     error_message: str | None = Field(None, alias="errorMessage")
     progress: float | None = Field(None, description="percent of frames done, PROCESSING only")
     eta_seconds: float | None = Field(None, alias="etaSeconds", description="PROCESSING only")
+    usage: Usage | None = Field(None, description="COMPLETED only")
 
     @classmethod
     def failed(cls, job_id: str, error: JobError) -> "CallbackPayload":

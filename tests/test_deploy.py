@@ -185,6 +185,10 @@ def test_the_lifecycle_rules_apply_and_match_what_the_worker_tags(moto_server):
     rules = json.loads((REPO_ROOT / "deploy/s3-lifecycle.json").read_text())
     s3.put_bucket_lifecycle_configuration(Bucket="lifecycle-bucket", LifecycleConfiguration=rules)
     applied = s3.get_bucket_lifecycle_configuration(Bucket="lifecycle-bucket")["Rules"]
-    assert {rule["ID"] for rule in applied} == {"job-records", "long-job-segments"}
+    assert {rule["ID"] for rule in applied} == {"job-records", "long-job-segments", "cancel-requests"}
+    from echoshot_ai_server.app.cancel import CANCEL_PREFIX
+
+    [cancels] = [rule for rule in applied if rule["ID"] == "cancel-requests"]
+    assert cancels["Filter"]["Prefix"] == CANCEL_PREFIX
     [segments] = [rule for rule in applied if rule["ID"] == "long-job-segments"]
     assert (segments["Filter"]["Tag"]["Key"], segments["Filter"]["Tag"]["Value"]) == SEGMENT_TAG

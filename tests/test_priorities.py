@@ -3,6 +3,8 @@ settled, retried and dead-lettered on the queue it came from."""
 
 import time
 
+import pytest
+
 from conftest import BUCKET
 from echoshot_ai_server.adapters.sqs import JobQueue, PriorityQueues
 from echoshot_ai_server.dev.local import create_queue_with_dlq
@@ -152,3 +154,34 @@ def test_fifo_retries_wait_their_backoff_without_holding_up_other_groups(stack, 
         assert time.monotonic() - failed_at < 30
     assert time.monotonic() - failed_at >= 1.5  # it waited its backoff
     assert queue_counts(stack, fifo) == (0, 0)
+
+
+def counter(worker, name: str) -> dict:
+    return {s.labels["queue"]: s.value for m in worker.monitoring.registry.collect() if m.name == name
+            for s in m.samples if s.name == f"{name}_total"}
+
+
+def test_completed_states_the_usage_and_metrics_count_it_per_queue(stack, make_clip):
+    standard, basic, _ = two_queues(stack)
+    stack.s3.upload_file(str(make_clip(frames=6, fps="10")), BUCKET, "uploads/u/clip.mp4")
+    long_key = "uploads/u/long.mp4"
+    stack.s3.upload_file(str(make_clip(name="long.mp4", frames=48, fps="24")), BUCKET, long_key)
+    send_to(stack, standard, "j-usage", "uploads/u/clip.mp4")
+    send_to(stack, basic, "j-usage-segments", long_key)
+    worker = make_worker(stack, sqs_queue_urls=[standard, basic], poll_wait_s=0, segment_seconds=0.5)
+
+    started = time.monotonic()
+    for _ in range(10):
+        run_jobs(worker)
+    wall_s = time.monotonic() - started
+
+    whole = stack.receiver.bodies("j-usage")[-1]
+    assert whole["status"] == "COMPLETED" and whole["usage"]["billedSeconds"] == whole["metadata"]["duration"]
+    assert 0 < whole["usage"]["computeSeconds"] <= wall_s
+    cut = stack.receiver.bodies("j-usage-segments")[-1]
+    assert cut["status"] == "COMPLETED" and cut["usage"]["billedSeconds"] == cut["metadata"]["duration"] == 2.0
+    assert 0 < cut["usage"]["computeSeconds"] <= wall_s  # its 4 segments and the assembly
+    billed = counter(worker, "echoshot_billed_source_seconds")
+    assert billed == {"upscale-cpu-queue": whole["metadata"]["duration"], "upscale-cpu-basic-queue": 2.0}
+    compute = counter(worker, "echoshot_compute_seconds")
+    assert compute["upscale-cpu-basic-queue"] == pytest.approx(cut["usage"]["computeSeconds"], abs=0.6)

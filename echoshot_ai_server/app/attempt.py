@@ -25,6 +25,8 @@ class TaskOutcome(str, Enum):
 class TaskResult:
     outcome: TaskOutcome
     frames: int = 0
+    billed_s: float = 0  # the source duration a completed job is billed
+    compute_s: float = 0  # worker time this message spent on the job
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,10 @@ class Monitoring:
         self.queue_wait = Histogram("echoshot_queue_wait_seconds", "Time from Spring sending a job to a worker receiving it",
                                     buckets=WAIT_BUCKETS_S, registry=self.registry)
         self.frames = Counter("echoshot_frames_upscaled", "Frames upscaled", registry=self.registry)
+        self.billed = Counter("echoshot_billed_source_seconds", "Source seconds of completed jobs (what they are "
+                              "billed), by queue", ["queue"], registry=self.registry)
+        self.compute = Counter("echoshot_compute_seconds", "Worker seconds spent on jobs that completed or on their "
+                               "segments, by queue", ["queue"], registry=self.registry)
         self.last_fps = Gauge("echoshot_last_job_frames_per_second", "Frames per second of the last completed job",
                               registry=self.registry)
         self.in_flight = Gauge("echoshot_jobs_in_flight", "Jobs running now", registry=self.registry)
@@ -73,9 +77,13 @@ class Monitoring:
         if sent_at_ms:
             self.queue_wait.observe(max(0.0, time.time() - sent_at_ms / 1000))
 
-    def job_settled(self, outcome: str, duration_s: float, frames: int = 0, queue: str = "") -> None:
+    def job_settled(self, outcome: str, duration_s: float, frames: int = 0, queue: str = "", billed_s: float = 0,
+                    compute_s: float = 0) -> None:
         self.in_flight.dec()
         self.jobs.labels(outcome, queue).inc()
+        if billed_s or compute_s:
+            self.billed.labels(queue).inc(billed_s)
+            self.compute.labels(queue).inc(compute_s)
         self.job_duration.observe(duration_s)
         if frames:
             self.frames.inc(frames)

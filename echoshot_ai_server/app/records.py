@@ -48,6 +48,7 @@ class JobRecord:
     metadata: dict | None = None
     reported: bool = False  # Spring acknowledged the final callback
     plan: dict | None = None  # a job cut into segments: how (app/segments.py)
+    usage: dict | None = None  # what the job is billed: {"billedSeconds", "computeSeconds"} (job.py's Usage)
 
     @classmethod
     def from_json(cls, data: dict) -> "JobRecord | None":
@@ -133,9 +134,9 @@ class JobRecords:
     def renew(self, claim: Claim) -> None:
         self._write(claim, lambda record: replace(record, expires_at=time.time() + self.lease_s))
 
-    def completed(self, claim: Claim, output_key: str, metadata: dict) -> None:
+    def completed(self, claim: Claim, output_key: str, metadata: dict, usage: dict | None = None) -> None:
         self._write(claim, lambda record: replace(record, state="completed", output_key=output_key, metadata=metadata,
-                                                  expires_at=time.time() + self.lease_s))
+                                                  usage=usage, expires_at=time.time() + self.lease_s))
 
     def segmented(self, claim: Claim, plan: dict) -> None:
         """The job is cut into segments, each with a message of its own: nobody holds the job now."""

@@ -34,7 +34,7 @@ from echoshot_ai_server.app.segments import (
 from echoshot_ai_server.app.workspace import job_workspace
 from echoshot_ai_server.engine.upscaler import Upscaler
 from echoshot_ai_server.errors import ErrorCode, JobCancelled, JobError, PermanentError, RetryableError
-from echoshot_ai_server.job import JobMessage, SegmentStep, output_key
+from echoshot_ai_server.job import JobMessage, SegmentStep, Usage, output_key
 from echoshot_ai_server.media.probe import probe
 
 if TYPE_CHECKING:
@@ -127,12 +127,14 @@ class SegmentSteps:
         attempt.keep_alive(lambda: self.records.renew(claim))
         key = part_key(job.job_id, plan.run, segment)
         progress = WholeJobProgress(self, job, plan, segment)
+        started = time.monotonic()
         try:
             if self.storage.head(key) is not None:
                 log.info("segment %d is stored already: not computed again", segment.index)
             else:
                 self._compute_segment(job, plan, segment, key, upscaler, progress, attempt.cancel)
-            self.records.completed(claim, key, {"frames": segment.frames})
+            seconds = round(time.monotonic() - started, 1)
+            self.records.completed(claim, key, {"frames": segment.frames, "seconds": seconds})
             self.records.reported(claim)
         except LostClaim as exc:
             log.warning("%s: it does this segment, this attempt stops", exc)
@@ -156,7 +158,7 @@ class SegmentSteps:
             self.remove_pieces(job, plan.run)
         else:
             self._assemble_when_complete(job, plan)
-        return TaskResult(TaskOutcome.SEGMENT, segment.frames)
+        return TaskResult(TaskOutcome.SEGMENT, segment.frames, compute_s=seconds)
 
     def _compute_segment(self, job: JobMessage, plan: SegmentPlan, segment: Segment, key: str, upscaler: Upscaler,
                          progress: "WholeJobProgress", cancel: threading.Event) -> None:
@@ -198,11 +200,16 @@ class SegmentSteps:
                 self.task.report_completed(job, claim, attempt.cancel)
                 return TaskResult(TaskOutcome.REPORTED)
             plan = SegmentPlan.from_json(claim.record.plan)
+            started = time.monotonic()
             result, key = self._join(job, plan, attempt.cancel)
-            self.records.completed(claim, key, result.metadata.model_dump())
+            assembly_s = time.monotonic() - started
+            usage = Usage(billed_seconds=result.metadata.duration,
+                          compute_seconds=round(self._segments_seconds(job, plan) + assembly_s, 1))
+            self.records.completed(claim, key, result.metadata.model_dump(), usage.model_dump(by_alias=True))
             self.remove_pieces(job, run)
             self.task.report_completed(job, claim, attempt.cancel)
-            return TaskResult(TaskOutcome.COMPLETED)  # its frames were counted as its segments were upscaled
+            # its frames and their compute were counted as its segments were upscaled
+            return TaskResult(TaskOutcome.COMPLETED, billed_s=usage.billed_seconds, compute_s=assembly_s)
         except LostClaim as exc:
             log.warning("%s: it reports the job, this attempt stops", exc)
             return TaskResult(TaskOutcome.DUPLICATE)
@@ -243,6 +250,14 @@ class SegmentSteps:
     def _job_record(self, job: JobMessage):
         found = self.records.read(job.job_id)
         return found[0] if found else None
+
+    def _segments_seconds(self, job: JobMessage, plan: SegmentPlan) -> float:
+        """The worker time the segments took, from their records."""
+        total = 0.0
+        for segment in plan.segments:
+            found = self.records.read(part_record_name(job.job_id, plan.run, segment))
+            total += float(((found[0].metadata or {}) if found else {}).get("seconds", 0))
+        return total
 
     def remove_pieces(self, job: JobMessage, run: str) -> None:
         """The segments' videos, records and progress ledger: not needed once the job has ended.

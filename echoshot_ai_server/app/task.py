@@ -7,6 +7,7 @@ to storage, the queue and Spring through the small protocols below, not the adap
 import logging
 import shutil
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from collections.abc import Mapping
@@ -25,7 +26,9 @@ from echoshot_ai_server.engine.upscaler import Upscaler
 from echoshot_ai_server.errors import (
     ErrorCode, JobCancelled, JobError, PermanentError, ResultNotReported, RetryableError, human_bytes,
 )
-from echoshot_ai_server.job import CallbackPayload, JobMessage, JobStatus, ResultMetadata, check_source_key, output_key
+from echoshot_ai_server.job import (
+    CallbackPayload, JobMessage, JobStatus, ResultMetadata, Usage, check_source_key, output_key,
+)
 from echoshot_ai_server.media.writer import EncoderSettings
 
 # The guide's log lines of a job carry this logger name (its module before the package had wings).
@@ -161,6 +164,7 @@ class UpscaleTask:
 
     def _compute(self, job: JobMessage, upscaler: Upscaler, claim: Claim, attempt: JobAttempt) -> TaskResult:
         cancel = attempt.cancel
+        started = time.monotonic()
         source_object = self.find_source(job)
         self.check_disk(source_object.size, job.parameters.scale_factor)
         progress = ProgressReporter(self.callback, job.job_id, self.progress_interval_s)
@@ -177,9 +181,10 @@ class UpscaleTask:
         finally:
             progress.close()
         log.info("result uploaded: %s (%.1fs)", self.storage.url(key), result.elapsed_s)
-        self.records.completed(claim, key, result.metadata.model_dump())
+        usage = Usage(billed_seconds=result.metadata.duration, compute_seconds=round(time.monotonic() - started, 1))
+        self.records.completed(claim, key, result.metadata.model_dump(), usage.model_dump(by_alias=True))
         self.report_completed(job, claim, cancel)
-        return TaskResult(TaskOutcome.COMPLETED, result.metadata.frame_count)
+        return TaskResult(TaskOutcome.COMPLETED, result.metadata.frame_count, usage.billed_seconds, usage.compute_seconds)
 
     def upscale(self, job: JobMessage, source: Path, output: Path, upscaler: Upscaler, progress: ProgressReporter,
                 cancel: threading.Event, segment: Segment | None = None,
@@ -231,7 +236,8 @@ class UpscaleTask:
         that does not go through is retried later, never turned into FAILED."""
         record = claim.record
         payload = CallbackPayload(job_id=job.job_id, status=JobStatus.COMPLETED, output_s3_key=record.output_key,
-                                  metadata=ResultMetadata.model_validate(record.metadata))
+                                  metadata=ResultMetadata.model_validate(record.metadata),
+                                  usage=Usage.model_validate(record.usage) if record.usage else None)
         try:
             self.callback.notify(payload, stop=cancel)
         except PermanentError as exc:

@@ -240,7 +240,9 @@ class Worker:
                 outcome = self._settle(message, job_id, result.outcome if result else None, error)
             finally:
                 self.monitoring.job_settled(outcome, time.monotonic() - started, result.frames if result else 0,
-                                            queue=self.queue.of(message).name)
+                                            queue=self.queue.of(message).name,
+                                            billed_s=result.billed_s if result and error is None else 0,
+                                            compute_s=result.compute_s if result and error is None else 0)
                 if self.protection:
                     self.protection.job_ended()
 
