@@ -10,7 +10,9 @@ from echoshot_ai_server.adapters.sqs import JobQueue, PriorityQueues
 from echoshot_ai_server.dev.local import create_queue_with_dlq
 from echoshot_ai_server.engine.device import DeviceOutOfMemory
 from echoshot_ai_server.job import job_message_body
-from worker_harness import make_worker, queue_counts, run_jobs, statuses, tiny_upscaler
+from worker_harness import (
+    SlowUpscaler, make_worker, messages_stolen_during_one_job, queue_counts, run_jobs, statuses, tiny_upscaler,
+)
 
 
 def two_queues(stack, basic_receives: int = 3) -> tuple[str, str, str]:
@@ -185,3 +187,16 @@ def test_completed_states_the_usage_and_metrics_count_it_per_queue(stack, make_c
     assert billed == {"upscale-cpu-queue": whole["metadata"]["duration"], "upscale-cpu-basic-queue": 2.0}
     compute = counter(worker, "echoshot_compute_seconds")
     assert compute["upscale-cpu-basic-queue"] == pytest.approx(cut["usage"]["computeSeconds"], abs=0.6)
+
+
+def test_the_heartbeat_keeps_a_lower_queues_message_out_of_sight(stack, make_clip):
+    standard, basic, _ = two_queues(stack)
+    stack.s3.upload_file(str(make_clip(frames=10)), BUCKET, "uploads/u/clip.mp4")
+    send_to(stack, basic, "j-long-basic", "uploads/u/clip.mp4")
+    worker = make_worker(stack, [SlowUpscaler(0.5)], sqs_queue_urls=[standard, basic], poll_wait_s=0,
+                         visibility_timeout_s=2, visibility_extend_every_s=0.5)
+
+    stolen = messages_stolen_during_one_job(stack, worker, basic)  # about 5 s: twice the visibility timeout
+
+    assert stolen == [] and statuses(stack, "j-long-basic")[-1] == "COMPLETED"
+    assert queue_counts(stack, basic) == (0, 0)

@@ -88,15 +88,16 @@ def wait_until(predicate, timeout_s: float, what: str):
     raise TimeoutError(what)
 
 
-def messages_stolen_during_one_job(stack, worker) -> list:
-    """Run one job with the worker's heartbeat on, while a second consumer polls the queue all along.
-    Returns what that second consumer received (nothing, when the heartbeat does its work)."""
+def messages_stolen_during_one_job(stack, worker, queue_url: str | None = None) -> list:
+    """Run one job with the worker's heartbeat on, while a second consumer polls the queue (the stack's,
+    or `queue_url`) all along. Returns what that second consumer received (nothing, when the heartbeat
+    does its work)."""
     worker.heartbeat.start()
     try:
         [future] = worker.run_once()
         stolen = []
         while not future.done():
-            stolen += stack.sqs.receive_message(QueueUrl=stack.queue_url, WaitTimeSeconds=1).get("Messages", [])
+            stolen += stack.sqs.receive_message(QueueUrl=queue_url or stack.queue_url, WaitTimeSeconds=1).get("Messages", [])
         future.result()
     finally:
         worker.heartbeat.stop()
