@@ -125,11 +125,7 @@ def build_worker(settings: Settings, upscalers: list[Upscaler | Mapping[str, Ups
              ", ".join(models[0]))
 
     def warm_up() -> None:
-        seconds = sum(upscaler.warm_up(tuned=tuned_file(settings)) for slot in models for upscaler in slot.values())
-        if seconds:
-            log.info("GPU kernels tuned and compiled for every frame size in %.1fs", seconds)
-        for name, upscaler in models[0].items():  # the speeds job estimates are made from
-            task.estimator.speed(name, upscaler)
+        warm_up_models(settings, models, task.estimator)
 
     return Worker(
         job_queue=job_queue,
@@ -153,6 +149,20 @@ def build_worker(settings: Settings, upscalers: list[Upscaler | Mapping[str, Ups
         started=started,
         redrive=redrive,
     )
+
+
+def warm_up_models(settings: Settings, models: list[Mapping[str, Upscaler]], estimator: ComputeEstimator) -> dict:
+    """What a worker does before it is ready: tune and compile each slot's models, then measure each
+    model's speed (the jobs' estimates come from it). Returns the seconds each model's warm-up took."""
+    seconds = {}
+    for slot in models:
+        for name, upscaler in slot.items():
+            seconds[name] = seconds.get(name, 0.0) + upscaler.warm_up(tuned=tuned_file(settings))
+    if sum(seconds.values()):
+        log.info("GPU kernels tuned and compiled for every frame size in %.1fs", sum(seconds.values()))
+    for name, upscaler in models[0].items():
+        estimator.speed(name, upscaler)
+    return seconds
 
 
 def pick_gpu(settings: Settings) -> None:
