@@ -1,11 +1,10 @@
 """Spring cancels a job (the marker control/cancel/{jobId} in the bucket): a queued one never runs, a
 running one stops within seconds, nothing is uploaded or left behind, and Spring hears CANCELLED once."""
 
-import threading
+import json
 import time
 
 import jsonschema
-import json
 
 from conftest import BUCKET, REPO_ROOT
 from echoshot_ai_server.cli import main as echoshot

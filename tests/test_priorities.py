@@ -11,7 +11,8 @@ from echoshot_ai_server.dev.local import create_queue_with_dlq
 from echoshot_ai_server.engine.device import DeviceOutOfMemory
 from echoshot_ai_server.job import job_message_body
 from worker_harness import (
-    SlowUpscaler, make_worker, messages_stolen_during_one_job, queue_counts, run_jobs, statuses, tiny_upscaler,
+    OutOfMemoryUpscaler, SlowUpscaler, make_worker, messages_stolen_during_one_job, queue_counts, run_jobs, statuses,
+    tiny_upscaler,
 )
 
 
@@ -67,22 +68,11 @@ def test_a_lower_queue_is_never_starved_for_longer_than_the_guard(stack, make_cl
     assert order.index("basic-0") < 6 and queue_counts(stack, standard)[0] > 0
 
 
-class OutOfMemory:
-    def __init__(self):
-        self.inner = tiny_upscaler()
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def upscale(self, frames, outscale):
-        raise DeviceOutOfMemory("out of memory (planted)")
-
-
 def test_each_message_is_retried_and_dead_lettered_on_its_own_queue(stack, make_clip):
     standard, basic, basic_dlq = two_queues(stack, basic_receives=2)
     stack.s3.upload_file(str(make_clip(frames=2)), BUCKET, "uploads/u/clip.mp4")
     send_to(stack, basic, "basic-oom", "uploads/u/clip.mp4")
-    worker = make_worker(stack, [OutOfMemory()], sqs_queue_urls=[standard, basic], poll_wait_s=0)
+    worker = make_worker(stack, [OutOfMemoryUpscaler()], sqs_queue_urls=[standard, basic], poll_wait_s=0)
     assert worker.redrive == {standard: 3, basic: 2}
 
     run_jobs(worker)  # attempt 1 of 2: released on the basic queue for a retry

@@ -9,11 +9,10 @@ import time
 
 import pytest
 
-from conftest import BUCKET, ffprobe_json, tiny_upscaler
+from conftest import BUCKET, ffprobe_json
 from echoshot_ai_server.app.pipeline import MISSING_FRAMES_TOLERATED, MISSING_SHARE_TOLERATED, _check_every_frame_decoded
-from echoshot_ai_server.engine.device import DeviceOutOfMemory
 from echoshot_ai_server.errors import ErrorCode, PermanentError
-from worker_harness import enqueue, leftovers, make_worker, queue_counts, run_jobs, statuses, upload_clip
+from worker_harness import OutOfMemoryUpscaler, enqueue, leftovers, make_worker, queue_counts, run_jobs, statuses, upload_clip
 
 
 def result_keys(stack) -> list[str]:
@@ -72,17 +71,6 @@ def test_an_encoder_that_writes_something_else_fails_the_job_and_uploads_nothing
     assert expected in failed["errorMessage"] and "expected 128x96 with 6 frames" in failed["errorMessage"]
     assert result_keys(stack) == []
     assert queue_counts(stack) == (0, 0) and leftovers(stack.work_dir) == []
-
-
-class OutOfMemoryUpscaler:
-    def __init__(self):
-        self.inner = tiny_upscaler()
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def upscale(self, frames, outscale):
-        raise DeviceOutOfMemory("out of memory (planted)")
 
 
 def test_a_failed_attempt_comes_back_only_after_its_backoff(stack, make_clip):

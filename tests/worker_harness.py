@@ -5,6 +5,7 @@ from concurrent.futures import wait
 
 from conftest import BUCKET, REGION, tiny_upscaler
 from echoshot_ai_server.config import Settings
+from echoshot_ai_server.engine.device import DeviceOutOfMemory
 from echoshot_ai_server.job import job_message_body
 from echoshot_ai_server.app.wiring import build_worker
 
@@ -61,6 +62,19 @@ def leftovers(work_dir) -> list:
     if not work_dir.exists():
         return []
     return sorted(p for p in work_dir.rglob("*") if not p.name.startswith("worker-"))
+
+
+class OutOfMemoryUpscaler:
+    """The tiny upscaler's shape, but every batch runs out of memory (a transient failure)."""
+
+    def __init__(self):
+        self.inner = tiny_upscaler()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def upscale(self, frames, outscale):
+        raise DeviceOutOfMemory("out of memory (planted)")
 
 
 class SlowUpscaler:

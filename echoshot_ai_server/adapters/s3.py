@@ -50,8 +50,11 @@ class Storage:
 
     def check_bucket(self) -> None:
         """Raises RetryableError(STORAGE_MISCONFIGURED) unless the bucket exists and can be reached."""
-        with self._translated(f"bucket {self.bucket}", not_found=ErrorCode.STORAGE_MISCONFIGURED):
-            self._s3.head_bucket(Bucket=self.bucket)
+        try:
+            with self._translated(f"bucket {self.bucket}", not_found=ErrorCode.STORAGE_MISCONFIGURED):
+                self._s3.head_bucket(Bucket=self.bucket)
+        except PermanentError as exc:  # a missing bucket is the worker's setup, never the job's fault
+            raise RetryableError(ErrorCode.STORAGE_MISCONFIGURED, exc.message) from exc
 
     def head(self, key: str) -> StoredObject | None:
         """The object at `key`, or None when there is none. A missing bucket is not a missing object:
