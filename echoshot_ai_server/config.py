@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     # On a host with several GPUs, the one this worker uses (one worker process per GPU); unset: the first
     gpu_device_index: int | None = Field(None, ge=0)
     gpu_worker_count: int = Field(1, ge=1)
+    # A job hands the model to the next one once its frames are done and finishes (x264's drain, checks,
+    # upload, callback) beside it; unset: on for GPU workers (the GPU is free then), off for CPU ones
+    overlap_finish: bool | None = None
     cpu_worker_count: int = Field(2, ge=1)
     poll_wait_s: int = Field(20, ge=0, le=20)
     visibility_timeout_s: int = Field(300, ge=1, le=43200)

@@ -1,6 +1,7 @@
 """The guide's priorities on one worker: several queues, highest first, none starved; each message
 settled, retried and dead-lettered on the queue it came from."""
 
+import sys
 import time
 
 import pytest
@@ -190,3 +191,34 @@ def test_the_heartbeat_keeps_a_lower_queues_message_out_of_sight(stack, make_cli
 
     assert stolen == [] and statuses(stack, "j-long-basic")[-1] == "COMPLETED"
     assert queue_counts(stack, basic) == (0, 0)
+
+
+def test_a_job_hands_the_model_on_once_its_frames_are_done(stack, make_clip, tmp_path):
+    """overlap_finish (on for GPU workers): the next job's frames run while the first job's encoder
+    finishes, on a worker with one slot."""
+    slow_finish = tmp_path / "ffmpeg"  # an encoder whose finish (after the last frame) takes 3 s
+    slow_finish.write_text(
+        f"#!{sys.executable}\n"
+        "import subprocess, sys, time\n"
+        "code = subprocess.call(['ffmpeg'] + sys.argv[1:])\n"
+        "if 'pipe:0' in sys.argv:\n    time.sleep(3)\n"
+        "sys.exit(code)\n")
+    slow_finish.chmod(0o755)
+    stack.s3.upload_file(str(make_clip(frames=2)), BUCKET, "uploads/u/clip.mp4")
+    for job in ("j-first", "j-second"):
+        send_to(stack, stack.queue_url, job, "uploads/u/clip.mp4")
+    worker = make_worker(stack, overlap_finish=True, ffmpeg_bin=str(slow_finish), poll_wait_s=0)
+
+    futures = worker.run_once()  # the first job
+    deadline = time.monotonic() + 60
+    while len(futures) < 2 and time.monotonic() < deadline:  # its frames done, the slot is free again
+        futures += worker.run_once()
+        time.sleep(0.1)
+    for future in futures:
+        future.result(timeout=60)
+
+    received = [(c.body["jobId"], c.body["status"]) for c in stack.receiver.received]
+    # the second job started its frames before the first had finished
+    assert received.index(("j-second", "PROCESSING")) < received.index(("j-first", "COMPLETED"))
+    assert statuses(stack, "j-second")[-1] == "COMPLETED" and queue_counts(stack) == (0, 0)
+    assert len(futures) == 2 and worker._slots.qsize() == 1  # the slot came back once, not twice

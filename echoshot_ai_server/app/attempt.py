@@ -38,3 +38,4 @@ class JobAttempt:
     keep_alive: Callable[[Callable[[], None]], None]  # registers a renewal to run with the message's heartbeat
     final: bool = False  # the queue's last attempt: a failure now is the job's end
     queue: MessageSender | None = None  # the message's own queue: a job's segments go there (None: never cut)
+    frames_done: Callable[[], None] = lambda: None  # the models are no longer needed: another job may have them

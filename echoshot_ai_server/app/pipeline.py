@@ -152,12 +152,14 @@ def upscale_video(
     segment: Segment | None = None,
     max_input_height: int = 0,
     before_frames: Callable[[int, int, int], None] | None = None,
+    frames_done: Callable[[], None] = lambda: None,
 ) -> UpscaleResult:
     """Upscale `source` into an H.264 MP4 at `output`, keeping its audio. With `segment`, only
     that segment's frames, timed from its start, without audio (join_segments adds it).
     `max_input_height`: taller sources are scaled down to it first (0: never).
     `before_frames(frames, width, height)`: called once the work is known and before the model
     runs (the frames to upscale and the size the model takes them at); it may refuse the job.
+    `frames_done()`: called once the model has had every frame, before the encoder finishes.
 
     Raises JobError, or JobCancelled when `should_stop()` turns true between two batches.
     """
@@ -235,6 +237,7 @@ def upscale_video(
             raise PermanentError(ErrorCode.NO_FRAMES, f"{source.name}: no frame could be decoded")
         log.info("프레임 업스케일 완료: %d/%d 프레임 처리", done, expected)
         clock.mark("frames")
+        frames_done()
     clock.mark("encoder finish")  # the encoder's last frames (x264's look-ahead), the audio, faststart
     _check_every_frame_decoded(done, expected)
     result_info = _probe_result(output, ffprobe, should_stop)

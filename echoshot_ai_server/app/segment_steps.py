@@ -132,7 +132,7 @@ class SegmentSteps:
             if self.storage.head(key) is not None:
                 log.info("segment %d is stored already: not computed again", segment.index)
             else:
-                self._compute_segment(job, plan, segment, key, upscaler, progress, attempt.cancel)
+                self._compute_segment(job, plan, segment, key, upscaler, progress, attempt)
             seconds = round(time.monotonic() - started, 1)
             self.records.completed(claim, key, {"frames": segment.frames, "seconds": seconds})
             self.records.reported(claim)
@@ -161,7 +161,8 @@ class SegmentSteps:
         return TaskResult(TaskOutcome.SEGMENT, segment.frames, compute_s=seconds)
 
     def _compute_segment(self, job: JobMessage, plan: SegmentPlan, segment: Segment, key: str, upscaler: Upscaler,
-                         progress: "WholeJobProgress", cancel: threading.Event) -> None:
+                         progress: "WholeJobProgress", attempt: JobAttempt) -> None:
+        cancel = attempt.cancel
         self.task.check_disk(plan.source.size, job.parameters.scale_factor)
         reporter = ProgressReporter(self.task.callback, job.job_id, self.task.progress_interval_s, whole_job=progress)
         try:
@@ -170,7 +171,7 @@ class SegmentSteps:
                 output = workspace / f"{segment.name}.mp4"
                 result = self.task.upscale(job, source, output, upscaler, reporter, cancel, segment=segment,
                                            should_stop=lambda: cancel.is_set() or progress.job_over.is_set(),
-                                           max_input_height=plan.max_input_height)
+                                           max_input_height=plan.max_input_height, frames_done=attempt.frames_done)
                 self.storage.upload(output, key, content_type="video/mp4", metadata=result.metadata.as_s3_metadata(),
                                     should_stop=cancel.is_set, tags=TAGS)
         finally:

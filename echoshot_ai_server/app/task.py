@@ -175,7 +175,8 @@ class UpscaleTask:
                 if attempt.queue is not None and SegmentSteps(self, attempt.queue).split(
                         job, source, source_object, claim, upscaler, progress, cancel):
                     return TaskResult(TaskOutcome.SPLIT)
-                result = self.upscale(job, source, workspace / "output.mp4", upscaler, progress, cancel)
+                result = self.upscale(job, source, workspace / "output.mp4", upscaler, progress, cancel,
+                                      frames_done=attempt.frames_done)
                 self.storage.upload(workspace / "output.mp4", key, content_type="video/mp4",
                                     metadata=result.metadata.as_s3_metadata(), should_stop=cancel.is_set)
         finally:
@@ -188,7 +189,8 @@ class UpscaleTask:
 
     def upscale(self, job: JobMessage, source: Path, output: Path, upscaler: Upscaler, progress: ProgressReporter,
                 cancel: threading.Event, segment: Segment | None = None,
-                should_stop: Callable[[], bool] | None = None, max_input_height: int | None = None) -> UpscaleResult:
+                should_stop: Callable[[], bool] | None = None, max_input_height: int | None = None,
+                frames_done: Callable[[], None] = lambda: None) -> UpscaleResult:
         def before_frames(frames: int, width: int, height: int) -> None:
             if segment is None:  # a job in segments was estimated whole when it was cut
                 progress.start(self.estimate(job, upscaler, frames, width, height))
@@ -198,7 +200,7 @@ class UpscaleTask:
                 source, output, scale=job.parameters.scale_factor, device=job.parameters.device,
                 get_upscaler=lambda: upscaler, encoder=self.encoder, ffprobe=self.ffprobe,
                 on_progress=progress.update, should_stop=should_stop or cancel.is_set, limits=self.limits,
-                segment=segment, before_frames=before_frames,
+                segment=segment, before_frames=before_frames, frames_done=frames_done,
                 max_input_height=self.max_input_height(job) if max_input_height is None else max_input_height,
             )
         except PermanentError as exc:

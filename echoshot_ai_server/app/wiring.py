@@ -148,6 +148,7 @@ def build_worker(settings: Settings, upscalers: list[Upscaler | Mapping[str, Ups
         warm_up=warm_up,
         started=started,
         redrive=redrive,
+        overlap_finish=device == "gpu" if settings.overlap_finish is None else settings.overlap_finish,
     )
 
 

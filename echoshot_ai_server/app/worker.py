@@ -58,6 +58,7 @@ class Worker:
         warm_up: Callable[[], None] = lambda: None,
         started: float | None = None,
         redrive: dict[str, int | None] | None = None,
+        overlap_finish: bool = False,
     ):
         self.queue = job_queue
         self.task = task
@@ -65,6 +66,9 @@ class Worker:
         self.max_receive_count = max_receive_count
         self.dead_letter_queue = dead_letter_queue
         self.redrive = redrive or {}  # per queue url: its redrive policy's receive count (None: no dead-letter queue)
+        # A job hands its slot (its models) on once its frames are done, and finishes (encoder drain,
+        # checks, upload, callback) beside the next job's frames: at most twice as many jobs in flight.
+        self.overlap_finish = overlap_finish
         self.poll_wait_s = poll_wait_s
         self.visibility_timeout_s = visibility_timeout_s
         self.shutdown_grace_s = shutdown_grace_s
@@ -116,7 +120,8 @@ class Worker:
     def run_once(self) -> list[Future]:
         """Receive as many messages as there are free slots and start them. Returns their futures."""
         self._running = {f: m for f, m in self._running.items() if not f.done()}
-        free = self._slot_count - len(self._running)
+        in_flight_limit = self._slot_count * (2 if self.overlap_finish else 1)
+        free = min(self._slots.qsize(), in_flight_limit - len(self._running))  # only this loop takes slots
         if free <= 0:
             wait(list(self._running), timeout=1, return_when="FIRST_COMPLETED")
             return []
@@ -133,7 +138,7 @@ class Worker:
             for message in messages:
                 self.queue.release(message)
             return []
-        return [self._start(message) for message in messages]
+        return [self._start(message, self._slots.get_nowait()) for message in messages]
 
     def _surroundings_ok(self) -> bool:
         """While a job has found the worker's surroundings wrong (bucket, work directory), take no
@@ -153,13 +158,13 @@ class Worker:
         self.monitoring.clear(SETUP)
         return True
 
-    def _start(self, message: QueueMessage) -> Future:
+    def _start(self, message: QueueMessage, slot: Mapping[str, Upscaler]) -> Future:
         future: Future = Future()
         self._running[future] = message
 
         def work():
             try:
-                self._handle_in_slot(message)
+                self._handle_in_slot(message, slot)
             finally:
                 future.set_result(None)
 
@@ -206,16 +211,23 @@ class Worker:
             signal.signal(signal.SIGINT, self.request_stop)
 
     # -- one message ----------------------------------------------------------------------
-    def _handle_in_slot(self, message: QueueMessage) -> None:
-        slot = self._slots.get()
+    def _handle_in_slot(self, message: QueueMessage, slot: Mapping[str, Upscaler]) -> None:
+        handed_on = threading.Event()
+
+        def hand_on() -> None:  # once: when the frames are done (overlap_finish), else at the end
+            if not handed_on.is_set():
+                handed_on.set()
+                self._slots.put(slot)
+
         try:
-            self.handle(message, slot)
+            self.handle(message, slot, frames_done=hand_on if self.overlap_finish else lambda: None)
         except Exception:  # settling failed (SQS down): the message reappears after its timeout
             log.exception("could not settle message %s", message.message_id)
         finally:
-            self._slots.put(slot)
+            hand_on()
 
-    def handle(self, message: QueueMessage, models: Mapping[str, Upscaler]) -> None:
+    def handle(self, message: QueueMessage, models: Mapping[str, Upscaler],
+               frames_done: Callable[[], None] = lambda: None) -> None:
         job_id = read_job_id(message.body)
         started = time.monotonic()
         with job_context(job_id or f"message:{message.message_id}"):
@@ -229,7 +241,8 @@ class Worker:
             try:
                 job = parse_job(message.body)
                 attempt = JobAttempt(message.message_id, self.cancel, lambda renew: self.heartbeat.attach(message, renew),
-                                     final=message.receive_count >= max_receives, queue=self.queue.of(message))
+                                     final=message.receive_count >= max_receives, queue=self.queue.of(message),
+                                     frames_done=frames_done)
                 result = self.task.run(job, models, attempt)
             except BaseException as exc:  # noqa: BLE001 - classified in one place
                 error = classify(exc)
