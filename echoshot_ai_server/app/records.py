@@ -154,25 +154,24 @@ class JobRecords:
                 return True
         raise RuntimeError(f"could not mark job {job_id} failed: its record keeps changing")
 
-    def cancel(self, job_id: str, owner: str, claim: Claim | None = None) -> Literal["send", "drop", "too late"]:
-        """Mark the job cancelled by request. "send": this attempt (message `owner`) marked it, or
-        marked it before and has not had the CANCELLED callback acknowledged: it sends the callback;
-        "drop": another attempt did; "too late": the job had ended (completed or failed) already."""
-        if claim is not None:
-            with claim.lock:
-                claim.settled = True  # our hold ends here: no renewal may overwrite the mark
+    def cancel(self, job_id: str, owner: str) -> tuple[Literal["send", "drop", "too late"], dict | None]:
+        """Mark the job cancelled by request, and say what this attempt does. "send": this attempt
+        (message `owner`) marked it, or marked it before and has not had the CANCELLED callback
+        acknowledged: it sends the callback; "drop": another attempt did; "too late": the job had
+        ended (completed or failed) already. With it, the plan of a job cut into segments (or None)."""
         for _ in range(5):
             found = self.storage.read_json(record_key(job_id))
             current = JobRecord.from_json(found[0]) if found else None
+            plan = current.plan if current else None
             if current is not None and current.state in ("completed", "failed"):
-                return "too late"
+                return "too late", plan
             if current is not None and current.state == "cancelled":
-                return "send" if current.owner == owner and not current.reported else "drop"
+                return ("send" if current.owner == owner and not current.reported else "drop"), plan
             record = (JobRecord("", "cancelled", owner, 0) if current is None
                       else replace(current, state="cancelled", owner=owner, expires_at=0))
             if self.storage.put_json(record_key(job_id), asdict(record), if_match=found[1] if found else None,
                                      if_absent=not found) is not None:
-                return "send"
+                return "send", plan
         raise RuntimeError(f"could not mark job {job_id} cancelled: its record keeps changing")
 
     def cancel_reported(self, job_id: str) -> None:

@@ -124,9 +124,7 @@ class UpscaleTask:
 
     def _cancelled(self, job: JobMessage, attempt: JobAttempt) -> TaskResult:
         """Spring cancelled the job: mark its record, remove what it left in S3, and tell Spring once."""
-        found = self.records.read(job.job_id)
-        plan = found[0].plan if found else None
-        decision = self.records.cancel(job.job_id, attempt.message_id)
+        decision, plan = self.records.cancel(job.job_id, attempt.message_id)
         if decision == "too late":  # it ended first: its own outcome stands (sent again on redelivery)
             log.info("cancel request for a job that has ended: its result stands")
             raise JobCancelled()
