@@ -1,16 +1,18 @@
 """End to end against the model alone, on one clip, for a few x264 presets (GPU).
 
 Loads the engine as a worker does (KERNEL_CACHE_DIR, start-up warm-up), then upscales the clip with
-each preset and times the model alone on the same frames: where the pipeline loses speed to the
-model, and whether the encoder is what holds it back.
+each preset and each colour conversion (`yuv`: to YUV 4:2:0 on the GPU, as workers do; `ffmpeg`: RGB
+to the encoder, which converts) and times the model alone on the same frames: where the pipeline
+loses speed to the model, and whether the encoder is what holds it back.
 
     KERNEL_CACHE_DIR=... python bench/e2e.py --json PATH [--size 640x480] [--scale 4] [--seconds 10]
-        [--presets medium,veryfast] [--ffmpeg ffmpeg] [--ffprobe ffprobe]
+        [--presets medium,veryfast] [--conversions yuv,ffmpeg] [--ffmpeg ffmpeg] [--ffprobe ffprobe]
 """
 
 import argparse
 import dataclasses
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -29,6 +31,11 @@ from echoshot_ai_server.config import Settings  # noqa: E402
 from run import make_clip  # noqa: E402
 
 
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, required=True)
@@ -36,6 +43,7 @@ def main() -> int:
     parser.add_argument("--scale", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--presets", default="medium,veryfast")
+    parser.add_argument("--conversions", default="yuv,ffmpeg")
     parser.add_argument("--ffmpeg", default="ffmpeg")
     parser.add_argument("--ffprobe", default="ffprobe")
     args = parser.parse_args()
@@ -44,19 +52,24 @@ def main() -> int:
     [upscaler] = load_engine(settings, "gpu")
     report = {"warm_up_s": round(upscaler.warm_up(tuned=tuned_file(settings)), 1), "size": args.size, "scale": args.scale,
               "card": torch.cuda.get_device_name(0), "runs": []}
+    if (compiling := upscaler.compile_tail()) is not None:
+        compiling.join()  # the steady state
     with tempfile.TemporaryDirectory() as tmp:
         clip = make_clip(args.ffmpeg, Path(tmp) / "clip.mp4", (w, h), args.seconds)
         for preset in args.presets.split(","):
-            encoder = dataclasses.replace(encoder_settings(settings), preset=preset)
-            started = time.monotonic()
-            result = upscale_video(clip, Path(tmp) / f"out-{preset}.mp4", scale=args.scale, device="gpu",
-                                   get_upscaler=lambda: upscaler, encoder=encoder, ffprobe=args.ffprobe)
-            seconds = time.monotonic() - started
-            run = {"preset": preset, "frames": result.metadata.frame_count,
-                   "fps": round(result.metadata.frame_count / seconds, 2),
-                   "stages_s": {k: round(v, 2) for k, v in result.stages_s.items()}}
-            report["runs"].append(run)
-            print(json.dumps(run), flush=True)
+            for conversion in args.conversions.split(","):
+                encoder = dataclasses.replace(encoder_settings(settings), preset=preset)
+                upscaler.yuv_on_device = conversion == "yuv"
+                started, ffmpeg_before = time.monotonic(), children_cpu_s()
+                result = upscale_video(clip, Path(tmp) / f"out-{preset}.mp4", scale=args.scale, device="gpu",
+                                       get_upscaler=lambda: upscaler, encoder=encoder, ffprobe=args.ffprobe)
+                seconds = time.monotonic() - started
+                run = {"preset": preset, "conversion": conversion, "frames": result.metadata.frame_count,
+                       "fps": round(result.metadata.frame_count / seconds, 2),
+                       "ffmpeg_cpu_s": round(children_cpu_s() - ffmpeg_before, 1),  # decoder, encoder, probes
+                       "stages_s": {k: round(v, 2) for k, v in result.stages_s.items()}}
+                report["runs"].append(run)
+                print(json.dumps(run), flush=True)
     frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (upscaler.batch_frames, h, w, 3),
                                                                   dtype=np.uint8)).cuda()
     times = []

@@ -43,8 +43,13 @@ class SleepyUpscaler:
     def describe(self) -> str:
         return "sleepy stand-in"
 
+    yuv_on_device = False
+
     def warm_up(self, **_) -> float:
         return 0.0
+
+    def compile_tail(self, sizes=None) -> None:
+        return None
 
     def measure_speed(self, size=None) -> float:
         return 1e9

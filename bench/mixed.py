@@ -5,7 +5,9 @@ loading and every warm-up included; the clips are made beforehand with --make-cl
 
 - `ours`: one fresh process, as a worker: load the model, tune/compile (the start-up warm-up), then
   every clip through `upscale_video`. With `--second-runs`, each clip is run a second time right
-  after its first, to show what a first clip of a size costs over a warm one.
+  after its first, to show what a first clip of a size costs over a warm one. With `--overlap`, as a
+  GPU worker with all the clips queued (OVERLAP_FINISH): a clip hands the model to the next once its
+  frames are done and finishes (encoder drain, checks) beside the next one's frames.
 - `guide`: the system guide's design: one process; per clip a RealESRGANer (tile 256, fp16) and the
   guide's test pipeline (an mp4v file, the audio to .aac, a second encode).
 - `script`: the method of Real-ESRGAN's own `inference_realesrgan_video.py`, one process per clip
@@ -67,6 +69,10 @@ def ours(args, sequence) -> dict:
     [upscaler] = load_engine(settings, "gpu")
     warm_up_s = upscaler.warm_up(tuned=tuned_file(settings))
     ready_s = time.monotonic() - PROCESS_STARTED
+    upscaler.compile_tail()  # as a worker: in the background, once ready
+    if args.overlap:
+        return {"engine": upscaler.engine, "warm_up_s": round(warm_up_s, 1), "ready_s": round(ready_s, 1),
+                "overlap": True, "clips": overlapped(args, sequence, upscaler, encoder_settings(settings))}
     rows = []
     for source, scale in sequence:
         runs = []
@@ -85,6 +91,46 @@ def ours(args, sequence) -> dict:
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"engine": upscaler.engine, "warm_up_s": round(warm_up_s, 1), "ready_s": round(ready_s, 1), "clips": rows}
+
+
+def overlapped(args, sequence, upscaler, encoder) -> list[dict]:
+    """The clips as a worker with OVERLAP_FINISH works through its queue: each clip starts once the
+    one before has handed the model on (its frames done); each is timed from then to its result."""
+    import threading
+
+    from echoshot_ai_server.app.pipeline import upscale_video
+
+    model_free = threading.Semaphore(1)
+    rows: list[dict] = []
+
+    def one(source: Path, scale: int, started: float) -> None:
+        handed_on = threading.Event()
+
+        def frames_done():
+            handed_on.set()
+            model_free.release()
+
+        try:
+            result = upscale_video(source, args.out / f"ours_{source.stem}.mp4", scale=scale, device="gpu",
+                                   get_upscaler=lambda: upscaler, encoder=encoder, ffprobe=args.ffprobe,
+                                   frames_done=frames_done)
+        finally:
+            if not handed_on.is_set():
+                model_free.release()
+        rows.append({"clip": source.stem, "scale": scale, "frames": result.metadata.frame_count,
+                     "seconds": round(time.monotonic() - started, 2), "finished_at_s": round(time.monotonic()
+                                                                                               - PROCESS_STARTED, 2),
+                     "stages_s": {k: round(v, 2) for k, v in result.stages_s.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+
+    threads = []
+    for source, scale in sequence:
+        model_free.acquire()
+        threads.append(threading.Thread(target=one, args=(source, scale, time.monotonic())))
+        threads[-1].start()
+    for thread in threads:
+        thread.join()
+    return sorted(rows, key=lambda row: row["finished_at_s"])
 
 
 def guide(args, sequence) -> dict:
@@ -155,6 +201,7 @@ def main() -> int:
     parser.add_argument("--clips", type=Path, default=Path("/tmp/mixed-clips"))
     parser.add_argument("--out", type=Path, default=Path("/tmp/mixed-out"))
     parser.add_argument("--second-runs", action="store_true", help="ours: run each clip twice (first vs warm)")
+    parser.add_argument("--overlap", action="store_true", help="ours: as a GPU worker with OVERLAP_FINISH")
     parser.add_argument("--make-clips", action="store_true", help="only make the clips (before timing anything)")
     parser.add_argument("--one-clip", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--scale", type=int, help=argparse.SUPPRESS)

@@ -39,6 +39,22 @@ with torch.no_grad():
 error = ((got - expected).norm() / expected.norm()).item()
 assert got.shape == expected.shape and error < 1e-4, error
 print("relative error", error)
+
+# RRDBNet's own tail, compiled on a thread of its own, takes over from the eager sub-pixel tail
+fused = FusedRRDBNet(model)
+assert fused.tail == fused._subpixel_tail
+fused.compile_tail_in_background(2, [(5, 4), (7, 6)]).join()
+assert fused.tail != fused._subpixel_tail
+with torch.inference_mode():
+    compiled = fused(x)
+error = ((compiled - expected).norm() / expected.norm()).item()
+assert error < 1e-4, error
+# a tail that cannot compile leaves the eager one serving
+broken = FusedRRDBNet(model)
+broken._tail = lambda *args: 1 / 0
+broken.compile_tail_in_background(2, [(5, 4)]).join()
+assert broken.tail == broken._subpixel_tail
+print("compiled tail error", error)
 """
 
 ENGINE_CHECK = """
@@ -62,6 +78,19 @@ assert set(shapes) == {(2, 3, 10, 14)}, shapes
 # the same engine takes a frame size it has not seen (kernels take the size at run time)
 got, expected = fused.upscale(other_size, 4), eager.upscale(other_size, 4)
 assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+# and once its tail is compiled (a worker's start-up leaves that to a thread), the same pixels
+assert eager.compile_tail() is None
+fused.forward = engine_forward
+fused.compile_tail([(14, 10)]).join()
+assert fused.forward.tail != fused.forward._subpixel_tail
+# GPU_TAIL_COMPILE: never (eager only) and start (compiled with the rest, before the worker is ready)
+def with_tail(when):
+    return Upscaler(random_model(16, 1, 16), device="cpu", profile=RunProfile(half=False, tile=0, tile_pad=4,
+                    fallback_tile=8, batch_frames=2, engine="fused", tail_compile=when))
+never, start = with_tail("never"), with_tail("start")
+assert never.compile_tail() is None and never.forward.tail == never.forward._subpixel_tail
+assert start.compile_tail() is None and start.forward.tail != start.forward._subpixel_tail
+assert np.abs(fused.upscale(other_size, 4).astype(int) - expected.astype(int)).max() <= 1
 print("ok")
 """
 

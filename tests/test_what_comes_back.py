@@ -21,7 +21,7 @@ PLAYER_MATRICES = {"bt709": "bt709", "smpte170m": "smpte170m", "bt470bg": "bt470
 class PixelRepeat:
     """An upscaler that repeats each pixel: exactly the source's colours, only bigger."""
 
-    device, batch_frames = "cpu", 4
+    device, batch_frames, yuv_on_device = "cpu", 4, False
 
     def describe(self) -> str:
         return "Device: CPU, pixel repeat"

@@ -18,7 +18,7 @@ from echoshot_ai_server.job import ResultMetadata
 from echoshot_ai_server.media.prefetch import Prefetch
 from echoshot_ai_server.media.probe import VideoInfo, audio_problem, probe
 from echoshot_ai_server.media.rawstream import TimedFrames
-from echoshot_ai_server.media.reader import FrameReader
+from echoshot_ai_server.media.reader import FrameReader, scale_matrix
 from echoshot_ai_server.media.writer import EncoderSettings, FrameWriter, join_parts
 
 # The guide's log lines of a job carry this logger name (its module before the package had wings).
@@ -198,6 +198,8 @@ def upscale_video(
     if before_frames is not None:
         before_frames(expected, in_width, in_height)
     out_w, out_h = in_width * scale, in_height * scale
+    # Where the frames are on the GPU, they go to the encoder already in YUV 4:2:0 (8-bit sources).
+    yuv = {"yuv_matrix": scale_matrix(info.colour.matrix)} if upscaler.yuv_on_device and info.bits == 8 else {}
     log.info("비디오 인코딩 중 (%s)...", "오디오 포함" if audio else "오디오 없음")
     progress = _ProgressLog(expected)
     done = 0
@@ -217,6 +219,7 @@ def upscale_video(
         subtitles=subtitles,
         video_start_s=video_start_s,
         end_s=end_s,
+        yuv_in=bool(yuv),
     ) as writer, Prefetch(reader.batches(upscaler.batch_frames)) as batches:
         for batch in batches:
             if should_stop():
@@ -225,7 +228,7 @@ def upscale_video(
                 raise PermanentError(ErrorCode.DECODE_FAILED, f"segment {segment.index} decodes a frame beyond its end: "
                                      "a frame in it cannot be decoded")
             try:
-                frames = upscaler.upscale(batch.frames, scale)
+                frames = upscaler.upscale(batch.frames, scale, **yuv)
             except DeviceOutOfMemory as exc:
                 raise RetryableError(ErrorCode.OUT_OF_MEMORY, str(exc)) from exc
             writer.write(TimedFrames(frames, batch.pts, batch.durations))

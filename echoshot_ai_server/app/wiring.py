@@ -154,7 +154,8 @@ def build_worker(settings: Settings, upscalers: list[Upscaler | Mapping[str, Ups
 
 def warm_up_models(settings: Settings, models: list[Mapping[str, Upscaler]], estimator: ComputeEstimator) -> dict:
     """What a worker does before it is ready: tune and compile each slot's models, then measure each
-    model's speed (the jobs' estimates come from it). Returns the seconds each model's warm-up took."""
+    model's speed (the jobs' estimates come from it), then start compiling the fused engine's tail in
+    the background. Returns the seconds each model's warm-up took."""
     seconds = {}
     for slot in models:
         for name, upscaler in slot.items():
@@ -163,6 +164,9 @@ def warm_up_models(settings: Settings, models: list[Mapping[str, Upscaler]], est
         log.info("GPU kernels tuned and compiled for every frame size in %.1fs", sum(seconds.values()))
     for name, upscaler in models[0].items():
         estimator.speed(name, upscaler)
+    for slot in models:  # after the speeds: the compiler takes the CPU while it runs
+        for upscaler in slot.values():
+            upscaler.compile_tail()
     return seconds
 
 
@@ -231,7 +235,8 @@ def run_profile(settings: Settings, device: Device) -> RunProfile:
     """How the upscaler runs on `device`, as the settings say."""
     if device == "gpu":
         return RunProfile(settings.gpu_tile, settings.gpu_tile_pad, settings.gpu_tile_fallback, half=True,
-                          batch_frames=settings.gpu_batch_frames, engine=settings.gpu_engine, pre_pad=settings.pre_pad)
+                          batch_frames=settings.gpu_batch_frames, engine=settings.gpu_engine, pre_pad=settings.pre_pad,
+                          tail_compile=settings.gpu_tail_compile)
     bf16 = settings.cpu_precision == "bf16" or (settings.cpu_precision == "auto" and cpu_multiplies_bf16())
     return RunProfile(settings.cpu_tile, settings.cpu_tile_pad, settings.cpu_tile_fallback, half=False, bf16=bf16,
                       batch_frames=settings.cpu_batch_frames, pre_pad=settings.pre_pad, channels_last=True)

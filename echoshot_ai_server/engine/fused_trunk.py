@@ -11,10 +11,13 @@ fills rows beyond the ends of the buffer with zeros. conv1..conv4 run as four "d
 conv_(j+1), LeakyReLU'd, straight into the next G channels and leaves partial sums of the later
 convolutions in a side buffer. conv5 reads all F + 4G channels and writes `conv * 0.2 + input`
 (for the third RDB also the RRDB's own residual) into the next block's buffer. Every store writes
-zeros on the ring rows, so the padding stays zero. There is no `torch.cat` and no separate element-wise kernel in the trunk; the
-up-sampling tail runs through cuDNN under `torch.compile`. The result equals basicsr's RRDBNet
+zeros on the ring rows, so the padding stays zero. There is no `torch.cat` and no separate
+element-wise kernel in the trunk. Head and up-sampling tail run eagerly through cuDNN, each
+"nearest 2x + 3x3" as one convolution on the smaller image (`subpixel`), until RRDBNet's own tail,
+compiled on a thread of its own (`compile_tail_in_background`), takes over: a worker starts without
+waiting for the compiler and then runs at the compiled speed. The result equals basicsr's RRDBNet
 up to fp16 rounding. Nothing is compiled or tuned per frame size: the kernel takes the size at run
-time, its tile shape is tuned per size class, and head and tail are compiled with symbolic sizes.
+time, its tile shape is tuned per size class, and the tail is compiled with symbolic sizes.
 
 TMA needs compute capability 9.0 (Hopper) or later. Off the GPU, the same kernel runs in Triton's
 interpreter (TRITON_INTERPRET=1), which is how the tests check it.
@@ -22,7 +25,10 @@ interpreter (TRITON_INTERPRET=1), which is how the tests check it.
 
 import inspect
 import json
+import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +37,10 @@ import triton.language as tl
 from torch import nn
 from torch.nn import functional as F
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from echoshot_ai_server.engine.subpixel import UpConv
+
+log = logging.getLogger(__name__)
 
 
 # The frame's size is never compiled in: one kernel serves every video (see `size_class`).
@@ -271,6 +281,8 @@ class FusedRRDBNet(nn.Module):
     """basicsr's RRDBNet (scale 4) with its trunk run by the fused kernels. Input/output as RRDBNet's."""
 
     def __init__(self, model: nn.Module, compile_head_tail: bool = False):
+        """`compile_head_tail`: RRDBNet's own head and tail under `torch.compile` (symbolic sizes)
+        instead of eagerly with the sub-pixel up-sampling (kept to compare them: BENCHMARKS.md)."""
         super().__init__()
         self.model = model
         self.dtype = dtype = model.conv_first.weight.dtype
@@ -281,10 +293,9 @@ class FusedRRDBNet(nn.Module):
             for block in model.body
         ]
         self.conv_body = PackedConv.of(model.conv_body, dtype)
-        # Element-wise work around the cuDNN convolutions of the head and tail is fused by
-        # torch.compile, with symbolic sizes: one compilation serves every frame size.
+        self.up1, self.up2 = UpConv(model.conv_up1), UpConv(model.conv_up2)
         self.head = torch.compile(self._head, dynamic=True) if compile_head_tail else self._head
-        self.tail = torch.compile(self._tail, dynamic=True) if compile_head_tail else self._tail
+        self.tail = torch.compile(self._tail, dynamic=True) if compile_head_tail else self._subpixel_tail
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return pad_frames(self.model.conv_first(x), self.feat)
@@ -294,6 +305,35 @@ class FusedRRDBNet(nn.Module):
         feat = unpad_frames(trunk, n, h, w)
         feat = m.lrelu(m.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
         feat = m.lrelu(m.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
+        return m.conv_last(m.lrelu(m.conv_hr(feat)))
+
+    def compile_tail_in_background(self, n: int, sizes) -> threading.Thread:
+        """Compile RRDBNet's own tail (`torch.compile`, symbolic sizes, run on a batch of `n` frames
+        of each (width, height) of `sizes`, one per size class) on a thread of its own, and serve it
+        once it has run. Until then, or if compiling fails, the eager sub-pixel tail serves."""
+        compiled = torch.compile(self._tail, dynamic=True)
+
+        def compile_and_switch() -> None:
+            started = time.monotonic()
+            device = self.model.conv_first.weight.device
+            try:
+                with torch.inference_mode():
+                    for w, h in sizes:
+                        trunk = torch.zeros((n * (h + 2) * (w + 2), self.feat), dtype=self.dtype, device=device)
+                        compiled(trunk, n, h, w)
+            except Exception:  # the eager tail is as exact; only slower
+                log.exception("compiling the tail failed; the eager tail goes on")
+                return
+            self.tail = compiled
+            log.info("compiled tail in use after %.1f s", time.monotonic() - started)
+
+        thread = threading.Thread(target=compile_and_switch, name="compile-tail", daemon=True)
+        thread.start()
+        return thread
+
+    def _subpixel_tail(self, trunk: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+        m = self.model
+        feat = self.up2(self.up1(unpad_frames(trunk, n, h, w)))
         return m.conv_last(m.lrelu(m.conv_hr(feat)))
 
     def trunk(self, feat_padded: torch.Tensor, frame: tuple[int, int]) -> torch.Tensor:

@@ -7,6 +7,9 @@ from typing import Literal
 Device = Literal["gpu", "cpu"]
 # How whole frames run on the GPU: fused Triton trunk (Hopper and later), torch.compile, or plain PyTorch.
 Engine = Literal["auto", "fused", "compile", "eager"]
+# When the fused engine's tail is compiled: on a thread after start-up (the eager sub-pixel tail serves
+# until then), before the worker is ready, or never (eager only)
+TailCompile = Literal["background", "start", "never"]
 
 # The scale rule, once: the x4 network's own scale, and 2 (its result resized with Lanczos, as
 # RealESRGANer does for outscale=2).

@@ -9,6 +9,7 @@ docstring. Nothing here knows about files, videos, S3 or jobs.
 """
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from echoshot_ai_server.engine.colour import rgb_to_i420
 from echoshot_ai_server.engine.device import DeviceOutOfMemory, gpu_memory_budget, is_out_of_memory
 from echoshot_ai_server.engine.models import check_digest, load_model, read_state_dict
 from echoshot_ai_server.engine.resize import lanczos_half
-from echoshot_ai_server.engine.specs import Device, Engine, ModelSpec, scale_problem
+from echoshot_ai_server.engine.specs import Device, Engine, ModelSpec, TailCompile, scale_problem
 from echoshot_ai_server.engine.tiling import plan_forward, tile_windows
 
 log = logging.getLogger(__name__)
@@ -43,11 +45,17 @@ class RunProfile:
     bf16: bool = False  # bfloat16 (on the CPU only: AVX-512 BF16 or AMX multiply it at up to twice the fp32 rate)
     batch_frames: int = 1
     engine: Engine = "eager"
+    # The fused engine's tail: eager with the sub-pixel up-sampling until RRDBNet's own tail, compiled
+    # on a thread once the worker is ready, takes over ("background"); head and tail under
+    # torch.compile before it is ready ("start": the start-up waits for the compiler); eager only
+    # ("never": about 4 % slower, no compiler at all). BENCHMARKS.md.
+    tail_compile: TailCompile = "background"
     memory_budget_bytes: int | None = None  # None: no plan (the CPU)
     pre_pad: int = 0
     # None: as suits the device (channels-last and the x2 resize on the GPU); tests force them on the CPU
     channels_last: bool | None = None
     resize_on_device: bool | None = None
+    yuv_on_device: bool | None = None  # whether jobs take frames converted to YUV 4:2:0 here (8-bit sources)
 
 
 def resolve_engine(requested: Engine, model: nn.Module, device: torch.device) -> Engine:
@@ -64,7 +72,7 @@ def resolve_engine(requested: Engine, model: nn.Module, device: torch.device) ->
     return "compile"
 
 
-def build_forward(engine: Engine, model: nn.Module):
+def build_forward(engine: Engine, model: nn.Module, tail_compile: TailCompile = "background"):
     """The callable that runs whole frames through `model` with the given engine."""
     if engine == "compile":
         # torch.compile fuses the element-wise work between the convolutions; symbolic sizes, so
@@ -73,7 +81,7 @@ def build_forward(engine: Engine, model: nn.Module):
     if engine == "fused":
         from echoshot_ai_server.engine.fused_trunk import FusedRRDBNet
 
-        return FusedRRDBNet(model, compile_head_tail=True)
+        return FusedRRDBNet(model, compile_head_tail=tail_compile == "start")
     return model
 
 
@@ -96,9 +104,11 @@ class Upscaler:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # On the CPU the x2 resize is OpenCV's own, to the bit; on the GPU the same filter in float.
         self.resize_on_device = on_gpu if profile.resize_on_device is None else profile.resize_on_device
+        # On the GPU the encoder's colour conversion too: half the bytes back to the host and to ffmpeg.
+        self.yuv_on_device = on_gpu if profile.yuv_on_device is None else profile.yuv_on_device
         self.model = model.eval().to(self.torch_device, self.dtype, memory_format=self.memory_format)
         self.engine = resolve_engine(profile.engine, self.model, self.torch_device)
-        self.forward = build_forward(self.engine, self.model)
+        self.forward = build_forward(self.engine, self.model, profile.tail_compile)
         # Compiled and fused engines are tuned and compiled for the shapes they meet, once per size
         # class, not per frame size (symbolic sizes, tile shapes tuned per class); batches stay
         # padded to full size, so the batch dimension never changes.
@@ -110,7 +120,7 @@ class Upscaler:
         """Tune and compile the engine before the first job: one full batch of each (width, height),
         one size per size class. `tuned`: a file that keeps the fused engine's tuned tile shapes
         between processes (read first, written after). Nothing to do for the plain PyTorch engine.
-        Returns the seconds spent."""
+        Returns the seconds spent. The fused engine's tail is compiled afterwards (`compile_tail`)."""
         if self.engine == "eager":
             return 0.0
         started = time.monotonic()
@@ -133,6 +143,14 @@ class Upscaler:
 
             save_tuned(tuned)
         return time.monotonic() - started
+
+    def compile_tail(self, sizes=WARM_UP_SIZES) -> threading.Thread | None:
+        """The fused engine only: compile the model's tail for these sizes' classes on a thread of
+        its own; it serves once compiled, the eager tail until then (start it once the warm-up and
+        the speed measurement are done: it takes the CPU while it runs). Returns the thread."""
+        if self.engine != "fused" or self.profile.tail_compile != "background":
+            return None
+        return self.forward.compile_tail_in_background(self.batch_frames, sizes)
 
     def work_pixels(self, height: int, width: int) -> int:
         """Pixels the model takes in per frame of this size: the frame's, or its padded tiles'."""
@@ -164,20 +182,24 @@ class Upscaler:
         return f"Device: {self.device.upper()}, Tile: {tile}, Half Precision: {self.half}{bf16}"
 
     @torch.inference_mode()
-    def upscale(self, frames: np.ndarray, outscale: int) -> np.ndarray:
+    def upscale(self, frames: np.ndarray, outscale: int, yuv_matrix: str | None = None) -> np.ndarray:
         """Upscale a batch of frames.
 
         frames: uint8 (or, from sources deeper than 8 bits, uint16) array (N, H, W, 3), BGR, on the host.
         outscale: 2 or 4.
-        Returns the same dtype, (N, H * outscale, W * outscale, 3), BGR, on the host.
+        yuv_matrix: a colour matrix (`colour.LUMA_WEIGHTS`) to return uint8 frames as YUV 4:2:0 planes
+        (N, H * outscale * 3 / 2, W * outscale), limited range; 8-bit frames only.
+        Returns the same dtype, (N, H * outscale, W * outscale, 3), BGR, on the host (or the planes).
         If the device runs out of memory, the batch is run again with the fallback tile size;
         DeviceOutOfMemory if that fails too. ValueError for frames or a scale it cannot take.
         """
         if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype not in (np.uint8, np.uint16):
             raise ValueError(f"expected uint8 or uint16 frames of shape (N, H, W, 3), got {frames.dtype} {frames.shape}")
         deep = frames.dtype == np.uint16  # torch has no arithmetic on uint16: carried as int32
+        if yuv_matrix is not None and (deep or (outscale != self.model_scale and not self.resize_on_device)):
+            raise ValueError("YUV output needs 8-bit frames and the resize on the device")
         tensor = torch.from_numpy(frames.astype(np.int32) if deep else frames).to(self.torch_device)
-        out = self.upscale_tensor(tensor, outscale, max_value=65535 if deep else 255)
+        out = self.upscale_tensor(tensor, outscale, max_value=65535 if deep else 255, yuv_matrix=yuv_matrix)
         if self.torch_device.type == "cuda" and not deep:
             host = torch.empty(out.shape, dtype=torch.uint8, pin_memory=True)
             host.copy_(out)
@@ -189,9 +211,11 @@ class Upscaler:
         return out
 
     @torch.inference_mode()
-    def upscale_tensor(self, frames: torch.Tensor, outscale: int, max_value: int = 255) -> torch.Tensor:
+    def upscale_tensor(self, frames: torch.Tensor, outscale: int, max_value: int = 255,
+                       yuv_matrix: str | None = None) -> torch.Tensor:
         """The engine on device-resident frames: (N, H, W, 3) BGR integers up to `max_value` (uint8
-        for 255) in, the same out (uint8 for 255, else int32).
+        for 255) in, the same out (uint8 for 255, else int32), or with `yuv_matrix` uint8 YUV 4:2:0
+        planes (N, H' * 3 / 2, W').
 
         The output is at `outscale` when the resize runs on the device, else at the model's scale.
         """
@@ -207,7 +231,7 @@ class Upscaler:
             if not is_out_of_memory(exc):
                 raise
             out = self._retry_with_fallback_tile(frames, tile, exc, max_value)
-        return self._to_frames(out, outscale, max_value)
+        return self._to_frames(out, outscale, max_value, yuv_matrix)
 
     def _run_passes(self, frames: torch.Tensor, tile: int, per_pass: int, max_value: int) -> torch.Tensor:
         outputs = []
@@ -261,12 +285,16 @@ class Upscaler:
                 ]
         return out[:, :, : (h - pre_pad) * scale, : (w - pre_pad) * scale]
 
-    def _to_frames(self, out: torch.Tensor, outscale: int, max_value: int) -> torch.Tensor:
-        """Model output -> NHWC BGR integers, as RealESRGANer rounds it (then resized, when on the device)."""
+    def _to_frames(self, out: torch.Tensor, outscale: int, max_value: int,
+                   yuv_matrix: str | None = None) -> torch.Tensor:
+        """Model output -> NHWC BGR integers, as RealESRGANer rounds it (then resized, when on the
+        device), or those levels as YUV 4:2:0 planes."""
         out = out.float().clamp_(0, 1).mul_(float(max_value)).round_()
         if outscale != self.model_scale and self.resize_on_device:
             assert outscale * 2 == self.model_scale, "only x2 from the x4 model"
             out = lanczos_half(out).round_().clamp_(0, max_value)
+        if yuv_matrix is not None:
+            return rgb_to_i420(out, yuv_matrix)
         out = out.to(torch.uint8 if max_value == 255 else torch.int32)
         return out.flip(1).permute(0, 2, 3, 1).contiguous()
 

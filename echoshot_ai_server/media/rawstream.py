@@ -5,7 +5,8 @@ variable frame rate, or a video that starts after its audio, would be lost betwe
 the encoder. ffmpeg writes this format as the decoder's output and reads it as the encoder's
 input: an init segment (`ftyp` + `moov`) describing the track, then one fragment (`moof` + `mdat`)
 per frame or batch, whose `tfdt` and `trun` boxes hold each frame's time and duration. Frames are
-BGR 8-bit (`24BG`) or RGB 16-bit big-endian (`b48r`), the two raw layouts both ends understand.
+BGR 8-bit (`24BG`) or RGB 16-bit big-endian (`b48r`), the two raw layouts both ends understand, or,
+towards the encoder only, YUV 4:2:0 planes (`I420`) already converted on the GPU.
 """
 
 import struct
@@ -15,7 +16,8 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 # pixel format -> (sample entry tag, bits per pixel, numpy dtype of one channel value)
-LAYOUTS = {"bgr24": (b"24BG", 24, np.dtype(np.uint8)), "rgb48be": (b"b48r", 48, np.dtype(">u2"))}
+LAYOUTS = {"bgr24": (b"24BG", 24, np.dtype(np.uint8)), "rgb48be": (b"b48r", 48, np.dtype(">u2")),
+           "yuv420p": (b"I420", 12, np.dtype(np.uint8))}
 CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"mvex", b"moof", b"traf", b"dinf", b"edts"}
 
 
@@ -23,18 +25,26 @@ CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"mvex", b"moof", b"t
 class Track:
     width: int
     height: int
-    pix_fmt: str  # "bgr24" or "rgb48be"
+    pix_fmt: str  # "bgr24", "rgb48be" or "yuv420p"
     timescale: int  # ticks per second of the timestamps
 
     @property
     def frame_bytes(self) -> int:
         return self.width * self.height * LAYOUTS[self.pix_fmt][1] // 8
 
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """One frame as an array: (H, W, 3) pixels, or for YUV 4:2:0 the planes one under the other."""
+        if self.pix_fmt == "yuv420p":
+            return (self.height * 3 // 2, self.width)
+        return (self.height, self.width, 3)
+
 
 @dataclass
 class TimedFrames:
-    """A batch of frames, uint8 BGR or (from 16-bit sources) native uint16 BGR, (N, H, W, 3), with
-    each frame's presentation time and duration in the track's timescale."""
+    """A batch of frames, uint8 BGR or (from 16-bit sources) native uint16 BGR, (N, H, W, 3), or uint8
+    YUV 4:2:0 planes (N, H * 3 / 2, W), with each frame's presentation time and duration in the
+    track's timescale."""
 
     frames: np.ndarray
     pts: list[int]
@@ -54,15 +64,15 @@ def _full_box(kind: bytes, version: int, flags: int, *parts: bytes) -> bytes:
 
 
 def _to_wire(frames: np.ndarray, pix_fmt: str) -> memoryview:
-    if pix_fmt == "bgr24":
+    if pix_fmt != "rgb48be":
         return np.ascontiguousarray(frames, dtype=np.uint8).data
     return np.ascontiguousarray(frames[..., ::-1], dtype=">u2").data  # BGR -> RGB, big-endian
 
 
 def _from_wire(data: bytes | memoryview, track: Track, count: int) -> np.ndarray:
     dtype = LAYOUTS[track.pix_fmt][2]
-    frames = np.frombuffer(data, dtype=dtype).reshape(count, track.height, track.width, 3)
-    if track.pix_fmt == "bgr24":
+    frames = np.frombuffer(data, dtype=dtype).reshape(count, *track.frame_shape)
+    if track.pix_fmt != "rgb48be":
         return frames
     return frames[..., ::-1].astype(np.uint16)  # RGB big-endian -> BGR native
 

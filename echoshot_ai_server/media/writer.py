@@ -36,10 +36,11 @@ class FrameWriter:
     """One ffmpeg process: timed raw frames on stdin -> H.264 (+ the source's audio as AAC) in an MP4.
 
     The frames keep their times (a variable frame rate, and when the first one is shown next to the
-    audio), their sample aspect ratio and the source's colour: converted to YUV with its matrix and
-    tagged with all four of matrix, primaries, transfer and (limited) range, 10-bit when the source
-    is deeper than 8 bits. Frames are handed to ffmpeg by a thread of its own, `queue_depth` batches
-    deep, so that the caller can go on with the next batch while ffmpeg encodes.
+    audio), their sample aspect ratio and the source's colour: converted to YUV with its matrix (by
+    ffmpeg, unless they come converted) and tagged with all four of matrix, primaries, transfer and
+    (limited) range, 10-bit when the source is deeper than 8 bits. Frames are handed to ffmpeg by a
+    thread of its own, `queue_depth` batches deep, so that the caller can go on with the next batch
+    while ffmpeg encodes.
     """
 
     def __init__(
@@ -59,25 +60,31 @@ class FrameWriter:
         video_start_s: float = 0.0,
         end_s: float | None = None,
         queue_depth: int = 2,
+        yuv_in: bool = False,
     ):
-        """`streams_from`: the source whose audio streams (all, as AAC) and text subtitle streams
+        """`yuv_in`: frames come as 8-bit YUV 4:2:0 planes already converted with the colour's matrix
+        (limited range), as `engine.colour.rgb_to_i420` makes them, instead of BGR.
+        `streams_from`: the source whose audio streams (all, as AAC) and text subtitle streams
         (these stream indices, as mov_text) go into the output beside the frames, read up to `end_s`
         (when the video ends); `video_start_s`: when the first frame is shown, on the source's clock."""
         self.output = output
-        self.track = Track(width, height, raw_format(bits), timescale)
+        deep = bits > 8
+        self.track = Track(width, height, "yuv420p" if yuv_in else raw_format(bits), timescale)
         self.sample_aspect = sample_aspect
-        self.frame_shape = (height, width, 3)
-        self.dtype = np.uint16 if bits > 8 else np.uint8
+        self.frame_shape = self.track.frame_shape
+        self.dtype = np.uint16 if deep else np.uint8
         self.frames_written = 0
         self.args = [
             encoder.ffmpeg, "-hide_banner", "-loglevel", "error", "-y",
             "-itsoffset", f"{video_start_s:.6f}", "-f", "mov", "-i", "pipe:0",
             *source_streams(encoder, streams_from if audio or subtitles else None, audio, subtitles, end_s),
         ]
-        deep = bits > 8
+        if yuv_in and deep:
+            raise ValueError("frames converted to YUV come from 8-bit sources only")
+        if not yuv_in:
+            self.args += ["-vf", f"scale=out_color_matrix={scale_matrix(colour.matrix)}:out_range=tv:"
+                                 f"flags={SCALE_FLAGS},format={'yuv420p10le' if deep else 'yuv420p'}"]
         self.args += [
-            "-vf", f"scale=out_color_matrix={scale_matrix(colour.matrix)}:out_range=tv:flags={SCALE_FLAGS},"
-                   f"format={'yuv420p10le' if deep else 'yuv420p'}",
             *_video_codec(encoder, deep),
             "-colorspace", colour.matrix, "-color_primaries", colour.primaries, "-color_trc", colour.transfer,
             "-color_range", "tv", "-fps_mode", "passthrough", "-enc_time_base:v", "-1",  # the frames' own clock
@@ -106,7 +113,8 @@ class FrameWriter:
     def write(self, batch: TimedFrames) -> None:
         frames = batch.frames
         if frames.shape[1:] != self.frame_shape or frames.dtype != self.dtype:
-            raise ValueError(f"expected {self.dtype.__name__} frames (N, {self.frame_shape}), got {frames.dtype} {frames.shape}")
+            raise ValueError(f"expected {self.dtype.__name__} frames (N, {self.frame_shape}), "
+                             f"got {frames.dtype} {frames.shape}")
         if self._pipe_error is not None:
             self._process.wait()
             raise self._failure()

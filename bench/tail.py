@@ -1,0 +1,87 @@
+"""The fused engine's head and tail three ways, in one process on one GPU: eager with the sub-pixel
+up-sampling (engine/subpixel.py: what serves while the tail compiles), RRDBNet's own under
+torch.compile from the start (what ran before), and the eager head with the tail compiled in the
+background (what a worker runs once it has compiled). For each: the first batch of each frame size (compilation included), the model alone in
+frames per second at 640x480 and 1280x720 (batch 4, x4) and how far its pixels are from the other's
+and from eager fp16 RRDBNet.
+
+    KERNEL_CACHE_DIR=... python bench/tail.py --json PATH
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from echoshot_ai_server.app.wiring import load_engine, tuned_file  # noqa: E402
+from echoshot_ai_server.config import Settings  # noqa: E402
+from echoshot_ai_server.engine.fused_trunk import FusedRRDBNet, load_tuned, measured_defaults  # noqa: E402
+
+MFLOP_PER_PIXEL = 35.85
+SIZES = ((640, 480), (1280, 720), (854, 480), (1920, 1080), (176, 144))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+    settings = Settings()
+    [upscaler] = load_engine(settings, "gpu")
+    tuned = tuned_file(settings)
+    if not (tuned is not None and load_tuned(tuned)):
+        load_tuned(measured_defaults())
+    report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "variants": {}}
+    rng = np.random.default_rng(0)
+    frames = {size: torch.from_numpy(rng.integers(0, 256, (4, size[1], size[0], 3), dtype=np.uint8)).cuda()
+              for size in SIZES}
+    eager = upscaler.model
+    outputs = {}
+    for name, compiled in (("sub-pixel, eager", False), ("torch.compile", True), ("compiled in the background", False)):
+        upscaler.forward = FusedRRDBNet(eager, compile_head_tail=compiled)
+        row = {"first_batch_s": {}, "fps": {}}
+        if name == "compiled in the background":
+            started = time.perf_counter()
+            upscaler.forward.compile_tail_in_background(4, SIZES[:2]).join()
+            row["compile_s"] = round(time.perf_counter() - started, 1)
+        for size in SIZES:
+            started = time.perf_counter()
+            out = upscaler.upscale_tensor(frames[size], 4)
+            torch.cuda.synchronize()
+            row["first_batch_s"][f"{size[0]}x{size[1]}"] = round(time.perf_counter() - started, 2)
+            outputs.setdefault(size, {})[name] = out
+        for size in SIZES[:2]:
+            times = []
+            for _ in range(8):
+                started = time.perf_counter()
+                upscaler.upscale_tensor(frames[size], 4)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - started)
+            fps = 4 / sorted(times)[len(times) // 2]
+            row["fps"][f"{size[0]}x{size[1]}"] = round(fps, 2)
+            row.setdefault("tflops", {})[f"{size[0]}x{size[1]}"] = round(MFLOP_PER_PIXEL * size[0] * size[1] * fps / 1e6, 1)
+        report["variants"][name] = row
+        print(name, json.dumps(row), flush=True)
+    upscaler.forward = eager
+    diffs = {}
+    for size in SIZES[:2]:
+        reference = upscaler.upscale_tensor(frames[size], 4).int()
+        a, b = (outputs[size][name].int() for name in ("sub-pixel, eager", "compiled in the background"))
+        diffs[f"{size[0]}x{size[1]}"] = {"between": int((a - b).abs().max()), "sub-pixel vs eager RRDBNet":
+                                         int((a - reference).abs().max()), "compiled tail vs eager RRDBNet":
+                                         int((b - reference).abs().max()), "sub-pixel mean": round(float(
+                                             (a - reference).abs().float().mean()), 4)}
+    report["max_abs_diff_uint8"] = diffs
+    print(json.dumps(diffs), flush=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
