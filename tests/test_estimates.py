@@ -152,3 +152,29 @@ def test_the_estimate_and_the_refusal_in_numbers():
     assert "at maxInputHeight" not in err.value.message  # no size would fit: no hint
     assert [human_duration(s) for s in (45, 600, 36000)] == ["45 s", "10 min", "10.0 h"]
     assert np.isfinite(estimator.speed(DEFAULT_MODEL, upscaler))
+
+
+def test_the_speed_is_measured_before_the_tail_starts_compiling():
+    """A compiler running beside the measurement slowed it ninefold on a GPU (the estimates with it):
+    the start-up measures each model's speed, and only then starts compiling in the background."""
+    from echoshot_ai_server.app.wiring import warm_up_models
+    from echoshot_ai_server.config import Settings
+
+    calls = []
+
+    class Recording:
+        device = "gpu"
+
+        def warm_up(self, **_):
+            calls.append("warm up")
+            return 1.0
+
+        def measure_speed(self):
+            calls.append("speed")
+            return 1e6
+
+        def compile_tail(self):
+            calls.append("compile tail")
+
+    warm_up_models(Settings(), [{DEFAULT_MODEL: Recording()}, {DEFAULT_MODEL: Recording()}], ComputeEstimator())
+    assert calls == ["warm up", "warm up", "speed", "compile tail", "compile tail"]
