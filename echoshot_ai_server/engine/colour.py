@@ -4,6 +4,8 @@ On the GPU this saves the encoder's own conversion (one CPU thread in ffmpeg) an
 that go back to the host and through the encoder's pipe (1.5 bytes a pixel instead of 3).
 """
 
+from functools import lru_cache
+
 import torch
 from torch.nn import functional as F
 
@@ -36,9 +38,12 @@ def rgb_to_i420(rgb: torch.Tensor, matrix: str) -> torch.Tensor:
     return out
 
 
-# swscale's default bicubic (B = 0, C = 0.6) stretched for a 2:1 reduction: source rows 0.25, 0.75 and
-# 1.25 output rows from the centre, normalised
-_CUBIC = torch.tensor([-0.084375, 0.240625, 0.871875, 0.871875, 0.240625, -0.084375]) / 2.05625
+@lru_cache
+def _cubic_taps(device: torch.device) -> torch.Tensor:
+    """swscale's default bicubic (B = 0, C = 0.6) stretched for a 2:1 reduction: source rows 0.25,
+    0.75 and 1.25 output rows from the centre, normalised; kept on the device (not copied per batch)."""
+    taps = torch.tensor([-0.084375, 0.240625, 0.871875, 0.871875, 0.240625, -0.084375]) / 2.05625
+    return taps.view(1, 1, 6, 1).to(device)
 
 
 def _subsample(planes: torch.Tensor) -> torch.Tensor:
@@ -47,5 +52,4 @@ def _subsample(planes: torch.Tensor) -> torch.Tensor:
     n, c, height, width = planes.shape
     columns = (planes[..., 0::2] + planes[..., 1::2]) * 0.5
     padded = F.pad(columns.reshape(n * c, 1, height, width // 2), (0, 0, 2, 2), mode="replicate")
-    taps = _CUBIC.to(planes.device).view(1, 1, 6, 1)
-    return F.conv2d(padded, taps, stride=(2, 1)).reshape(n, c, height // 2, width // 2)
+    return F.conv2d(padded, _cubic_taps(planes.device), stride=(2, 1)).reshape(n, c, height // 2, width // 2)

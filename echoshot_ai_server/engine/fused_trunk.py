@@ -293,9 +293,10 @@ class FusedRRDBNet(nn.Module):
             for block in model.body
         ]
         self.conv_body = PackedConv.of(model.conv_body, dtype)
-        self.up1, self.up2 = UpConv(model.conv_up1), UpConv(model.conv_up2)
         self.head = torch.compile(self._head, dynamic=True) if compile_head_tail else self._head
         self.tail = torch.compile(self._tail, dynamic=True) if compile_head_tail else self._subpixel_tail
+        if not compile_head_tail:  # the eager tail's up-sampling weights (4x conv_up1's and conv_up2's)
+            self.up1, self.up2 = UpConv(model.conv_up1), UpConv(model.conv_up2)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return pad_frames(self.model.conv_first(x), self.feat)

@@ -67,11 +67,12 @@ class FrameWriter:
         `streams_from`: the source whose audio streams (all, as AAC) and text subtitle streams
         (these stream indices, as mov_text) go into the output beside the frames, read up to `end_s`
         (when the video ends); `video_start_s`: when the first frame is shown, on the source's clock."""
-        self.output = output
         deep = bits > 8
+        if yuv_in and deep:
+            raise ValueError("frames converted to YUV come from 8-bit sources only")
+        self.output = output
         self.track = Track(width, height, "yuv420p" if yuv_in else raw_format(bits), timescale)
         self.sample_aspect = sample_aspect
-        self.frame_shape = self.track.frame_shape
         self.dtype = np.uint16 if deep else np.uint8
         self.frames_written = 0
         self.args = [
@@ -79,8 +80,6 @@ class FrameWriter:
             "-itsoffset", f"{video_start_s:.6f}", "-f", "mov", "-i", "pipe:0",
             *source_streams(encoder, streams_from if audio or subtitles else None, audio, subtitles, end_s),
         ]
-        if yuv_in and deep:
-            raise ValueError("frames converted to YUV come from 8-bit sources only")
         if not yuv_in:
             self.args += ["-vf", f"scale=out_color_matrix={scale_matrix(colour.matrix)}:out_range=tv:"
                                  f"flags={SCALE_FLAGS},format={'yuv420p10le' if deep else 'yuv420p'}"]
@@ -112,8 +111,8 @@ class FrameWriter:
 
     def write(self, batch: TimedFrames) -> None:
         frames = batch.frames
-        if frames.shape[1:] != self.frame_shape or frames.dtype != self.dtype:
-            raise ValueError(f"expected {self.dtype.__name__} frames (N, {self.frame_shape}), "
+        if frames.shape[1:] != self.track.frame_shape or frames.dtype != self.dtype:
+            raise ValueError(f"expected {self.dtype.__name__} frames (N, {self.track.frame_shape}), "
                              f"got {frames.dtype} {frames.shape}")
         if self._pipe_error is not None:
             self._process.wait()
