@@ -1,12 +1,14 @@
 """End to end against the model alone, on one clip, for a few x264 presets (GPU).
 
 Loads the engine as a worker does (KERNEL_CACHE_DIR, start-up warm-up), then upscales the clip with
-each preset and each colour conversion (`yuv`: to YUV 4:2:0 on the GPU, as workers do; `ffmpeg`: RGB
-to the encoder, which converts) and times the model alone on the same frames: where the pipeline
-loses speed to the model, and whether the encoder is what holds it back.
+each preset, each colour conversion (`yuv`: to YUV 4:2:0 on the GPU, as workers do; `ffmpeg`: RGB
+to the encoder, which converts) and each part length (ENCODE_PART_S: 0 is one encoder), and times the
+model alone on the same frames: where the pipeline loses speed to the model, and whether the encoder
+is what holds it back.
 
     KERNEL_CACHE_DIR=... python bench/e2e.py --json PATH [--size 640x480] [--scale 4] [--seconds 10]
-        [--presets medium,veryfast] [--conversions yuv,ffmpeg] [--ffmpeg ffmpeg] [--ffprobe ffprobe]
+        [--presets medium,veryfast] [--conversions yuv,ffmpeg] [--part-seconds 0,2] [--ffmpeg ffmpeg]
+        [--ffprobe ffprobe]
 """
 
 import argparse
@@ -44,6 +46,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--presets", default="medium,veryfast")
     parser.add_argument("--conversions", default="yuv,ffmpeg")
+    parser.add_argument("--part-seconds", default="0", help="ENCODE_PART_S values to compare (0: one encoder)")
     parser.add_argument("--ffmpeg", default="ffmpeg")
     parser.add_argument("--ffprobe", default="ffprobe")
     args = parser.parse_args()
@@ -56,20 +59,21 @@ def main() -> int:
         compiling.join()  # the steady state
     with tempfile.TemporaryDirectory() as tmp:
         clip = make_clip(args.ffmpeg, Path(tmp) / "clip.mp4", (w, h), args.seconds)
-        for preset in args.presets.split(","):
-            for conversion in args.conversions.split(","):
-                encoder = dataclasses.replace(encoder_settings(settings), preset=preset)
-                upscaler.yuv_on_device = conversion == "yuv"
-                started, ffmpeg_before = time.monotonic(), children_cpu_s()
-                result = upscale_video(clip, Path(tmp) / f"out-{preset}.mp4", scale=args.scale, device="gpu",
-                                       get_upscaler=lambda: upscaler, encoder=encoder, ffprobe=args.ffprobe)
-                seconds = time.monotonic() - started
-                run = {"preset": preset, "conversion": conversion, "frames": result.metadata.frame_count,
-                       "fps": round(result.metadata.frame_count / seconds, 2),
-                       "ffmpeg_cpu_s": round(children_cpu_s() - ffmpeg_before, 1),  # decoder, encoder, probes
-                       "stages_s": {k: round(v, 2) for k, v in result.stages_s.items()}}
-                report["runs"].append(run)
-                print(json.dumps(run), flush=True)
+        runs = [(preset, conversion, float(part_s)) for preset in args.presets.split(",")
+                for conversion in args.conversions.split(",") for part_s in args.part_seconds.split(",")]
+        for preset, conversion, part_s in runs:
+            encoder = dataclasses.replace(encoder_settings(settings), preset=preset, part_s=part_s)
+            upscaler.yuv_on_device = conversion == "yuv"
+            started, ffmpeg_before = time.monotonic(), children_cpu_s()
+            result = upscale_video(clip, Path(tmp) / f"out-{preset}.mp4", scale=args.scale, device="gpu",
+                                   get_upscaler=lambda: upscaler, encoder=encoder, ffprobe=args.ffprobe)
+            seconds = time.monotonic() - started
+            run = {"preset": preset, "conversion": conversion, "part_s": part_s, "frames": result.metadata.frame_count,
+                   "fps": round(result.metadata.frame_count / seconds, 2),
+                   "ffmpeg_cpu_s": round(children_cpu_s() - ffmpeg_before, 1),  # decoder, encoder, probes
+                   "stages_s": {k: round(v, 2) for k, v in result.stages_s.items()}}
+            report["runs"].append(run)
+            print(json.dumps(run), flush=True)
     frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (upscaler.batch_frames, h, w, 3),
                                                                   dtype=np.uint8)).cuda()
     times = []

@@ -15,6 +15,7 @@ from echoshot_ai_server.engine.specs import Device, scale_problem
 from echoshot_ai_server.engine.upscaler import Upscaler
 from echoshot_ai_server.errors import ErrorCode, JobCancelled, PermanentError, RetryableError
 from echoshot_ai_server.job import ResultMetadata
+from echoshot_ai_server.media.parted_writer import PartedWriter
 from echoshot_ai_server.media.prefetch import Prefetch
 from echoshot_ai_server.media.probe import VideoInfo, audio_problem, probe
 from echoshot_ai_server.media.rawstream import TimedFrames
@@ -205,12 +206,13 @@ def upscale_video(
     done = 0
     # Three stages overlap: decoding (ffmpeg, read by a thread), the model (here), encoding (ffmpeg, fed by a thread).
     with FrameReader(source, info, ffmpeg=encoder.ffmpeg, size=(in_width, in_height),
-                     part=None if segment is None else (segment.start_s, segment.frames)) as reader, FrameWriter(
+                     part=None if segment is None else (segment.start_s, segment.frames)) as reader, _frame_writer(
         output,
+        encoder,
+        should_stop,
         width=out_w,
         height=out_h,
         timescale=reader.track.timescale,
-        encoder=encoder,
         colour=info.colour,
         bits=info.bits,
         sample_aspect=info.display_sample_aspect,
@@ -253,6 +255,16 @@ def upscale_video(
                               frame_count=writer.frames_written, duration=round(result_info.duration_s, 3),
                               **_pre_resized(info, (in_width, in_height)))
     return UpscaleResult(metadata, result_info.has_audio, time.monotonic() - started, clock.stages)
+
+
+def _frame_writer(output: Path, encoder: EncoderSettings, should_stop, **args) -> FrameWriter | PartedWriter:
+    """The encoder of a job: one FrameWriter, or for a video longer than two parts (ENCODE_PART_S) a
+    PartedWriter: parts encoded by several encoders at once, then joined."""
+    duration_s = args["end_s"] - args["video_start_s"]
+    if encoder.part_s > 0 and duration_s > 2 * encoder.part_s:
+        return PartedWriter(output, part_s=encoder.part_s, duration_s=duration_s, should_stop=should_stop,
+                            encoder=encoder, **args)
+    return FrameWriter(output, encoder=encoder, **args)
 
 
 def _pre_resized(info: VideoInfo, size: tuple[int, int]) -> dict:

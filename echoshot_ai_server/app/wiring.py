@@ -221,7 +221,7 @@ def autoscaling_from(settings: Settings) -> "AutoScaling":
 
 def encoder_settings(settings: Settings) -> EncoderSettings:
     return EncoderSettings(settings.x264_preset, settings.x264_crf, settings.audio_bitrate, settings.ffmpeg_bin,
-                           settings.ten_bit_codec)
+                           settings.ten_bit_codec, settings.encode_part_s)
 
 
 def input_limits(settings: Settings) -> InputLimits:

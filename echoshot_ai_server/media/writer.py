@@ -30,6 +30,7 @@ class EncoderSettings:
     audio_bitrate: str = "128k"
     ffmpeg: str = "ffmpeg"
     deep_codec: str = "h264"  # results of sources deeper than 8 bits: "h264" (High 10) or "hevc" (Main 10)
+    part_s: float = 0.0  # longer videos encoded in parts of this length at once (media/parted_writer.py); 0: never
 
 
 class FrameWriter:
@@ -161,6 +162,11 @@ class FrameWriter:
                 raise self._failure()
         finally:
             self._stderr.close()
+
+    def abort(self) -> None:
+        """Stop encoding now (the job failed or was cancelled), also while another thread waits in __exit__."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
 
     def _messages(self) -> str:
         self._stderr.seek(0)
