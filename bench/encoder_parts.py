@@ -26,7 +26,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from echoshot_ai_server.app.pipeline import _frame_writer  # noqa: E402
+from echoshot_ai_server.media.parted_writer import open_writer  # noqa: E402
 from echoshot_ai_server.media.probe import probe  # noqa: E402
 from echoshot_ai_server.media.rawstream import TimedFrames  # noqa: E402
 from echoshot_ai_server.media.reader import FrameReader  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> int:
             encoder = EncoderSettings(preset=args.preset, ffmpeg=args.ffmpeg, part_s=part_s)
             output = Path(tmp) / f"out-{part_s}.mp4"
             started, cpu_before = time.monotonic(), children_cpu_s()
-            with _frame_writer(output, encoder, lambda: False, width=w * args.scale, height=h * args.scale,
+            with open_writer(output, encoder, lambda: False, width=w * args.scale, height=h * args.scale,
                                timescale=timescale, colour=info.colour, bits=info.bits,
                                sample_aspect=info.display_sample_aspect, streams_from=clip, audio=True,
                                subtitles=(), video_start_s=info.video_start_s,

@@ -127,3 +127,22 @@ def test_a_hdr_video_in_parts_keeps_its_depth_and_tags(tmp_path, codec, profile)
     assert colour_tags(output) == ("bt2020nc", "bt2020", "smpte2084", "tv")
     assert frame_times(output) == pytest.approx(frame_times(source), abs=0.002) and result.metadata.frame_count == 30
     assert len(keyframe_times(output)) >= 3
+
+
+def test_a_worker_encoding_in_parts_asks_for_room_for_the_parts_too(tmp_path, monkeypatch):
+    import shutil
+    from types import SimpleNamespace
+
+    from echoshot_ai_server.app.task import UpscaleTask
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=30 * 10**6))
+    source, scale = 10**6, 4  # a result of up to 16 MB: 17 MB in all, 33 MB while parts are joined
+
+    def task(part_s):
+        return UpscaleTask(storage=None, callback=None, records=None, work_dir=tmp_path,
+                           encoder=EncoderSettings(part_s=part_s), disk_headroom_bytes=0)
+
+    task(0).check_disk(source, scale)
+    with pytest.raises(RetryableError) as refused:
+        task(2).check_disk(source, scale)
+    assert refused.value.code == ErrorCode.INSUFFICIENT_DISK

@@ -15,12 +15,12 @@ from echoshot_ai_server.engine.specs import Device, scale_problem
 from echoshot_ai_server.engine.upscaler import Upscaler
 from echoshot_ai_server.errors import ErrorCode, JobCancelled, PermanentError, RetryableError
 from echoshot_ai_server.job import ResultMetadata
-from echoshot_ai_server.media.parted_writer import PartedWriter
+from echoshot_ai_server.media.parted_writer import open_writer
 from echoshot_ai_server.media.prefetch import Prefetch
 from echoshot_ai_server.media.probe import VideoInfo, audio_problem, probe
 from echoshot_ai_server.media.rawstream import TimedFrames
 from echoshot_ai_server.media.reader import FrameReader, scale_matrix
-from echoshot_ai_server.media.writer import EncoderSettings, FrameWriter, join_parts
+from echoshot_ai_server.media.writer import EncoderSettings, join_parts
 
 # The guide's log lines of a job carry this logger name (its module before the package had wings).
 log = logging.getLogger("echoshot_ai_server.tasks.upscale_task")
@@ -206,7 +206,7 @@ def upscale_video(
     done = 0
     # Three stages overlap: decoding (ffmpeg, read by a thread), the model (here), encoding (ffmpeg, fed by a thread).
     with FrameReader(source, info, ffmpeg=encoder.ffmpeg, size=(in_width, in_height),
-                     part=None if segment is None else (segment.start_s, segment.frames)) as reader, _frame_writer(
+                     part=None if segment is None else (segment.start_s, segment.frames)) as reader, open_writer(
         output,
         encoder,
         should_stop,
@@ -255,16 +255,6 @@ def upscale_video(
                               frame_count=writer.frames_written, duration=round(result_info.duration_s, 3),
                               **_pre_resized(info, (in_width, in_height)))
     return UpscaleResult(metadata, result_info.has_audio, time.monotonic() - started, clock.stages)
-
-
-def _frame_writer(output: Path, encoder: EncoderSettings, should_stop, **args) -> FrameWriter | PartedWriter:
-    """The encoder of a job: one FrameWriter, or for a video longer than two parts (ENCODE_PART_S) a
-    PartedWriter: parts encoded by several encoders at once, then joined."""
-    duration_s = args["end_s"] - args["video_start_s"]
-    if encoder.part_s > 0 and duration_s > 2 * encoder.part_s:
-        return PartedWriter(output, part_s=encoder.part_s, duration_s=duration_s, should_stop=should_stop,
-                            encoder=encoder, **args)
-    return FrameWriter(output, encoder=encoder, **args)
 
 
 def _pre_resized(info: VideoInfo, size: tuple[int, int]) -> dict:

@@ -218,13 +218,15 @@ class UpscaleTask:
         return min(asked, default=0)
 
     def check_disk(self, source_bytes: int, scale: int) -> None:
-        """Room for the source and a result that may be scale^2 times its size, plus headroom."""
+        """Room for the source and a result that may be scale^2 times its size (twice, while a video
+        encoded in parts is joined), plus headroom."""
         try:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(self.work_dir).free
         except OSError as exc:
             raise RetryableError(ErrorCode.WORK_DIR_UNUSABLE, f"work directory unusable: {exc.strerror}") from exc
-        needed = source_bytes * (1 + scale * scale) + self.disk_headroom_bytes
+        results = 2 if self.encoder.part_s > 0 else 1
+        needed = source_bytes * (1 + results * scale * scale) + self.disk_headroom_bytes
         if free < needed:
             raise RetryableError(
                 ErrorCode.INSUFFICIENT_DISK, f"{human_bytes(free)} free in the work directory, {human_bytes(needed)} needed "

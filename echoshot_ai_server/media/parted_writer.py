@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 
 from echoshot_ai_server.media.rawstream import TimedFrames
-from echoshot_ai_server.media.writer import FrameWriter, join_parts
+from echoshot_ai_server.media.writer import EncoderSettings, FrameWriter, join_parts
 
 log = logging.getLogger(__name__)
 
@@ -154,3 +154,13 @@ class PartedWriter:
     def _wait(self) -> None:
         for thread, _ in self._draining:
             thread.join()
+
+
+def open_writer(output: Path, encoder: EncoderSettings, should_stop=None, **args) -> "FrameWriter | PartedWriter":
+    """A job's encoder: one FrameWriter, or for a video longer than two parts (`encoder.part_s`) a
+    PartedWriter. `args`: FrameWriter's keyword arguments (`video_start_s` and `end_s` among them)."""
+    duration_s = args["end_s"] - args["video_start_s"]
+    if encoder.part_s > 0 and duration_s > 2 * encoder.part_s:
+        return PartedWriter(output, part_s=encoder.part_s, duration_s=duration_s, should_stop=should_stop,
+                            encoder=encoder, **args)
+    return FrameWriter(output, encoder=encoder, **args)
