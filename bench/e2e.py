@@ -14,7 +14,6 @@ is what holds it back.
 import argparse
 import dataclasses
 import json
-import resource
 import statistics
 import sys
 import tempfile
@@ -30,25 +29,15 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from echoshot_ai_server.app.pipeline import upscale_video  # noqa: E402
 from echoshot_ai_server.app.wiring import encoder_settings, load_engine, tuned_file  # noqa: E402
 from echoshot_ai_server.config import Settings  # noqa: E402
-from run import make_clip  # noqa: E402
-
-
-def children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+from run import children_cpu_s, clip_arguments, make_clip  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, required=True)
-    parser.add_argument("--size", default="640x480")
-    parser.add_argument("--scale", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=10)
+    clip_arguments(parser)
     parser.add_argument("--presets", default="medium,veryfast")
     parser.add_argument("--conversions", default="yuv,ffmpeg")
     parser.add_argument("--part-seconds", default="0", help="ENCODE_PART_S values to compare (0: one encoder)")
-    parser.add_argument("--ffmpeg", default="ffmpeg")
-    parser.add_argument("--ffprobe", default="ffprobe")
     args = parser.parse_args()
     w, h = (int(v) for v in args.size.split("x"))
     settings = Settings(ffmpeg_bin=args.ffmpeg, ffprobe_bin=args.ffprobe)

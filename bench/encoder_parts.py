@@ -13,7 +13,6 @@ what was left to encode once the last frame was handed over. No GPU needed.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -31,12 +30,7 @@ from echoshot_ai_server.media.probe import probe  # noqa: E402
 from echoshot_ai_server.media.rawstream import TimedFrames  # noqa: E402
 from echoshot_ai_server.media.reader import FrameReader  # noqa: E402
 from echoshot_ai_server.media.writer import EncoderSettings  # noqa: E402
-from run import make_clip  # noqa: E402
-
-
-def children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+from run import children_cpu_s, clip_arguments, make_clip  # noqa: E402
 
 
 def psnr_against(output: Path, batches: list[TimedFrames], ffmpeg: str) -> float:
@@ -51,14 +45,9 @@ def psnr_against(output: Path, batches: list[TimedFrames], ffmpeg: str) -> float
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, required=True)
-    parser.add_argument("--size", default="640x480")
-    parser.add_argument("--scale", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=10)
+    clip_arguments(parser)
     parser.add_argument("--part-seconds", default="0,2,1")
     parser.add_argument("--preset", default="medium")
-    parser.add_argument("--ffmpeg", default="ffmpeg")
-    parser.add_argument("--ffprobe", default="ffprobe")
     args = parser.parse_args()
     w, h = (int(v) for v in args.size.split("x"))
     report = {"size": args.size, "scale": args.scale, "preset": args.preset, "cpus": os.cpu_count(), "runs": []}
@@ -72,29 +61,32 @@ def main() -> int:
                 big = np.stack([cv2.resize(f, (w * args.scale, h * args.scale), interpolation=cv2.INTER_CUBIC)
                                 for f in batch.frames])
                 batches.append(TimedFrames(big, batch.pts, batch.durations))
-        frames = sum(len(b) for b in batches)
+        writer_args = dict(width=w * args.scale, height=h * args.scale, timescale=timescale, colour=info.colour,
+                           bits=info.bits, sample_aspect=info.display_sample_aspect, streams_from=clip, audio=True,
+                           subtitles=(), video_start_s=info.video_start_s,
+                           end_s=info.video_start_s + info.video_duration_s)
         for part_s in (float(v) for v in args.part_seconds.split(",")):
             encoder = EncoderSettings(preset=args.preset, ffmpeg=args.ffmpeg, part_s=part_s)
-            output = Path(tmp) / f"out-{part_s}.mp4"
-            started, cpu_before = time.monotonic(), children_cpu_s()
-            with open_writer(output, encoder, lambda: False, width=w * args.scale, height=h * args.scale,
-                               timescale=timescale, colour=info.colour, bits=info.bits,
-                               sample_aspect=info.display_sample_aspect, streams_from=clip, audio=True,
-                               subtitles=(), video_start_s=info.video_start_s,
-                               end_s=info.video_start_s + info.video_duration_s) as writer:
-                for batch in batches:
-                    writer.write(batch)
-                handed_over = time.monotonic()
-            seconds, after_last = time.monotonic() - started, time.monotonic() - handed_over
-            cpu = children_cpu_s() - cpu_before
-            run = {"part_s": part_s, "frames": frames, "fps": round(frames / seconds, 2),
-                   "after_last_frame_s": round(after_last, 2), "encoder_cpu_s": round(cpu, 1),
-                   "cores_busy": round(cpu / seconds, 1), "bytes": output.stat().st_size,
-                   "psnr_db": round(psnr_against(output, batches, args.ffmpeg), 2)}
-            report["runs"].append(run)
-            print(json.dumps(run), flush=True)
+            report["runs"].append(encode(batches, Path(tmp) / f"out-{part_s}.mp4", encoder, writer_args))
+            print(json.dumps(report["runs"][-1]), flush=True)
     args.json.write_text(json.dumps(report, indent=2))
     return 0
+
+
+def encode(batches: list[TimedFrames], output: Path, encoder: EncoderSettings, writer_args: dict) -> dict:
+    """The frames through the job's writer as fast as it takes them, timed."""
+    frames = sum(len(b) for b in batches)
+    started, cpu_before = time.monotonic(), children_cpu_s()
+    with open_writer(output, encoder, lambda: False, **writer_args) as writer:
+        for batch in batches:
+            writer.write(batch)
+        handed_over = time.monotonic()
+    seconds, after_last = time.monotonic() - started, time.monotonic() - handed_over
+    cpu = children_cpu_s() - cpu_before
+    return {"part_s": encoder.part_s, "frames": frames, "fps": round(frames / seconds, 2),
+            "after_last_frame_s": round(after_last, 2), "encoder_cpu_s": round(cpu, 1),
+            "cores_busy": round(cpu / seconds, 1), "bytes": output.stat().st_size,
+            "psnr_db": round(psnr_against(output, batches, encoder.ffmpeg), 2)}
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,22 @@ def run(args: list[str]) -> None:
 
 
 # -- inputs ---------------------------------------------------------------------------------
+def clip_arguments(parser: argparse.ArgumentParser) -> None:
+    """The clip a bench makes (--size, --seconds), its scale, where the results go (--json) and the tools."""
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--size", default="640x480")
+    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--ffmpeg", default="ffmpeg")
+    parser.add_argument("--ffprobe", default="ffprobe")
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's finished children (ffmpeg's, here)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def make_clip(ffmpeg: str, path: Path, size: tuple[int, int], seconds: float, fps: int = 30) -> Path:
     """Stand-in for natural footage: a Mandelbrot zoom (smooth gradients, fine detail, motion
     everywhere) with film grain, and a tone as the audio track."""
