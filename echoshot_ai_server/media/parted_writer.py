@@ -62,7 +62,7 @@ class PartedWriter:
         self._slots = threading.Semaphore(parts_at_once)
         self._parts: list[tuple[Path, int]] = []  # (file, first frame's time)
         self._spans: list[float] = []
-        self._draining: list[threading.Thread] = []
+        self._draining: list[tuple[threading.Thread, FrameWriter]] = []  # finished parts, encoding their last frames
         self._errors: list[BaseException] = []
         self._current: FrameWriter | None = None
         self._current_index = -1
