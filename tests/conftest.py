@@ -183,3 +183,24 @@ def stack(moto_server, tmp_path, monkeypatch):
         )
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 KB file system of its own (tmpfs), mounted for the test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k,mode=0755", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path, leave_bytes: int) -> Path:
+    """Take all of the disk's free space but `leave_bytes` (as another job or replica would)."""
+    stats = os.statvfs(disk)
+    filler = disk / "someone-else"
+    with open(filler, "ab") as file:
+        file.write(b"\0" * max(0, stats.f_bavail * stats.f_frsize - leave_bytes))
+    return filler

@@ -1,39 +1,13 @@
 """A disk that fills up while a job runs (other jobs, other replicas): on a real, small file system
 (tmpfs), at each stage. Disk exhaustion is always retryable and reported as such, never a bad video."""
 
-import os
-import subprocess
 from concurrent.futures import wait
-from pathlib import Path
 
 import pytest
 
-from conftest import make_noise_clip
+from conftest import fill, make_noise_clip
 from fault_proxy import FaultProxy, s3_get
 from worker_harness import SlowUpscaler, enqueue, leftovers, make_worker, queue_counts, run_jobs, statuses, upload_clip, wait_until
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 400 KB file system of its own (tmpfs), mounted for the test."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small file system needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k,mode=0755", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(disk: Path, leave_bytes: int) -> Path:
-    """Take all of the disk's free space but `leave_bytes` (as another job or replica would)."""
-    stats = os.statvfs(disk)
-    filler = disk / "someone-else"
-    with open(filler, "ab") as file:
-        file.write(b"\0" * max(0, stats.f_bavail * stats.f_frsize - leave_bytes))
-    return filler
-
 
 def noisy_clip(stack, tmp_path, job_id):
     clip = make_noise_clip(tmp_path / "noise.mp4")  # about 33 KB; its result at 2x about 60 KB

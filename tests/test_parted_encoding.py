@@ -6,10 +6,10 @@ import subprocess
 
 import pytest
 
-from conftest import ffmpeg, psnr
+from conftest import ffmpeg, fill, make_noise_clip, psnr
 from echoshot_ai_server.app.pipeline import upscale_video
 from echoshot_ai_server.config import Settings
-from echoshot_ai_server.errors import ErrorCode, JobCancelled, RetryableError
+from echoshot_ai_server.errors import ErrorCode, JobCancelled, RetryableError, classify
 from echoshot_ai_server.media.parted_writer import part_starts
 from echoshot_ai_server.media.writer import EncoderSettings
 from test_what_comes_back import PixelRepeat, as_a_player_shows, colour_tags, frame_times, stream_times, video_stream
@@ -146,3 +146,28 @@ def test_a_worker_encoding_in_parts_asks_for_room_for_the_parts_too(tmp_path, mo
     with pytest.raises(RetryableError) as refused:
         task(2).check_disk(source, scale)
     assert refused.value.code == ErrorCode.INSUFFICIENT_DISK
+
+
+@pytest.mark.parametrize("when", ["while-encoding", "at-the-join"])
+def test_a_disk_that_fills_up_fails_the_job_as_retryable_and_keeps_nothing(tmp_path, small_disk, when):
+    source = make_noise_clip(tmp_path / "noise.mp4", seconds=5)  # its 2x result in parts: about 150 KB
+    checks, filler = [], []
+
+    def fill_once(leave_bytes: int) -> None:
+        if not filler:
+            filler.append(fill(small_disk, leave_bytes))
+
+    def should_stop() -> bool:
+        checks.append(1)
+        if when == "while-encoding" and len(checks) == 6:  # a few parts in
+            fill_once(0)
+        return False
+
+    def frames_done() -> None:  # every frame handed over, the parts' last frames still encoding
+        if when == "at-the-join":
+            fill_once(20 * 1024)
+
+    with pytest.raises(Exception) as failed:
+        upscale(source, small_disk / "out.mp4", part_s=1, should_stop=should_stop, frames_done=frames_done)
+    assert classify(failed.value).code == ErrorCode.INSUFFICIENT_DISK, failed.value  # as the worker reports it
+    assert [p.name for p in small_disk.iterdir()] == ["someone-else"]

@@ -210,16 +210,16 @@ def join_parts(parts: list[tuple[Path, float]], output: Path, *, encoder: Encode
     the source's audio and subtitles. Each part lasts exactly its given seconds, so that every frame
     keeps its place on the source's clock; the first is shown at `video_start_s`."""
     listing = output.with_suffix(".parts.txt")
-    listing.write_text("ffconcat version 1.0\n" + "".join(
-        f"file '{file_arg(path)}'\nduration {seconds:.6f}\n" for path, seconds in parts))
     args = [encoder.ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-itsoffset", f"{video_start_s:.6f}",
             "-f", "concat", "-safe", "0", "-i", file_arg(listing),
             *source_streams(encoder, streams_from if audio or subtitles else None, audio, subtitles, end_s),
             "-c:v", "copy", "-movflags", "+faststart", "-f", "mp4", file_arg(output)]
     try:
+        listing.write_text("ffconcat version 1.0\n" + "".join(
+            f"file '{file_arg(path)}'\nduration {seconds:.6f}\n" for path, seconds in parts))
         result = run_tool(args, "join parts", should_stop)
     finally:
-        listing.unlink(missing_ok=True)
+        listing.unlink(missing_ok=True)  # also when the disk is too full to write it whole
     messages = result.stderr.strip()
     if any(message in messages for message in DISK_FULL_MESSAGES):
         raise RetryableError(ErrorCode.INSUFFICIENT_DISK, f"the disk filled up while joining: {messages[-STDERR_TAIL_CHARS:]}")
