@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     x264_crf: int = Field(23, ge=0, le=51)
     audio_bitrate: str = "128k"
     ten_bit_codec: Literal["h264", "hevc"] = "h264"  # results of sources deeper than 8 bits: High 10 or Main 10
-    # Videos longer than twice this are encoded as parts of this many seconds by up to 3 encoders at
+    # Videos longer than twice this are encoded as parts of this many seconds by up to 4 encoders at
     # once, then joined without encoding again (0: one encoder). For GPU hosts where one x264 process
     # cannot keep pace with the model (docs/operations.md); each part starts with a keyframe.
     encode_part_s: float = Field(0, ge=0)

@@ -6,10 +6,10 @@ One x264 process holds its look-ahead and frame threads in flight (about 70 fram
 16 cores) and leaves cores idle: at 2560x1920 it encodes 21 frames/s with about 11 of 16 cores busy
 (BENCHMARKS.md), below the model's 26, and once the last frame is in, it still has its whole
 look-ahead to encode (2-3 s). Here each part of `part_s` seconds goes to an encoder of its own, and a
-finished part drains while the next ones take frames (up to `parts_at_once` encoders at a time).
-The last `part_s` is cut into halving parts, so that little is left to encode after the last frame.
-Every part starts with a keyframe; the encoder settings are the job's; frames keep their times, as
-segments joined by `join_parts` do.
+finished part drains while the next ones take frames (up to `finishing_at_once` finished parts beside
+the one taking frames). The last `part_s` is cut into halving parts, so that little is left to encode
+after the last frame. Every part starts with a keyframe; the encoder settings are the job's; frames
+keep their times, as segments joined by `join_parts` do.
 """
 
 import bisect
@@ -49,7 +49,7 @@ class PartedWriter:
     `streams_from`, `audio`, `subtitles`, `video_start_s`, `end_s`: as FrameWriter's, applied when
     the parts are joined; the other keyword arguments go to each part's FrameWriter."""
 
-    def __init__(self, output: Path, *, part_s: float, duration_s: float, parts_at_once: int = 3,
+    def __init__(self, output: Path, *, part_s: float, duration_s: float, finishing_at_once: int = 3,
                  streams_from: Path | None = None, audio: bool = False, subtitles: tuple[int, ...] = (),
                  video_start_s: float = 0.0, end_s: float | None = None, should_stop=None, **part_args):
         self.output = output
@@ -59,7 +59,7 @@ class PartedWriter:
         self.join_args = dict(encoder=part_args["encoder"], streams_from=streams_from, audio=audio,
                               subtitles=subtitles, end_s=end_s, should_stop=should_stop)
         self.video_start_s, self.end_s = video_start_s, end_s
-        self._slots = threading.Semaphore(parts_at_once)
+        self._slots = threading.Semaphore(finishing_at_once)
         self._parts: list[tuple[Path, int]] = []  # (file, first frame's time)
         self._spans: list[float] = []
         self._draining: list[tuple[threading.Thread, FrameWriter]] = []  # finished parts, encoding their last frames
@@ -112,7 +112,7 @@ class PartedWriter:
         writer.end_s = (next_pts - start) / self.timescale  # its last frame lasts until then
         self._spans.append(writer.end_s)
         self._current = None
-        self._slots.acquire()  # at most parts_at_once encoders at a time: wait for one to finish
+        self._slots.acquire()  # at most finishing_at_once parts draining: wait for one to finish
 
         def drain() -> None:
             try:
