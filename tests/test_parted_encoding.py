@@ -7,23 +7,17 @@ import subprocess
 import pytest
 
 from conftest import ffmpeg, fill, make_noise_clip, psnr
-from echoshot_ai_server.app.pipeline import upscale_video
 from echoshot_ai_server.config import Settings
 from echoshot_ai_server.errors import ErrorCode, JobCancelled, RetryableError, classify
 from echoshot_ai_server.media.parted_writer import part_starts
 from echoshot_ai_server.media.writer import EncoderSettings
-from test_what_comes_back import PixelRepeat, as_a_player_shows, colour_tags, frame_times, stream_times, video_stream
+from test_what_comes_back import as_a_player_shows, colour_tags, frame_times, stream_times, upscale, video_stream
 
 
 def keyframe_times(path) -> list[float]:
     out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "frame=pts_time,key_frame",
                           "-of", "csv=p=0", str(path)], check=True, capture_output=True, text=True).stdout
     return [float(time) for key, time in (line.split(",")[:2] for line in out.split()) if key == "1"]
-
-
-def upscale(source, output, part_s, **kwargs):
-    return upscale_video(source, output, scale=2, device="cpu", get_upscaler=PixelRepeat,
-                         encoder=EncoderSettings(part_s=part_s), **kwargs)
 
 
 def test_parts_are_cut_every_part_length_and_the_last_one_in_halves():
@@ -43,8 +37,8 @@ def test_a_long_video_in_parts_comes_back_as_one_encoder_gives_it(tmp_path):
     ffmpeg("-i", str(plain), "-itsoffset", "0.3", "-i", str(plain), "-map", "1:v", "-map", "0:a", "-c", "copy", str(source))
     whole, parted = tmp_path / "whole.mp4", tmp_path / "parted.mp4"
 
-    one = upscale(source, whole, part_s=0)
-    parts = upscale(source, parted, part_s=1)
+    _, one = upscale(source, tmp_path, name=whole.name, encoder=EncoderSettings(part_s=0))
+    _, parts = upscale(source, tmp_path, name=parted.name, encoder=EncoderSettings(part_s=1))
 
     shown = frame_times(source)
     assert frame_times(parted) == pytest.approx(shown, abs=0.002) == frame_times(whole)
@@ -71,7 +65,7 @@ def test_a_short_video_takes_one_encoder(tmp_path):
     source = tmp_path / "short.mp4"
     ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=10:duration=1.9", "-c:v", "libx264", "-pix_fmt", "yuv420p",
            str(source))
-    upscale(source, tmp_path / "out.mp4", part_s=1)
+    upscale(source, tmp_path, encoder=EncoderSettings(part_s=1))
     assert keyframe_times(tmp_path / "out.mp4") == [0.0]
 
 
@@ -85,8 +79,7 @@ def long_source(tmp_path):
 
 def test_a_part_that_cannot_be_encoded_fails_the_job_and_leaves_nothing(long_source, tmp_path):
     with pytest.raises(RetryableError) as failed:
-        upscale_video(long_source, tmp_path / "out.mp4", scale=2, device="cpu", get_upscaler=PixelRepeat,
-                      encoder=EncoderSettings(preset="no-such-preset", part_s=1))
+        upscale(long_source, tmp_path, encoder=EncoderSettings(preset="no-such-preset", part_s=1))
     assert failed.value.code == ErrorCode.ENCODE_FAILED and "preset" in str(failed.value).lower()
     assert [p.name for p in tmp_path.iterdir()] == ["long.mp4"]
 
@@ -99,7 +92,7 @@ def test_a_job_cancelled_between_parts_stops_every_encoder_and_leaves_nothing(lo
         return len(checks) > 8  # 4 frames a batch: a few parts in
 
     with pytest.raises(JobCancelled):
-        upscale(long_source, tmp_path / "out.mp4", part_s=0.5, should_stop=stop_after_a_while)
+        upscale(long_source, tmp_path, encoder=EncoderSettings(part_s=0.5), should_stop=stop_after_a_while)
     assert [p.name for p in tmp_path.iterdir()] == ["long.mp4"]
     ffmpegs = subprocess.run(["pgrep", "-f", f"ffmpeg.*{tmp_path}"], capture_output=True, text=True).stdout
     assert ffmpegs == ""
@@ -119,9 +112,7 @@ def test_a_hdr_video_in_parts_keeps_its_depth_and_tags(tmp_path, codec, profile)
     ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=10:duration=3", "-c:v", "libx265", "-x265-params",
            "log-level=error", "-pix_fmt", "yuv420p10le", "-colorspace", "bt2020nc", "-color_primaries", "bt2020",
            "-color_trc", "smpte2084", str(source))
-    output = tmp_path / "out.mp4"
-    result = upscale_video(source, output, scale=2, device="cpu", get_upscaler=PixelRepeat,
-                           encoder=EncoderSettings(deep_codec=codec, part_s=1))
+    output, result = upscale(source, tmp_path, encoder=EncoderSettings(deep_codec=codec, part_s=1))
     video = video_stream(output)
     assert (video["profile"], video["pix_fmt"]) == (profile, "yuv420p10le")
     assert colour_tags(output) == ("bt2020nc", "bt2020", "smpte2084", "tv")
@@ -168,6 +159,6 @@ def test_a_disk_that_fills_up_fails_the_job_as_retryable_and_keeps_nothing(tmp_p
             fill_once(20 * 1024)
 
     with pytest.raises(Exception) as failed:
-        upscale(source, small_disk / "out.mp4", part_s=1, should_stop=should_stop, frames_done=frames_done)
+        upscale(source, small_disk, encoder=EncoderSettings(part_s=1), should_stop=should_stop, frames_done=frames_done)
     assert classify(failed.value).code == ErrorCode.INSUFFICIENT_DISK, failed.value  # as the worker reports it
     assert [p.name for p in small_disk.iterdir()] == ["someone-else"]
