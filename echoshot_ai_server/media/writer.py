@@ -147,7 +147,7 @@ class FrameWriter:
     def __exit__(self, exc_type, *exc) -> None:
         try:
             if exc_type is not None:
-                self._process.kill()
+                self.abort()
             self._finishing = exc_type is None
             self._queue.put(None)
             self._thread.join()
