@@ -10,7 +10,7 @@ from conftest import ffmpeg, fill, make_noise_clip, psnr
 from echoshot_ai_server.config import Settings
 from echoshot_ai_server.errors import ErrorCode, JobCancelled, RetryableError, classify
 from echoshot_ai_server.media.parted_writer import part_starts
-from echoshot_ai_server.media.writer import EncoderSettings
+from echoshot_ai_server.media.writer import EncoderSettings, join_parts
 from test_what_comes_back import as_a_player_shows, colour_tags, frame_times, stream_times, upscale, video_stream
 
 
@@ -161,4 +161,16 @@ def test_a_disk_that_fills_up_fails_the_job_as_retryable_and_keeps_nothing(tmp_p
     with pytest.raises(Exception) as failed:
         upscale(source, small_disk, encoder=EncoderSettings(part_s=1), should_stop=should_stop, frames_done=frames_done)
     assert classify(failed.value).code == ErrorCode.INSUFFICIENT_DISK, failed.value  # as the worker reports it
+    assert [p.name for p in small_disk.iterdir()] == ["someone-else"]
+
+
+def test_joining_on_a_full_disk_leaves_no_listing_behind(tmp_path, small_disk):
+    part = tmp_path / "part.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=10:duration=1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+           str(part))
+    fill(small_disk, 0)
+    with pytest.raises(OSError) as failed:  # the concat listing itself does not fit
+        join_parts([(part, 1.0)], small_disk / "out.mp4", encoder=EncoderSettings(), streams_from=None, audio=False,
+                   subtitles=(), video_start_s=0.0, end_s=1.0)
+    assert classify(failed.value).code == ErrorCode.INSUFFICIENT_DISK
     assert [p.name for p in small_disk.iterdir()] == ["someone-else"]
