@@ -44,7 +44,7 @@ def main() -> int:
     if fused and settings.gpu_tail_compile == "background":  # when the tail compiled on a thread takes over
         for thread in [t for t in threading.enumerate() if t.name == "compile-tail"]:
             thread.join()
-        if all(f.tail != f._subpixel_tail for f in fused):  # else the compile failed (logged): eager goes on
+        if all(f.tail != f._triton_tail for f in fused):  # else the compile failed (logged): eager goes on
             report["compiled_tail_from_s"] = round(time.monotonic() - PROCESS_STARTED, 1)
     report["models"] = list(models[0])
     report["engines"] = {name: upscaler.engine for name, upscaler in models[0].items()}

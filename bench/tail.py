@@ -1,9 +1,9 @@
-"""The fused engine's head and tail three ways, in one process on one GPU: eager with the sub-pixel
-up-sampling (engine/subpixel.py: what serves while the tail compiles), RRDBNet's own under
-torch.compile from the start (what ran before), and the eager head with the tail compiled in the
-background (what a worker runs once it has compiled). For each: the first batch of each frame size (compilation included), the model alone in
-frames per second at 640x480 and 1280x720 (batch 4, x4) and how far its pixels are from the other's
-and from eager fp16 RRDBNet.
+"""The fused engine's head and tail four ways, in one process on one GPU: the tail in the trunk's
+Triton kernels (what a worker runs from its first frame), eager with the sub-pixel up-sampling through
+cuDNN (what served before), RRDBNet's own under torch.compile from the start, and the eager head with
+the tail compiled in the background. For each: the first batch of each frame size (compilation
+included), the model alone in frames per second at 640x480 and 1280x720 (batch 4, x4) and how far
+its pixels are from eager fp16 RRDBNet's.
 
     KERNEL_CACHE_DIR=... python bench/tail.py --json PATH
 """
@@ -43,8 +43,11 @@ def main() -> int:
               for size in SIZES}
     eager = upscaler.model
     outputs = {}
-    for name, compiled in (("sub-pixel, eager", False), ("torch.compile", True), ("compiled in the background", False)):
-        upscaler.forward = FusedRRDBNet(eager, compile_head_tail=compiled)
+    variants = ("Triton tail", "sub-pixel, cuDNN", "torch.compile", "compiled in the background")
+    for name in variants:
+        upscaler.forward = FusedRRDBNet(eager, compile_head_tail=name == "torch.compile")
+        if name == "sub-pixel, cuDNN":
+            upscaler.forward.tail = upscaler.forward._subpixel_tail
         row = {"first_batch_s": {}, "fps": {}}
         if name == "compiled in the background":
             started = time.perf_counter()
@@ -70,13 +73,12 @@ def main() -> int:
         print(name, json.dumps(row), flush=True)
     upscaler.forward = eager
     diffs = {}
-    for size in SIZES[:2]:
+    for size in SIZES:
         reference = upscaler.upscale_tensor(frames[size], 4).int()
-        a, b = (outputs[size][name].int() for name in ("sub-pixel, eager", "compiled in the background"))
-        diffs[f"{size[0]}x{size[1]}"] = {"between": int((a - b).abs().max()), "sub-pixel vs eager RRDBNet":
-                                         int((a - reference).abs().max()), "compiled tail vs eager RRDBNet":
-                                         int((b - reference).abs().max()), "sub-pixel mean": round(float(
-                                             (a - reference).abs().float().mean()), 4)}
+        diffs[f"{size[0]}x{size[1]}"] = {
+            name: {"max": int((outputs[size][name].int() - reference).abs().max()),
+                   "mean": round(float((outputs[size][name].int() - reference).abs().float().mean()), 4)}
+            for name in variants}
     report["max_abs_diff_uint8"] = diffs
     print(json.dumps(diffs), flush=True)
     args.json.write_text(json.dumps(report, indent=2))

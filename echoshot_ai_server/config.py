@@ -22,8 +22,9 @@ class Settings(BaseSettings):
     gpu_tile_fallback: int = Field(128, ge=0)
     gpu_batch_frames: int = Field(4, ge=1)
     gpu_engine: Literal["auto", "fused", "compile", "eager"] = "auto"
-    # The fused engine's tail under torch.compile (4 % faster than eager): background, start or never
-    gpu_tail_compile: Literal["background", "start", "never"] = "background"
+    # RRDBNet's tail under torch.compile instead of the fused kernels' own (slower since those exist):
+    # never, background or start
+    gpu_tail_compile: Literal["background", "start", "never"] = "never"
     gpu_memory_limit_gb: float = Field(0, ge=0)
     cpu_tile: int = Field(128, ge=0)
     cpu_tile_pad: int = Field(5, ge=0)

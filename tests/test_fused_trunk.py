@@ -40,11 +40,11 @@ error = ((got - expected).norm() / expected.norm()).item()
 assert got.shape == expected.shape and error < 1e-4, error
 print("relative error", error)
 
-# RRDBNet's own tail, compiled on a thread of its own, takes over from the eager sub-pixel tail
+# RRDBNet's own tail, compiled on a thread of its own, takes over from the Triton tail
 fused = FusedRRDBNet(model)
-assert fused.tail == fused._subpixel_tail
+assert fused.tail == fused._triton_tail
 fused.compile_tail_in_background(2, [(5, 4), (7, 6)]).join()
-assert fused.tail != fused._subpixel_tail
+assert fused.tail != fused._triton_tail
 with torch.inference_mode():
     compiled = fused(x)
 error = ((compiled - expected).norm() / expected.norm()).item()
@@ -53,8 +53,30 @@ assert error < 1e-4, error
 broken = FusedRRDBNet(model)
 broken._tail = lambda *args: 1 / 0
 broken.compile_tail_in_background(2, [(5, 4)]).join()
-assert broken.tail == broken._subpixel_tail
+assert broken.tail == broken._triton_tail
 print("compiled tail error", error)
+"""
+
+TAIL_CHECK = """
+from torch.nn import functional as F
+from echoshot_ai_server.engine.fused_trunk import PackedConv, pad_frames, unpad_frames, zero_ring
+up = torch.nn.Conv2d(16, 16, 3, padding=1)
+x = torch.randn(2, 16, 5, 7)
+expected = F.leaky_relu(up(F.interpolate(x, scale_factor=2, mode="nearest")), 0.2)
+# the larger buffer: garbage inside (the kernel must write every pixel), zeros only on the ring
+larger = zero_ring(torch.full((2 * 12 * 16, 16), float("nan")), 2, 10, 14)
+PackedConv.up(up, torch.float32)(pad_frames(x, 16), larger, (5, 7), lrelu=True)
+frames = larger.view(2, 12, 16, 16)
+assert not frames.isnan().any() and frames[:, 0].eq(0).all() and frames[:, :, -1].eq(0).all()
+error = ((unpad_frames(larger, 2, 10, 14) - expected).norm() / expected.norm()).item()
+assert error < 1e-5, error
+# conv_last's 3 outputs padded to 16 columns of zeros
+last = torch.nn.Conv2d(16, 3, 3, padding=1)
+out = torch.empty(2 * 7 * 9, 16)
+PackedConv.of(last, torch.float32, outputs=16)(pad_frames(x, 16), out, (5, 7))
+error = ((unpad_frames(out, 2, 5, 7)[:, :3] - last(x)).norm() / last(x).norm()).item()
+assert error < 1e-5 and unpad_frames(out, 2, 5, 7)[:, 3:].eq(0).all(), error
+print("ok")
 """
 
 ENGINE_CHECK = """
@@ -78,19 +100,22 @@ assert set(shapes) == {(2, 3, 10, 14)}, shapes
 # the same engine takes a frame size it has not seen (kernels take the size at run time)
 got, expected = fused.upscale(other_size, 4), eager.upscale(other_size, 4)
 assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
-# and once its tail is compiled (a worker's start-up leaves that to a thread), the same pixels
+# by default the tail runs in the Triton kernels: nothing to compile
 assert eager.compile_tail() is None
 fused.forward = engine_forward
-fused.compile_tail([(14, 10)]).join()
-assert fused.forward.tail != fused.forward._subpixel_tail
-# GPU_TAIL_COMPILE: never (eager only) and start (compiled with the rest, before the worker is ready)
-def with_tail(when):
+assert fused.compile_tail() is None and fused.forward.tail == fused.forward._triton_tail
+# GPU_TAIL_COMPILE: background (RRDBNet's tail compiled on a thread takes over) and start (compiled
+# with the rest, before the worker is ready): the same pixels
+def with_tail(when):  # the same weights as `eager`
+    torch.manual_seed(0)
     return Upscaler(random_model(16, 1, 16), device="cpu", profile=RunProfile(half=False, tile=0, tile_pad=4,
                     fallback_tile=8, batch_frames=2, engine="fused", tail_compile=when))
-never, start = with_tail("never"), with_tail("start")
-assert never.compile_tail() is None and never.forward.tail == never.forward._subpixel_tail
-assert start.compile_tail() is None and start.forward.tail != start.forward._subpixel_tail
-assert np.abs(fused.upscale(other_size, 4).astype(int) - expected.astype(int)).max() <= 1
+background, start = with_tail("background"), with_tail("start")
+background.compile_tail([(14, 10)]).join()
+assert background.forward.tail != background.forward._triton_tail
+assert start.compile_tail() is None and start.forward.tail != start.forward._triton_tail
+for other in (background, start):
+    assert np.abs(other.upscale(other_size, 4).astype(int) - expected.astype(int)).max() <= 1
 print("ok")
 """
 
@@ -106,8 +131,13 @@ def test_fused_trunk_equals_rrdbnet():
     run_in_interpreter(MODEL_CHECK)
 
 
+def test_tail_kernels_put_each_phase_of_the_up_sampling_in_place():
+    # nearest 2x + conv + LeakyReLU written straight into the larger padded buffer, its ring kept zero
+    run_in_interpreter(TAIL_CHECK)
+
+
 def test_fused_engine_equals_the_eager_one_and_keeps_its_shape():
-    # head and tail compiled, batches padded to a fixed shape, the x2 resize after the x4 network
+    # batches padded to a fixed shape, the x2 resize after the x4 network, the tail's three ways
     run_in_interpreter(ENGINE_CHECK)
 
 
@@ -219,8 +249,8 @@ def test_the_measured_tile_shapes_for_hopper_ship_with_the_package(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     entries = json.loads(fused_trunk.measured_defaults().read_text())
     tuned = {(e["key"][0], e["key"][1], e["key"][2]) for e in entries}
-    # every convolution of the fused trunk, in both size classes
-    for cin, cout in ((64, 128), (32, 128), (32, 64), (32, 32), (192, 64), (64, 64)):
+    # every convolution of the fused trunk and tail, in both size classes, keyed as this Triton keys them
+    for cin, cout in ((64, 128), (32, 128), (32, 64), (32, 32), (192, 64), (64, 64), (64, 16)):
         assert {(cin, cout, 0), (cin, cout, 1)} <= tuned
     configs = {tuple(c) for c in fused_trunk.TUNING_CONFIGS}
     for e in entries:  # each one of the configurations the autotuner would have chosen from

@@ -178,9 +178,9 @@ def test_device_profiles():
     assert (cpu.tile, cpu.tile_pad, cpu.fallback_tile, cpu.half, cpu.engine) == (128, 5, 64, False, "eager")
     # the guide's GPU tiles remain one setting away
     assert run_profile(Settings(gpu_tile=256), "gpu").tile == 256
-    # the fused engine's tail compiles in the background unless GPU_TAIL_COMPILE says otherwise
-    assert gpu.tail_compile == "background"
-    assert run_profile(Settings(gpu_tail_compile="never"), "gpu").tail_compile == "never"
+    # the fused engine's tail runs in its Triton kernels, no compiler, unless GPU_TAIL_COMPILE says otherwise
+    assert gpu.tail_compile == "never"
+    assert run_profile(Settings(gpu_tail_compile="background"), "gpu").tail_compile == "background"
 
 
 def test_cpu_upscaler_never_runs_in_half_precision(tiny_checkpoint):

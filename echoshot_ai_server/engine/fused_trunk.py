@@ -12,12 +12,14 @@ conv_(j+1), LeakyReLU'd, straight into the next G channels and leaves partial su
 convolutions in a side buffer. conv5 reads all F + 4G channels and writes `conv * 0.2 + input`
 (for the third RDB also the RRDB's own residual) into the next block's buffer. Every store writes
 zeros on the ring rows, so the padding stays zero. There is no `torch.cat` and no separate
-element-wise kernel in the trunk. Head and up-sampling tail run eagerly through cuDNN, each
-"nearest 2x + 3x3" as one convolution on the smaller image (`subpixel`), until RRDBNet's own tail,
-compiled on a thread of its own (`compile_tail_in_background`), takes over: a worker starts without
-waiting for the compiler and then runs at the compiled speed. The result equals basicsr's RRDBNet
-up to fp16 rounding. Nothing is compiled or tuned per frame size: the kernel takes the size at run
-time, its tile shape is tuned per size class, and the tail is compiled with symbolic sizes.
+element-wise kernel in the trunk. The head (3 -> 64 channels) runs through cuDNN. The up-sampling
+tail runs in the same kernel: each "nearest 2x + 3x3" as four phase convolutions on the smaller
+buffer (`subpixel.phase_weights`) whose results the kernel stores straight into their places in the
+padded buffer at twice the size (`SHUFFLE`), LeakyReLU included; conv_hr and conv_last (its 3 outputs
+padded to 16 columns) follow on that buffer. No compiler is needed anywhere; RRDBNet's own tail under
+torch.compile remains as an option (`compile_tail_in_background`, `compile_head_tail`), slower since.
+The result equals basicsr's RRDBNet up to fp16 rounding. Nothing is compiled or tuned per frame
+size: the kernel takes the size at run time and its tile shape is tuned per size class.
 
 TMA needs compute capability 9.0 (Hopper) or later. Off the GPU, the same kernel runs in Triton's
 interpreter (TRITON_INTERPRET=1), which is how the tests check it.
@@ -38,7 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from echoshot_ai_server.engine.subpixel import UpConv
+from echoshot_ai_server.engine.subpixel import UpConv, phase_weights
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ def conv3x3_kernel(
     b_ptr,  # [COUT] bias, fp32
     out_desc, r1_desc, r2_desc,  # [rows, <= COUT] output and residuals (channel slices of buffers)
     part_desc,  # [rows, <= COUT] partial sums out (dense steps; its first GROW columns are scratch)
+    shuffle_ptr,  # SHUFFLE: the padded flat buffer of the frames at twice the size, [rows at 2x, COUT]
     rows, frame_rows, row_pitch, H, W,  # buffer rows, (H + 2) * (W + 2), W + 2, the frame's size
     size_class,  # read by the autotuner only
     slope, scale, scale2,
@@ -59,8 +62,11 @@ def conv3x3_kernel(
     PRE_RES: tl.constexpr, PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
     PER_SM: tl.constexpr = 0,  # read by the launch grid only
+    SHUFFLE: tl.constexpr = False,  # nearest 2x + this convolution: phase (a, b) = program_id(1) = 2a + b
 ):
     k_steps: tl.constexpr = (CIN + BLOCK_K - 1) // BLOCK_K
+    # SHUFFLE: the weights hold one [9 * CIN, COUT] block per phase, this program computes one phase
+    phase = tl.program_id(1) if SHUFFLE else 0
     # Persistent programs walk over several tiles; the loop nest is then flattened so that the
     # next tile's loads are already in flight during this tile's epilogue.
     for tile in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0), flatten=PERSISTENT):
@@ -73,28 +79,40 @@ def conv3x3_kernel(
             k0 = (step % k_steps) * BLOCK_K
             shift = (tap // 3 - 1) * row_pitch + (tap % 3 - 1)
             a = x_desc.load([row0 + shift, k0])
-            b = w_desc.load([tap * CIN + k0, 0])
+            b = w_desc.load([(phase * 9 + tap) * CIN + k0, 0])
             acc = tl.dot(a, b, acc)
-        acc += tl.load(b_ptr + tl.arange(0, COUT))[None, :]
-        in_frame = (row0 + tl.arange(0, BLOCK_M)) % frame_rows
+        acc += tl.load(b_ptr + phase * COUT + tl.arange(0, COUT))[None, :]
+        row = row0 + tl.arange(0, BLOCK_M)
+        in_frame = row % frame_rows
         y = in_frame // row_pitch
         x = in_frame % row_pitch
         inside = ((y >= 1) & (y <= H) & (x >= 1) & (x <= W))[:, None]
-        if PRE_RES:  # partial sums from earlier dense steps, before the activation
-            acc += r1_desc.load([row0, 0]).to(tl.float32)
-        if PARTIAL:
-            # all columns but the first GROW are partial sums of later convolutions; the first GROW
-            # (this step's own convolution) land in scratch columns (a store at a negative column
-            # would skip them, but negative store coordinates fault on the H100)
-            part_desc.store([row0, 0], tl.where(inside, acc, 0.0).to(part_desc.dtype))
-        if LRELU:
-            acc = tl.where(acc >= 0, acc, acc * slope)
-        if RES1:
-            acc = acc * scale + r1_desc.load([row0, 0]).to(tl.float32)
-        if RES2:
-            acc = acc * scale2 + r2_desc.load([row0, 0]).to(tl.float32)
-        acc = tl.where(inside, acc, 0.0)
-        out_desc.store([row0, 0], acc.to(out_desc.dtype))  # columns past the descriptor's end are clipped
+        if SHUFFLE:
+            # pixel (y, x) of the padded frame becomes (2y - 1 + a, 2x - 1 + b) of the padded frame at 2x,
+            # whose ring rows are left as they are (zeros, see `zero_ring`)
+            if LRELU:
+                acc = tl.where(acc >= 0, acc, acc * slope)
+            frame = (row // frame_rows).to(tl.int64)
+            target = (frame * (2 * H + 2) + 2 * y - 1 + phase // 2) * (2 * W + 2) + 2 * x - 1 + phase % 2
+            columns = tl.arange(0, COUT)[None, :]
+            tl.store(shuffle_ptr + target[:, None] * COUT + columns, acc.to(shuffle_ptr.dtype.element_ty),
+                     mask=inside & (row < rows)[:, None])
+        else:
+            if PRE_RES:  # partial sums from earlier dense steps, before the activation
+                acc += r1_desc.load([row0, 0]).to(tl.float32)
+            if PARTIAL:
+                # all columns but the first GROW are partial sums of later convolutions; the first GROW
+                # (this step's own convolution) land in scratch columns (a store at a negative column
+                # would skip them, but negative store coordinates fault on the H100)
+                part_desc.store([row0, 0], tl.where(inside, acc, 0.0).to(part_desc.dtype))
+            if LRELU:
+                acc = tl.where(acc >= 0, acc, acc * slope)
+            if RES1:
+                acc = acc * scale + r1_desc.load([row0, 0]).to(tl.float32)
+            if RES2:
+                acc = acc * scale2 + r2_desc.load([row0, 0]).to(tl.float32)
+            acc = tl.where(inside, acc, 0.0)
+            out_desc.store([row0, 0], acc.to(out_desc.dtype))  # columns past the descriptor's end are clipped
 
 
 def _set_block_shapes(nargs) -> None:
@@ -138,7 +156,7 @@ def save_tuned(path: Path) -> int:
 
 
 def measured_defaults() -> Path:
-    """Tile shapes tuned on this GPU architecture (tuned/sm90.json: an H200's, 2026-11-27), shipped so
+    """Tile shapes tuned on this GPU architecture (tuned/sm90.json: an H100's, 2026-11-28), shipped so
     that a worker on a machine with empty caches starts without tuning: it only compiles."""
     major, minor = torch.cuda.get_device_capability()
     return Path(__file__).parent / "tuned" / f"sm{major}{minor}.json"
@@ -178,38 +196,54 @@ def _descriptor(t: torch.Tensor) -> TensorDescriptor:
 
 
 class PackedConv:
-    """A 3x3 convolution's weights as the kernel reads them: [9 * CIN, COUT], tap-major."""
+    """A 3x3 convolution's weights as the kernel reads them: [9 * CIN, COUT], tap-major; with
+    `phases` = 4 (nearest 2x + this convolution, see `subpixel.phase_weights`), one such block per phase."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype):
-        cout, cin = weight.shape[:2]
-        self.cin, self.cout = cin, cout
-        self.weight = weight.detach().permute(2, 3, 1, 0).reshape(9 * cin, cout).to(dtype).contiguous()
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, phases: int = 1):
+        cout, cin = weight.shape[0] // phases, weight.shape[1]
+        self.cin, self.cout, self.phases = cin, cout, phases
+        by_phase = weight.detach().reshape(phases, cout, cin, 3, 3).permute(0, 3, 4, 2, 1)
+        self.weight = by_phase.reshape(phases * 9 * cin, cout).to(dtype).contiguous()
         self.bias = bias.detach().float().contiguous()
 
     @classmethod
-    def of(cls, conv: nn.Conv2d, dtype: torch.dtype) -> "PackedConv":
-        return cls(conv.weight, conv.bias, dtype)
+    def of(cls, conv: nn.Conv2d, dtype: torch.dtype, outputs: int | None = None) -> "PackedConv":
+        """`outputs`: pad the output channels with zeros to this many (the kernel's N is a power of two)."""
+        weight, bias = conv.weight, conv.bias
+        if outputs is not None and outputs > conv.out_channels:
+            weight = torch.cat([weight, weight.new_zeros((outputs - conv.out_channels, *weight.shape[1:]))])
+            bias = torch.cat([bias, bias.new_zeros(outputs - conv.out_channels)])
+        return cls(weight, bias, dtype)
+
+    @classmethod
+    def up(cls, conv: nn.Conv2d, dtype: torch.dtype) -> "PackedConv":
+        """Nearest 2x followed by `conv`, as four phases on the smaller image."""
+        return cls(*phase_weights(conv), dtype, phases=4)
 
     def __call__(self, src: torch.Tensor, out: torch.Tensor, frame: tuple[int, int], *, lrelu=False,
                  res1=None, scale=1.0, res2=None, scale2=1.0, pre_res=None, partial=None):
-        """src/out/res: [rows, C] channel slices of padded flat buffers; frame: (H, W)."""
+        """src/out/res: [rows, C] channel slices of padded flat buffers; frame: (H, W). With phases,
+        `out` is the padded flat buffer of the frames at twice the size (its ring rows zero)."""
         h, w = frame
         rows = src.shape[0]
+        shuffle = self.phases > 1
         first_res = pre_res if pre_res is not None else res1
-        descs = [_descriptor(t) for t in (src, self.weight, out, first_res if first_res is not None else out,
-                                           res2 if res2 is not None else out, partial if partial is not None else out)]
-        args = (*descs[:2], self.bias, *descs[2:], rows, (h + 2) * (w + 2), w + 2, h, w, size_class(rows),
+        plain_out = src if shuffle else out  # a descriptor the kernel does not use
+        descs = [_descriptor(t) for t in (src, self.weight, plain_out, first_res if first_res is not None else plain_out,
+                                           res2 if res2 is not None else plain_out,
+                                           partial if partial is not None else plain_out)]
+        args = (*descs[:2], self.bias, *descs[2:], out, rows, (h + 2) * (w + 2), w + 2, h, w, size_class(rows),
                 0.2, scale, scale2)
         flags = dict(CIN=self.cin, COUT=self.cout, LRELU=lrelu, RES1=res1 is not None, RES2=res2 is not None,
-                     PRE_RES=pre_res is not None, PARTIAL=partial is not None)
+                     PRE_RES=pre_res is not None, PARTIAL=partial is not None, SHUFFLE=shuffle)
         if src.is_cuda:
-            conv3x3_tuned[lambda meta: launch_grid(rows, meta)](*args, **flags)
+            conv3x3_tuned[lambda meta: launch_grid(rows, meta) + (self.phases,)](*args, **flags)
         else:
             block_m, block_k = 32, 16
             _set_block_shapes({"BLOCK_M": block_m, "BLOCK_K": block_k, "x_desc": descs[0], "w_desc": descs[1],
                                "out_desc": descs[2], "r1_desc": descs[3], "r2_desc": descs[4], "part_desc": descs[5]})
             # a few programs, each walking over several tiles: the persistent loop is exercised too
-            conv3x3_kernel[(3,)](*args, **flags, BLOCK_M=block_m, BLOCK_K=block_k, PERSISTENT=True)
+            conv3x3_kernel[(3, self.phases)](*args, **flags, BLOCK_M=block_m, BLOCK_K=block_k, PERSISTENT=True)
 
 
 def dense_steps(rdb: nn.Module, feat: int, grow: int, dtype: torch.dtype) -> list[PackedConv]:
@@ -253,6 +287,14 @@ def pad_frames(feat: torch.Tensor, channels: int) -> torch.Tensor:
     return buffer
 
 
+def zero_ring(buffer: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """Zero the one-pixel ring around each frame of a padded flat buffer (its inside is left as it is)."""
+    frames = buffer.view(n, h + 2, w + 2, buffer.shape[1])
+    for ring in (frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]):
+        ring.zero_()
+    return buffer
+
+
 def unpad_frames(buffer: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
     """A padded flat buffer -> (N, C, H, W) in the channels-last memory format."""
     c = buffer.shape[1]
@@ -282,7 +324,7 @@ class FusedRRDBNet(nn.Module):
 
     def __init__(self, model: nn.Module, compile_head_tail: bool = False):
         """`compile_head_tail`: RRDBNet's own head and tail under `torch.compile` (symbolic sizes)
-        instead of eagerly with the sub-pixel up-sampling (kept to compare them: BENCHMARKS.md)."""
+        instead of the Triton tail and cuDNN's head (kept to compare them: BENCHMARKS.md)."""
         super().__init__()
         self.model = model
         self.dtype = dtype = model.conv_first.weight.dtype
@@ -294,9 +336,14 @@ class FusedRRDBNet(nn.Module):
         ]
         self.conv_body = PackedConv.of(model.conv_body, dtype)
         self.head = torch.compile(self._head, dynamic=True) if compile_head_tail else self._head
-        self.tail = torch.compile(self._tail, dynamic=True) if compile_head_tail else self._subpixel_tail
-        if not compile_head_tail:  # the eager tail's up-sampling weights (4x conv_up1's and conv_up2's)
-            self.up1, self.up2 = UpConv(model.conv_up1), UpConv(model.conv_up2)
+        self.tail = torch.compile(self._tail, dynamic=True) if compile_head_tail else self._triton_tail
+        # the tail in the fused kernels: each "nearest 2x + conv" in four phases (their results put in
+        # place by the kernel), conv_last's 3 outputs padded to 16 columns
+        self.up1, self.up2 = PackedConv.up(model.conv_up1, dtype), PackedConv.up(model.conv_up2, dtype)
+        self.conv_hr = PackedConv.of(model.conv_hr, dtype)
+        self.conv_last = PackedConv.of(model.conv_last, dtype, outputs=max(16, triton.next_power_of_2(
+            model.conv_last.out_channels)))
+        self.cudnn_up1, self.cudnn_up2 = UpConv(model.conv_up1), UpConv(model.conv_up2)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return pad_frames(self.model.conv_first(x), self.feat)
@@ -311,7 +358,7 @@ class FusedRRDBNet(nn.Module):
     def compile_tail_in_background(self, n: int, sizes) -> threading.Thread:
         """Compile RRDBNet's own tail (`torch.compile`, symbolic sizes, run on a batch of `n` frames
         of each (width, height) of `sizes`, one per size class) on a thread of its own, and serve it
-        once it has run. Until then, or if compiling fails, the eager sub-pixel tail serves."""
+        once it has run. Until then, or if compiling fails, the Triton tail serves."""
         compiled = torch.compile(self._tail, dynamic=True)
 
         def compile_and_switch() -> None:
@@ -333,9 +380,26 @@ class FusedRRDBNet(nn.Module):
         return thread
 
     def _subpixel_tail(self, trunk: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+        """The tail through cuDNN, the up-sampling as sub-pixel convolutions (kept to compare: bench/tail.py)."""
         m = self.model
-        feat = self.up2(self.up1(unpad_frames(trunk, n, h, w)))
+        feat = self.cudnn_up2(self.cudnn_up1(unpad_frames(trunk, n, h, w)))
         return m.conv_last(m.lrelu(m.conv_hr(feat)))
+
+    def _triton_tail(self, trunk: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+        """The tail on padded flat buffers, in the trunk's kernel: no compiler, no element-wise pass."""
+        feat = trunk
+        for up in (self.up1, self.up2):
+            larger = zero_ring(torch.empty((n * (2 * h + 2) * (2 * w + 2), self.feat), dtype=self.dtype,
+                                           device=trunk.device), n, 2 * h, 2 * w)
+            up(feat, larger, (h, w), lrelu=True)
+            feat, h, w = larger, 2 * h, 2 * w
+        hr = torch.empty_like(feat)
+        self.conv_hr(feat, hr, (h, w), lrelu=True)
+        del feat  # its memory serves conv_last's output
+        out = torch.empty((hr.shape[0], self.conv_last.cout), dtype=self.dtype, device=trunk.device)
+        self.conv_last(hr, out, (h, w))
+        channels = self.model.conv_last.out_channels
+        return out.view(n, h + 2, w + 2, -1)[:, 1:h + 1, 1:w + 1, :channels].permute(0, 3, 1, 2)
 
     def trunk(self, feat_padded: torch.Tensor, frame: tuple[int, int]) -> torch.Tensor:
         """conv_body(body(feat)) + feat on padded flat buffers [rows, F]."""

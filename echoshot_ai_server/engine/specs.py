@@ -7,8 +7,8 @@ from typing import Literal
 Device = Literal["gpu", "cpu"]
 # How whole frames run on the GPU: fused Triton trunk (Hopper and later), torch.compile, or plain PyTorch.
 Engine = Literal["auto", "fused", "compile", "eager"]
-# When the fused engine's tail is compiled: on a thread after start-up (the eager sub-pixel tail serves
-# until then), before the worker is ready, or never (eager only)
+# Whether RRDBNet's tail is compiled to replace the fused engine's Triton tail: on a thread after
+# start-up (the Triton tail serves until then), before the worker is ready, or never (the Triton tail)
 TailCompile = Literal["background", "start", "never"]
 
 # The scale rule, once: the x4 network's own scale, and 2 (its result resized with Lanczos, as

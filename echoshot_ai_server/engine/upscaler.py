@@ -29,9 +29,10 @@ from echoshot_ai_server.engine.tiling import plan_forward, tile_windows
 
 log = logging.getLogger(__name__)
 
-# One frame size per size class of the fused engine (see fused_trunk.SIZE_CLASS_ROWS), in a full
-# batch of 4: what a worker tunes and compiles at start-up.
-WARM_UP_SIZES = ((640, 480), (1280, 720))
+# What a worker tunes and compiles at start-up: frame sizes that, in a full batch of 4, meet every
+# convolution of the fused engine in each size class it can fall in (fused_trunk.SIZE_CLASS_ROWS;
+# the tail's convolutions run on 4 and 16 times the rows, so small frames have classes of their own).
+WARM_UP_SIZES = ((176, 144), (640, 480), (1280, 720))
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,10 @@ class RunProfile:
     bf16: bool = False  # bfloat16 (on the CPU only: AVX-512 BF16 or AMX multiply it at up to twice the fp32 rate)
     batch_frames: int = 1
     engine: Engine = "eager"
-    # The fused engine's tail: eager with the sub-pixel up-sampling until RRDBNet's own tail, compiled
-    # on a thread once the worker is ready, takes over ("background"); head and tail under
-    # torch.compile before it is ready ("start": the start-up waits for the compiler); eager only
-    # ("never": about 4 % slower, no compiler at all). BENCHMARKS.md.
-    tail_compile: TailCompile = "background"
+    # The fused engine's tail: its own Triton kernels, no compiler at all ("never", the fastest);
+    # RRDBNet's own tail compiled on a thread once the worker is ready, taking over from them
+    # ("background"); head and tail under torch.compile before it is ready ("start"). BENCHMARKS.md.
+    tail_compile: TailCompile = "never"
     memory_budget_bytes: int | None = None  # None: no plan (the CPU)
     pre_pad: int = 0
     # None: as suits the device (channels-last and the x2 resize on the GPU); tests force them on the CPU
@@ -72,7 +72,7 @@ def resolve_engine(requested: Engine, model: nn.Module, device: torch.device) ->
     return "compile"
 
 
-def build_forward(engine: Engine, model: nn.Module, tail_compile: TailCompile = "background"):
+def build_forward(engine: Engine, model: nn.Module, tail_compile: TailCompile = "never"):
     """The callable that runs whole frames through `model` with the given engine."""
     if engine == "compile":
         # torch.compile fuses the element-wise work between the convolutions; symbolic sizes, so
