@@ -3,7 +3,7 @@ Triton kernels (what a worker runs from its first frame), eager with the sub-pix
 cuDNN (what served before), RRDBNet's own under torch.compile from the start, and the eager head with
 the tail compiled in the background. For each: the first batch of each frame size (compilation
 included), the model alone in frames per second at 640x480 and 1280x720 (batch 4, x4) and how far
-its pixels are from eager fp16 RRDBNet's.
+its pixels are from eager fp16 RRDBNet's, and the peak memory of a batch per input pixel.
 
     KERNEL_CACHE_DIR=... python bench/tail.py --json PATH
 """
@@ -26,12 +26,15 @@ from echoshot_ai_server.engine.fused_trunk import FusedRRDBNet, load_tuned, meas
 
 MFLOP_PER_PIXEL = 35.85
 SIZES = ((640, 480), (1280, 720), (854, 480), (1920, 1080), (176, 144))
+VARIANTS = ("Triton tail", "cuDNN sub-pixel", "torch.compile", "compiled in the background")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="a comma-separated choice of: " + ", ".join(VARIANTS))
     args = parser.parse_args()
+    variants = [name for name in args.variants.split(",") if name in VARIANTS]
     settings = Settings()
     [upscaler] = load_engine(settings, "gpu")
     tuned = tuned_file(settings)
@@ -43,10 +46,9 @@ def main() -> int:
               for size in SIZES}
     eager = upscaler.model
     outputs = {}
-    variants = ("Triton tail", "sub-pixel, cuDNN", "torch.compile", "compiled in the background")
     for name in variants:
         upscaler.forward = FusedRRDBNet(eager, compile_head_tail=name == "torch.compile")
-        if name == "sub-pixel, cuDNN":
+        if name == "cuDNN sub-pixel":
             upscaler.forward.tail = upscaler.forward._subpixel_tail
         row = {"first_batch_s": {}, "fps": {}}
         if name == "compiled in the background":
@@ -60,6 +62,14 @@ def main() -> int:
             row["first_batch_s"][f"{size[0]}x{size[1]}"] = round(time.perf_counter() - started, 2)
             outputs.setdefault(size, {})[name] = out
         for size in SIZES[:2]:
+            # peak memory of a batch beyond what is held before it (weights, frames), per input pixel
+            torch.cuda.synchronize()
+            held = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            upscaler.upscale_tensor(frames[size], 4)
+            torch.cuda.synchronize()
+            row.setdefault("peak_bytes_per_input_pixel", {})[f"{size[0]}x{size[1]}"] = round(
+                (torch.cuda.max_memory_allocated() - held) / (4 * size[0] * size[1]))
             times = []
             for _ in range(8):
                 started = time.perf_counter()
