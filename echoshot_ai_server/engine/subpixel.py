@@ -6,6 +6,8 @@ window around (i, j) in which some taps coincide: they are summed into one kerne
 The four kernels run as one convolution with 4x the output channels (a GEMM four times wider,
 which the GPU runs closer to its peak than 64 columns) and a pixel shuffle puts the phases in
 place. Same arithmetic, no 4x-larger input tensor, and nothing to compile: cuDNN runs it eagerly.
+The fused engine's tail runs the same phase weights in its own kernel, which stores each phase's
+pixels in place itself (`fused_trunk.PackedConv.up`); `UpConv` is the cuDNN version.
 """
 
 import torch
