@@ -218,27 +218,40 @@ def test_kernel_cache_folders_are_keyed_by_gpu_and_versions(monkeypatch, tmp_pat
 
 
 def test_tuned_tile_shapes_are_kept_between_processes(tmp_path):
+    import json
+
     import triton
 
     from echoshot_ai_server.engine import fused_trunk
 
-    saved = dict(fused_trunk.conv3x3_tuned.cache)
+    saved, saved_autotuner = dict(fused_trunk.TUNED), dict(fused_trunk.conv3x3_tuned.cache)
     try:
+        fused_trunk.TUNED.clear()
         fused_trunk.conv3x3_tuned.cache.clear()
-        key = (64, 128, 0, "torch.float32")
-        fused_trunk.conv3x3_tuned.cache[key] = triton.Config({"BLOCK_M": 256, "BLOCK_K": 64, "PERSISTENT": True,
-                                                              "PER_SM": 1}, num_warps=8, num_stages=3)
-        assert fused_trunk.save_tuned(tmp_path / "tuned.json") == 1
+        fused_trunk.TUNED[(64, 128, 0)] = triton.Config({"BLOCK_M": 256, "BLOCK_K": 64, "PERSISTENT": True, "PER_SM": 1},
+                                                        num_warps=8, num_stages=3)
+        # a shape the autotuner tuned in this process, under its own key (the argument dtypes appended)
+        fused_trunk.conv3x3_tuned.cache[(32, 64, 1, "torch.float32", "torch.float16")] = triton.Config(
+            {"BLOCK_M": 128, "BLOCK_K": 32, "PERSISTENT": False, "PER_SM": 0}, num_warps=4, num_stages=4)
+        assert fused_trunk.save_tuned(tmp_path / "tuned.json") == 2
 
-        fused_trunk.conv3x3_tuned.cache.clear()  # a new process
-        assert fused_trunk.load_tuned(tmp_path / "tuned.json") == 1
-        config = fused_trunk.conv3x3_tuned.cache[key]
+        fused_trunk.TUNED.clear()  # a new process
+        fused_trunk.conv3x3_tuned.cache.clear()
+        assert fused_trunk.load_tuned(tmp_path / "tuned.json") == 2
+        config = fused_trunk.TUNED[(64, 128, 0)]
         assert config.kwargs["BLOCK_M"] == 256 and (config.num_warps, config.num_stages) == (8, 3)
-        assert config.pre_hook is fused_trunk._set_block_shapes  # the descriptors still get their block shape
+        assert fused_trunk.TUNED[(32, 64, 1)].kwargs["BLOCK_M"] == 128
+        # a file written under another Triton's key format is read by the layer's shape all the same
+        older = [{"key": [192, 64, 0, "torch.float32"], "kwargs": {"BLOCK_M": 128, "BLOCK_K": 64, "PERSISTENT": False,
+                                                                 "PER_SM": 0}, "num_warps": 4, "num_stages": 4}]
+        (tmp_path / "older.json").write_text(json.dumps(older))
+        assert fused_trunk.load_tuned(tmp_path / "older.json") == 3 and (192, 64, 0) in fused_trunk.TUNED
         assert fused_trunk.load_tuned(tmp_path / "none.json") == 0
     finally:
+        fused_trunk.TUNED.clear()
+        fused_trunk.TUNED.update(saved)
         fused_trunk.conv3x3_tuned.cache.clear()
-        fused_trunk.conv3x3_tuned.cache.update(saved)
+        fused_trunk.conv3x3_tuned.cache.update(saved_autotuner)
 
 
 def test_the_measured_tile_shapes_for_hopper_ship_with_the_package(monkeypatch):

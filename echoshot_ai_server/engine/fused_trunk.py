@@ -115,6 +115,9 @@ def conv3x3_kernel(
             out_desc.store([row0, 0], acc.to(out_desc.dtype))  # columns past the descriptor's end are clipped
 
 
+DESCRIPTORS = ("x_desc", "w_desc", "out_desc", "r1_desc", "r2_desc", "part_desc")
+
+
 def _set_block_shapes(nargs) -> None:
     """Descriptors carry their block shape: set it to the configuration being run."""
     block_m, block_k = nargs["BLOCK_M"], nargs["BLOCK_K"]
@@ -143,11 +146,21 @@ conv3x3_tuned = triton.autotune(
 )(conv3x3_kernel)
 
 
+# Tile shapes known for a convolution (CIN, COUT, size class): launched with them directly, without
+# the autotuner on the way. Keyed by the layer's shape alone, so that a file of them stays valid
+# whatever else a Triton version puts into its autotuner's keys (argument dtypes, for one).
+TUNED: dict[tuple[int, int, int], triton.Config] = {}
+
+
 def save_tuned(path: Path) -> int:
-    """Write the tile shapes tuned so far to `path` (JSON); returns how many. Triton keeps no tuning
-    results on disk for kernels whose configurations carry a pre-hook, as these do."""
+    """Write the tile shapes known so far (loaded, or tuned in this process) to `path` (JSON);
+    returns how many. Triton keeps no tuning results on disk for kernels whose configurations carry
+    a pre-hook, as these do."""
+    known = dict(TUNED)
+    for key, cfg in conv3x3_tuned.cache.items():
+        known.setdefault(tuple(key[:3]), cfg)
     entries = [{"key": list(key), "kwargs": cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-               for key, cfg in conv3x3_tuned.cache.items()]
+               for key, cfg in known.items()]
     # Workers of one host (one per GPU) share the file: it is replaced whole, never seen half written.
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     partial.write_text(json.dumps(entries))
@@ -164,13 +177,13 @@ def measured_defaults() -> Path:
 
 def load_tuned(path: Path) -> int:
     """Take the tile shapes tuned by an earlier process on the same GPU and versions (`save_tuned`),
-    so that they are not tuned again. Returns how many."""
+    so that they are not tuned again. Returns how many are known."""
     if not path.is_file():
         return 0
     for entry in json.loads(path.read_text()):
-        conv3x3_tuned.cache[tuple(entry["key"])] = triton.Config(
-            entry["kwargs"], num_warps=entry["num_warps"], num_stages=entry["num_stages"], pre_hook=_set_block_shapes)
-    return len(conv3x3_tuned.cache)
+        TUNED[tuple(entry["key"][:3])] = triton.Config(entry["kwargs"], num_warps=entry["num_warps"],
+                                                       num_stages=entry["num_stages"])
+    return len(TUNED)
 
 
 # Tile shapes are tuned once per convolution and size class, not per frame size: a video of a
@@ -236,14 +249,18 @@ class PackedConv:
                 0.2, scale, scale2)
         flags = dict(CIN=self.cin, COUT=self.cout, LRELU=lrelu, RES1=res1 is not None, RES2=res2 is not None,
                      PRE_RES=pre_res is not None, PARTIAL=partial is not None, SHUFFLE=shuffle)
-        if src.is_cuda:
-            conv3x3_tuned[lambda meta: launch_grid(rows, meta) + (self.phases,)](*args, **flags)
-        else:
-            block_m, block_k = 32, 16
-            _set_block_shapes({"BLOCK_M": block_m, "BLOCK_K": block_k, "x_desc": descs[0], "w_desc": descs[1],
-                               "out_desc": descs[2], "r1_desc": descs[3], "r2_desc": descs[4], "part_desc": descs[5]})
+        if not src.is_cuda:
             # a few programs, each walking over several tiles: the persistent loop is exercised too
-            conv3x3_kernel[(3, self.phases)](*args, **flags, BLOCK_M=block_m, BLOCK_K=block_k, PERSISTENT=True)
+            config = triton.Config({"BLOCK_M": 32, "BLOCK_K": 16, "PERSISTENT": True})
+            grid = (3, self.phases)
+        elif (config := TUNED.get((self.cin, self.cout, size_class(rows)))) is not None:
+            grid = launch_grid(rows, config.kwargs) + (self.phases,)
+        else:  # a shape with no tuned tile yet: the autotuner picks one, used directly from then on
+            conv3x3_tuned[lambda meta: launch_grid(rows, meta) + (self.phases,)](*args, **flags)
+            TUNED[(self.cin, self.cout, size_class(rows))] = conv3x3_tuned.best_config
+            return
+        _set_block_shapes({**config.kwargs, **dict(zip(DESCRIPTORS, descs))})
+        conv3x3_kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def dense_steps(rdb: nn.Module, feat: int, grow: int, dtype: torch.dtype) -> list[PackedConv]:
