@@ -262,7 +262,7 @@ def test_the_measured_tile_shapes_for_hopper_ship_with_the_package(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     entries = json.loads(fused_trunk.measured_defaults().read_text())
     tuned = {(e["key"][0], e["key"][1], e["key"][2]) for e in entries}
-    # every convolution of the fused trunk and tail, in both size classes, keyed as this Triton keys them
+    # every convolution of the fused trunk and tail, in both size classes
     for cin, cout in ((64, 128), (32, 128), (32, 64), (32, 32), (192, 64), (64, 64), (64, 16)):
         assert {(cin, cout, 0), (cin, cout, 1)} <= tuned
     configs = {tuple(c) for c in fused_trunk.TUNING_CONFIGS}

@@ -128,8 +128,8 @@ def _set_block_shapes(nargs) -> None:
         nargs[name].block_shape = [block_m, cout]
 
 
-# On the GPU the tile shape is autotuned once per layer shape (and kept in Triton's cache directory
-# where this Triton can); in the interpreter (tests) a fixed one is used.
+# On the GPU a layer shape whose tile shape is not known yet (`TUNED`) is autotuned once over these;
+# in the interpreter (tests) a fixed one is used.
 TUNING_CONFIGS = [  # (BLOCK_M, BLOCK_K, warps, stages, programs per SM; 0 = one program per tile)
     (256, 32, 4, 4, 0), (256, 32, 8, 4, 0), (256, 64, 8, 3, 0), (256, 64, 4, 3, 0),
     (256, 32, 4, 6, 0), (256, 32, 4, 8, 0), (256, 64, 4, 5, 0), (256, 32, 8, 6, 0),
