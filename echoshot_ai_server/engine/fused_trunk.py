@@ -239,13 +239,14 @@ class PackedConv:
         `out` is the padded flat buffer of the frames at twice the size (its ring rows zero)."""
         h, w = frame
         rows = src.shape[0]
+        klass = size_class(rows)
         shuffle = self.phases > 1
         first_res = pre_res if pre_res is not None else res1
         plain_out = src if shuffle else out  # a descriptor the kernel does not use
         descs = [_descriptor(t) for t in (src, self.weight, plain_out, first_res if first_res is not None else plain_out,
                                            res2 if res2 is not None else plain_out,
                                            partial if partial is not None else plain_out)]
-        args = (*descs[:2], self.bias, *descs[2:], out, rows, (h + 2) * (w + 2), w + 2, h, w, size_class(rows),
+        args = (*descs[:2], self.bias, *descs[2:], out, rows, (h + 2) * (w + 2), w + 2, h, w, klass,
                 0.2, scale, scale2)
         flags = dict(CIN=self.cin, COUT=self.cout, LRELU=lrelu, RES1=res1 is not None, RES2=res2 is not None,
                      PRE_RES=pre_res is not None, PARTIAL=partial is not None, SHUFFLE=shuffle)
@@ -253,11 +254,11 @@ class PackedConv:
             # a few programs, each walking over several tiles: the persistent loop is exercised too
             config = triton.Config({"BLOCK_M": 32, "BLOCK_K": 16, "PERSISTENT": True})
             grid = (3, self.phases)
-        elif (config := TUNED.get((self.cin, self.cout, size_class(rows)))) is not None:
+        elif (config := TUNED.get((self.cin, self.cout, klass))) is not None:
             grid = launch_grid(rows, config.kwargs) + (self.phases,)
         else:  # a shape with no tuned tile yet: the autotuner picks one, used directly from then on
             conv3x3_tuned[lambda meta: launch_grid(rows, meta) + (self.phases,)](*args, **flags)
-            TUNED[(self.cin, self.cout, size_class(rows))] = conv3x3_tuned.best_config
+            TUNED[(self.cin, self.cout, klass)] = conv3x3_tuned.best_config
             return
         _set_block_shapes({**config.kwargs, **dict(zip(DESCRIPTORS, descs))})
         conv3x3_kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
@@ -360,7 +361,7 @@ class FusedRRDBNet(nn.Module):
         self.conv_hr = PackedConv.of(model.conv_hr, dtype)
         self.conv_last = PackedConv.of(model.conv_last, dtype, outputs=max(16, triton.next_power_of_2(
             model.conv_last.out_channels)))
-        self.cudnn_up1, self.cudnn_up2 = UpConv(model.conv_up1), UpConv(model.conv_up2)
+        self.cudnn_up: tuple[UpConv, UpConv] | None = None  # built by `_subpixel_tail`, only if it runs
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return pad_frames(self.model.conv_first(x), self.feat)
@@ -399,7 +400,9 @@ class FusedRRDBNet(nn.Module):
     def _subpixel_tail(self, trunk: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
         """The tail through cuDNN, the up-sampling as sub-pixel convolutions (kept to compare: bench/tail.py)."""
         m = self.model
-        feat = self.cudnn_up2(self.cudnn_up1(unpad_frames(trunk, n, h, w)))
+        if self.cudnn_up is None:
+            self.cudnn_up = UpConv(m.conv_up1), UpConv(m.conv_up2)
+        feat = self.cudnn_up[1](self.cudnn_up[0](unpad_frames(trunk, n, h, w)))
         return m.conv_last(m.lrelu(m.conv_hr(feat)))
 
     def _triton_tail(self, trunk: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
