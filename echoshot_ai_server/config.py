@@ -45,8 +45,9 @@ class Settings(BaseSettings):
     audio_bitrate: str = "128k"
     ten_bit_codec: Literal["h264", "hevc"] = "h264"  # results of sources deeper than 8 bits: High 10 or Main 10
     # Videos longer than twice this are encoded as parts of this many seconds by up to 4 encoders at
-    # once, then joined without encoding again (0: one encoder). For GPU hosts where one x264 process
-    # cannot keep pace with the model (docs/operations.md); each part starts with a keyframe.
+    # once, then joined without encoding again (0: one encoder). For hosts where one x264 process
+    # leaves cores idle; no gain on an H100 host's 16 vCPUs (docs/operations.md). Each part starts
+    # with a keyframe.
     encode_part_s: float = Field(0, ge=0)
 
     # Input limits, sized for the guide's tiers (up to 4K sources, 10 minutes, 8K results)

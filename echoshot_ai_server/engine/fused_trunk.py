@@ -375,7 +375,7 @@ class FusedRRDBNet(nn.Module):
 
     def compile_tail_in_background(self, n: int, sizes) -> threading.Thread:
         """Compile RRDBNet's own tail (`torch.compile`, symbolic sizes, run on a batch of `n` frames
-        of each (width, height) of `sizes`, one per size class) on a thread of its own, and serve it
+        of each (width, height) of `sizes`) on a thread of its own, and serve it
         once it has run. Until then, or if compiling fails, the Triton tail serves."""
         compiled = torch.compile(self._tail, dynamic=True)
 

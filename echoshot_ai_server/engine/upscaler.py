@@ -118,9 +118,10 @@ class Upscaler:
 
     def warm_up(self, sizes=WARM_UP_SIZES, tuned: Path | None = None) -> float:
         """Tune and compile the engine before the first job: one full batch of each (width, height),
-        one size per size class. `tuned`: a file that keeps the fused engine's tuned tile shapes
-        between processes (read first, written after). Nothing to do for the plain PyTorch engine.
-        Returns the seconds spent. The fused engine's tail is compiled afterwards (`compile_tail`)."""
+        sizes that meet every kernel in every size class. `tuned`: a file that keeps the fused
+        engine's tuned tile shapes between processes (read first, written after). Nothing to do for
+        the plain PyTorch engine. Returns the seconds spent. With GPU_TAIL_COMPILE=background, RRDBNet's
+        tail is compiled afterwards (`compile_tail`)."""
         if self.engine == "eager":
             return 0.0
         started = time.monotonic()

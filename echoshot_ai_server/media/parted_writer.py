@@ -3,9 +3,10 @@ encoding again (with the source's audio and subtitles), for machines where one x
 keep every core busy.
 
 One x264 process holds its look-ahead and frame threads in flight (about 70 frames with `medium` on
-16 cores) and leaves cores idle: at 2560x1920 it encodes 21 frames/s with about 11 of 16 cores busy
+16 cores) and leaves cores idle: at 2560x1920 it encodes 16-21 frames/s with 11-12 of 16 cores busy
 (BENCHMARKS.md), below the model's 26, and once the last frame is in, it still has its whole
-look-ahead to encode (2-3 s). Here each part of `part_s` seconds goes to an encoder of its own, and a
+look-ahead to encode (2-3 s). Where x264 needs every core anyway (2560x1920 `medium` on 16 vCPUs,
+measured), parts do not make a job faster; they pay where cores stay idle. Here each part of `part_s` seconds goes to an encoder of its own, and a
 finished part drains while the next ones take frames (up to `finishing_at_once` finished parts beside
 the one taking frames). The last `part_s` is cut into halving parts, so that little is left to encode
 after the last frame. Every part starts with a keyframe; the encoder settings are the job's; frames
