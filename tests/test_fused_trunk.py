@@ -79,6 +79,25 @@ assert error < 1e-5 and unpad_frames(out, 2, 5, 7)[:, 3:].eq(0).all(), error
 print("ok")
 """
 
+RECORD_CHECK = """
+from echoshot_ai_server.engine.fused_trunk import FusedRRDBNet, distinct_launches, launches_recorded
+model = random_model(64, 2, 32)
+fused = FusedRRDBNet(model)
+with launches_recorded() as launches, torch.no_grad():
+    fused(torch.rand(2, 3, 9, 11))
+    fused(torch.rand(2, 3, 6, 5))  # another size: the same kernels
+# per size: 2 blocks x 3 dense blocks x (4 dense steps + conv5), conv_body, the tail's 4 convolutions
+assert len(launches) == 2 * (2 * 3 * 5 + 1 + 4), len(launches)
+# distinct kernels: the 4 dense steps, conv5 with one residual and with two, conv_body, the
+# up-sampling (both), conv_hr, conv_last
+assert len(distinct_launches(launches)) == 10, len(distinct_launches(launches))
+with torch.no_grad():  # and once no longer recording, the kernels run again
+    expected = model(torch.rand(1, 3, 5, 4).fill_(0.5))
+    got = fused(torch.rand(1, 3, 5, 4).fill_(0.5))
+assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+print("ok")
+"""
+
 ENGINE_CHECK = """
 frames = np.random.default_rng(1).integers(0, 256, (3, 10, 14, 3), dtype=np.uint8)
 other_size = np.random.default_rng(2).integers(0, 256, (2, 7, 19, 3), dtype=np.uint8)
@@ -134,6 +153,11 @@ def test_fused_trunk_equals_rrdbnet():
 def test_tail_kernels_put_each_phase_of_the_up_sampling_in_place():
     # nearest 2x + conv + LeakyReLU written straight into the larger padded buffer, its ring kept zero
     run_in_interpreter(TAIL_CHECK)
+
+
+def test_a_dry_pass_records_each_kernel_to_compile_once():
+    # the warm-up compiles the recorded kernels side by side before running anything
+    run_in_interpreter(RECORD_CHECK)
 
 
 def test_fused_engine_equals_the_eager_one_and_keeps_its_shape():

@@ -25,12 +25,14 @@ TMA needs compute capability 9.0 (Hopper) or later. Off the GPU, the same kernel
 interpreter (TRITON_INTERPRET=1), which is how the tests check it.
 """
 
+import contextlib
 import inspect
 import json
 import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -144,6 +146,40 @@ conv3x3_tuned = triton.autotune(
     key=["CIN", "COUT", "size_class"],
     **_CACHE_RESULTS,
 )(conv3x3_kernel)
+
+
+# While set (`launches_recorded`), launches with known tile shapes are recorded instead of run, so
+# that their kernels can be compiled side by side (`compile_launches`) before anything runs.
+_recorded: list | None = None
+
+
+@contextlib.contextmanager
+def launches_recorded():
+    """Record, instead of running, every fused-kernel launch whose tile shape is known; yields the list."""
+    global _recorded
+    _recorded = []
+    try:
+        yield _recorded
+    finally:
+        _recorded = None
+
+
+def distinct_launches(launches: list) -> list:
+    """One recorded launch per kernel specialisation: its constants, configuration and descriptors."""
+    distinct = {}
+    for grid, args, kwargs in launches:
+        descriptors = tuple((tuple(d.block_shape), tuple(d.strides)) for d in args if isinstance(d, TensorDescriptor))
+        distinct.setdefault((tuple(sorted(kwargs.items())), descriptors), (grid, args, kwargs))
+    return list(distinct.values())
+
+
+def compile_launches(launches: list, workers: int) -> int:
+    """Compile the kernels of recorded launches on `workers` threads (Triton's code generation and
+    ptxas run without the interpreter lock), each distinct specialisation once. Returns how many."""
+    distinct = distinct_launches(launches)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="compile") as pool:
+        list(pool.map(lambda launch: conv3x3_kernel.warmup(*launch[1], grid=launch[0], **launch[2]), distinct))
+    return len(distinct)
 
 
 # Tile shapes known for a convolution (CIN, COUT, size class): launched with them directly, without
@@ -261,7 +297,11 @@ class PackedConv:
             TUNED[(self.cin, self.cout, klass)] = conv3x3_tuned.best_config
             return
         _set_block_shapes({**config.kwargs, **dict(zip(DESCRIPTORS, descs))})
-        conv3x3_kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        launch = dict(**flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        if _recorded is not None:
+            _recorded.append((grid, args, launch))
+            return
+        conv3x3_kernel[grid](*args, **launch)
 
 
 def dense_steps(rdb: nn.Module, feat: int, grow: int, dtype: torch.dtype) -> list[PackedConv]:
