@@ -91,6 +91,9 @@ assert len(launches) == 2 * (2 * 3 * 5 + 1 + 4), len(launches)
 # distinct kernels: the 4 dense steps, conv5 with one residual and with two, conv_body, the
 # up-sampling (both), conv_hr, conv_last
 assert len(distinct_launches(launches)) == 10, len(distinct_launches(launches))
+# the tail's convolutions take the larger size class's tile shapes whatever the frame's size
+assert {conv.tuned_class for conv in (fused.up1, fused.up2, fused.conv_hr, fused.conv_last)} == {1}
+assert {args[13] for _, args, _ in launches[-4:]} == {1}, [args[13] for _, args, _ in launches[-4:]]
 with torch.no_grad():  # and once no longer recording, the kernels run again
     expected = model(torch.rand(1, 3, 5, 4).fill_(0.5))
     got = fused(torch.rand(1, 3, 5, 4).fill_(0.5))

@@ -248,26 +248,29 @@ class PackedConv:
     """A 3x3 convolution's weights as the kernel reads them: [9 * CIN, COUT], tap-major; with
     `phases` = 4 (nearest 2x + this convolution, see `subpixel.phase_weights`), one such block per phase."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, phases: int = 1):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, phases: int = 1,
+                 tuned_class: int | None = None):
+        """`tuned_class`: run with this size class's tile shape whatever the rows (None: by the rows)."""
         cout, cin = weight.shape[0] // phases, weight.shape[1]
-        self.cin, self.cout, self.phases = cin, cout, phases
+        self.cin, self.cout, self.phases, self.tuned_class = cin, cout, phases, tuned_class
         by_phase = weight.detach().reshape(phases, cout, cin, 3, 3).permute(0, 3, 4, 2, 1)
         self.weight = by_phase.reshape(phases * 9 * cin, cout).to(dtype).contiguous()
         self.bias = bias.detach().float().contiguous()
 
     @classmethod
-    def of(cls, conv: nn.Conv2d, dtype: torch.dtype, outputs: int | None = None) -> "PackedConv":
+    def of(cls, conv: nn.Conv2d, dtype: torch.dtype, outputs: int | None = None,
+           tuned_class: int | None = None) -> "PackedConv":
         """`outputs`: pad the output channels with zeros to this many (the kernel's N is a power of two)."""
         weight, bias = conv.weight, conv.bias
         if outputs is not None and outputs > conv.out_channels:
             weight = torch.cat([weight, weight.new_zeros((outputs - conv.out_channels, *weight.shape[1:]))])
             bias = torch.cat([bias, bias.new_zeros(outputs - conv.out_channels)])
-        return cls(weight, bias, dtype)
+        return cls(weight, bias, dtype, tuned_class=tuned_class)
 
     @classmethod
-    def up(cls, conv: nn.Conv2d, dtype: torch.dtype) -> "PackedConv":
+    def up(cls, conv: nn.Conv2d, dtype: torch.dtype, tuned_class: int | None = None) -> "PackedConv":
         """Nearest 2x followed by `conv`, as four phases on the smaller image."""
-        return cls(*phase_weights(conv), dtype, phases=4)
+        return cls(*phase_weights(conv), dtype, phases=4, tuned_class=tuned_class)
 
     def __call__(self, src: torch.Tensor, out: torch.Tensor, frame: tuple[int, int], *, lrelu=False,
                  res1=None, scale=1.0, res2=None, scale2=1.0, pre_res=None, partial=None):
@@ -275,7 +278,7 @@ class PackedConv:
         `out` is the padded flat buffer of the frames at twice the size (its ring rows zero)."""
         h, w = frame
         rows = src.shape[0]
-        klass = size_class(rows)
+        klass = size_class(rows) if self.tuned_class is None else self.tuned_class
         shuffle = self.phases > 1
         first_res = pre_res if pre_res is not None else res1
         plain_out = src if shuffle else out  # a descriptor the kernel does not use
@@ -396,11 +399,13 @@ class FusedRRDBNet(nn.Module):
         self.head = torch.compile(self._head, dynamic=True) if compile_head_tail else self._head
         self.tail = torch.compile(self._tail, dynamic=True) if compile_head_tail else self._triton_tail
         # the tail in the fused kernels: each "nearest 2x + conv" in four phases (their results put in
-        # place by the kernel), conv_last's 3 outputs padded to 16 columns
-        self.up1, self.up2 = PackedConv.up(model.conv_up1, dtype), PackedConv.up(model.conv_up2, dtype)
-        self.conv_hr = PackedConv.of(model.conv_hr, dtype)
+        # place by the kernel), conv_last's 3 outputs padded to 16 columns. They run on 4 to 16 times
+        # the input's rows, so always with the larger size class's tile shapes: fewer kernels to compile.
+        large = len(SIZE_CLASS_ROWS)
+        self.up1, self.up2 = (PackedConv.up(conv, dtype, tuned_class=large) for conv in (model.conv_up1, model.conv_up2))
+        self.conv_hr = PackedConv.of(model.conv_hr, dtype, tuned_class=large)
         self.conv_last = PackedConv.of(model.conv_last, dtype, outputs=max(16, triton.next_power_of_2(
-            model.conv_last.out_channels)))
+            model.conv_last.out_channels)), tuned_class=large)
         self.cudnn_up: tuple[UpConv, UpConv] | None = None  # built by `_subpixel_tail`, only if it runs
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 # What a worker tunes and compiles at start-up: frame sizes that, in a full batch of 4, meet every
 # convolution of the fused engine in each size class it can fall in (fused_trunk.SIZE_CLASS_ROWS;
-# the tail's convolutions run on 4 and 16 times the rows, so small frames have classes of their own).
-WARM_UP_SIZES = ((176, 144), (640, 480), (1280, 720))
+# the tail's convolutions always take the larger class).
+WARM_UP_SIZES = ((640, 480), (1280, 720))
 
 
 @dataclass(frozen=True)
