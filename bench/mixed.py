@@ -21,10 +21,9 @@ Clips are Mandelbrot zooms with film grain and a tone (bench/run.py's stand-in f
 
 import time
 
-PROCESS_STARTED = time.monotonic()
-
 import argparse  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -32,6 +31,10 @@ from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+from echoshot_ai_server.uptime import process_started  # noqa: E402
+
+PROCESS_STARTED = process_started()  # the interpreter's start and imports before this line count too
 
 # (width, height, seconds, scale) at 24 frames/s: small, phone portrait and landscape, 720p, 1080p, odd
 SEQUENCE = [
@@ -65,6 +68,8 @@ def ours(args, sequence) -> dict:
     from echoshot_ai_server.app.wiring import encoder_settings, load_engine, tuned_file
     from echoshot_ai_server.config import Settings
 
+    # the worker's log lines, timed from the process's start (the start-up's stages, graphs captured)
+    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0f ms %(name)s: %(message)s")
     settings = Settings(ffmpeg_bin=args.ffmpeg, ffprobe_bin=args.ffprobe)
     [upscaler] = load_engine(settings, "gpu")
     warm_up_s = upscaler.warm_up(tuned=tuned_file(settings))

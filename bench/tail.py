@@ -37,6 +37,7 @@ def main() -> int:
     variants = [name for name in args.variants.split(",") if name in VARIANTS]
     settings = Settings()
     [upscaler] = load_engine(settings, "gpu")
+    upscaler.graphs = None  # the variants below swap the forward pass; graphs would keep the first one's
     tuned = tuned_file(settings)
     if not (tuned is not None and load_tuned(tuned)):
         load_tuned(measured_defaults())

@@ -1,8 +1,8 @@
 """The `echoshot` command: upscale a local file, check the environment."""
 
-import time
+from echoshot_ai_server.uptime import process_started
 
-PROCESS_STARTED = time.monotonic()  # before the heavy imports below: a worker's start-up time counts them
+PROCESS_STARTED = process_started()  # a worker's start-up time counts the interpreter's start and every import
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -10,6 +10,7 @@ import logging  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 import uuid  # noqa: E402
 from datetime import datetime
 from pathlib import Path

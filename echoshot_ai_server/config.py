@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     # RRDBNet's tail under torch.compile instead of the fused kernels' own (slower since those exist):
     # never, background or start
     gpu_tail_compile: Literal["background", "start", "never"] = "never"
+    # Small batches (up to 4 frames of 320x240) of the fused engine replayed as CUDA graphs: one launch
+    # instead of ~350; their shared memory pool is kept out of the memory plan
+    gpu_cuda_graphs: bool = True
     gpu_memory_limit_gb: float = Field(0, ge=0)
     cpu_tile: int = Field(128, ge=0)
     cpu_tile_pad: int = Field(5, ge=0)

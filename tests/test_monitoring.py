@@ -137,3 +137,11 @@ def test_not_ready_until_the_engine_is_warmed_up(stack):
         worker.request_stop()
         runner.join(timeout=60)
     assert not runner.is_alive()
+
+
+def test_start_up_time_counts_from_the_process_start_not_from_our_first_import():
+    # whatever runs before the package is imported (the interpreter, torch's import) is start-up time too
+    code = ("import time; time.sleep(0.8); from echoshot_ai_server.uptime import process_started; "
+            "print(time.monotonic() - process_started())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert 0.8 <= float(out.stdout) < 30, out.stdout

@@ -181,6 +181,9 @@ def test_device_profiles():
     # the fused engine's tail runs in its Triton kernels, no compiler, unless GPU_TAIL_COMPILE says otherwise
     assert gpu.tail_compile == "never"
     assert run_profile(Settings(gpu_tail_compile="background"), "gpu").tail_compile == "background"
+    # small batches replayed as CUDA graphs unless GPU_CUDA_GRAPHS turns them off; never on the CPU
+    assert gpu.cuda_graphs and not run_profile(Settings(gpu_cuda_graphs=False), "gpu").cuda_graphs
+    assert not cpu.cuda_graphs
 
 
 def test_cpu_upscaler_never_runs_in_half_precision(tiny_checkpoint):

@@ -164,6 +164,10 @@ def launches_recorded():
         _recorded = None
 
 
+def recording() -> bool:
+    return _recorded is not None
+
+
 def distinct_launches(launches: list) -> list:
     """One recorded launch per kernel specialisation: its constants, configuration and descriptors."""
     distinct = {}

@@ -23,10 +23,11 @@ from torch.nn import functional as F
 
 from echoshot_ai_server.engine.colour import rgb_to_i420
 from echoshot_ai_server.engine.device import DeviceOutOfMemory, gpu_memory_budget, is_out_of_memory
+from echoshot_ai_server.engine.graphs import GRAPH_MAX_PIXELS, GraphedForward
 from echoshot_ai_server.engine.models import check_digest, load_model, read_state_dict
 from echoshot_ai_server.engine.resize import lanczos_half
 from echoshot_ai_server.engine.specs import Device, Engine, ModelSpec, TailCompile, scale_problem
-from echoshot_ai_server.engine.tiling import plan_forward, tile_windows
+from echoshot_ai_server.engine.tiling import BYTES_PER_INPUT_PIXEL, plan_forward, tile_windows
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class RunProfile:
     # RRDBNet's own tail compiled on a thread once the worker is ready, taking over from them
     # ("background"); head and tail under torch.compile before it is ready ("start"). BENCHMARKS.md.
     tail_compile: TailCompile = "never"
+    # The fused engine's small batches replayed as CUDA graphs (engine/graphs.py; its own tail only)
+    cuda_graphs: bool = False
     memory_budget_bytes: int | None = None  # None: no plan (the CPU)
     pre_pad: int = 0
     # None: as suits the device (channels-last and the x2 resize on the GPU); tests force them on the CPU
@@ -116,6 +119,16 @@ class Upscaler:
         self.fixed_shapes = self.engine != "eager"
         self.batch_frames = profile.batch_frames
         self.model_scale = model_scale
+        self.plan_budget = profile.memory_budget_bytes
+        self.graphs = None
+        reserve = GRAPH_MAX_PIXELS * BYTES_PER_INPUT_PIXEL  # what the graphs' shared memory pool may hold
+        if (self.engine == "fused" and on_gpu and profile.cuda_graphs and profile.tail_compile == "never"
+                and (self.plan_budget is None or self.plan_budget >= 4 * reserve)):
+            from echoshot_ai_server.engine.fused_trunk import recording
+
+            self.graphs = GraphedForward(lambda x: self.forward(x), bypass=recording)
+            if self.plan_budget is not None:
+                self.plan_budget -= reserve
 
     def warm_up(self, sizes=WARM_UP_SIZES, tuned: Path | None = None) -> float:
         """Tune and compile the engine before the first job: one full batch of each (width, height),
@@ -237,7 +250,7 @@ class Upscaler:
         per_pass, tile = len(frames), self.profile.tile
         if tile <= 0:
             per_pass, tile = plan_forward(self.batch_frames, frames.shape[1], frames.shape[2],
-                                          tile_pad=self.profile.tile_pad, budget_bytes=self.profile.memory_budget_bytes)
+                                          tile_pad=self.profile.tile_pad, budget_bytes=self.plan_budget)
         try:
             out = self._run_passes(frames, tile, per_pass, max_value)
         except Exception as exc:
@@ -286,7 +299,8 @@ class Upscaler:
         n, c, h, w = x.shape
         windows = tile_windows(h, w, tile, self.profile.tile_pad, scale)
         if len(windows) == 1:
-            out = self.forward(x)  # the engine runs whole frames; tiles (edge tiles vary in shape) run eagerly
+            # the engine runs whole frames (small batches as CUDA graphs); tiles (edge tiles vary in shape) run eagerly
+            out = self.graphs(x) if self.graphs is not None else self.forward(x)
         else:
             out = x.new_zeros((n, c, h * scale, w * scale)).contiguous(memory_format=self.memory_format)
             for win in windows:

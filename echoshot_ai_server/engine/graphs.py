@@ -1,0 +1,89 @@
+"""Small batches replayed as CUDA graphs.
+
+The fused engine launches about 350 kernels per forward pass, each prepared in Python. For a batch
+of small frames that costs the CPU more time than the kernels cost the GPU (4 frames of 176x144:
+about 40 ms of launches for about 15 ms of GPU work), so the GPU waits. Such batches are captured
+once per input shape as a CUDA graph and replayed with a single launch. Larger batches are launched
+as they are: there the GPU is the bottleneck, and a graph would keep its working memory (thousands
+of bytes per pixel) for as long as it lives.
+
+All graphs share one memory pool, so together they hold about what the largest of them needs. That
+is safe because they are replayed one at a time and each result is copied out before the next replay.
+"""
+
+import logging
+import threading
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Batches of at most this many input pixels are replayed as graphs: below it the kernels' launches,
+# not the GPU, set the pace (4 frames of 320x240; BENCHMARKS.md). Their shared pool then takes about
+# this many pixels' worth of the engine's working memory (tiling.BYTES_PER_INPUT_PIXEL each).
+GRAPH_MAX_PIXELS = 4 * 320 * 240
+GRAPHS_KEPT = 8  # the least recently used graph goes beyond this many input shapes
+
+
+def capture_cuda_graph(forward: Callable[[torch.Tensor], torch.Tensor], static_input: torch.Tensor, pool):
+    """Capture `forward(static_input)` as a CUDA graph: (replay, its output tensor)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = forward(static_input)
+    return graph.replay, output
+
+
+class GraphedForward:
+    """`forward` with small input shapes replayed as CUDA graphs (see the module's docstring).
+
+    The first batch of a shape runs as it is (kernels load, tile shapes get tuned, cuDNN picks its
+    algorithm), the second is captured, every later one replayed. A shape whose capture fails runs
+    as it is from then on. `capture` is the capturing function (CUDA graphs; tests pass their own)."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], *, max_pixels: int = GRAPH_MAX_PIXELS,
+                 keep: int = GRAPHS_KEPT, capture=capture_cuda_graph, bypass: Callable[[], bool] = lambda: False):
+        """`bypass`: while it returns True, every batch runs as it is (the warm-up's dry pass)."""
+        self.forward, self.max_pixels, self.keep = forward, max_pixels, keep
+        self.capture, self.bypass = capture, bypass
+        self.seen: set = set()
+        self.failed: set = set()
+        self.graphs: OrderedDict = OrderedDict()  # key -> (static input, replay, output)
+        self.pool = None
+        self.lock = threading.Lock()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        key = (tuple(x.shape), x.stride(), x.dtype, x.device)
+        if n * h * w > self.max_pixels or key in self.failed or self.bypass():
+            return self.forward(x)
+        with self.lock:
+            entry = self.graphs.get(key)
+            if entry is None:
+                if key not in self.seen:
+                    self.seen.add(key)
+                    return self.forward(x)
+                entry = self._capture(key, x)
+                if entry is None:
+                    return self.forward(x)
+            self.graphs.move_to_end(key)
+            static_input, replay, output = entry
+            static_input.copy_(x)
+            replay()
+            return output.clone()
+
+    def _capture(self, key, x: torch.Tensor):
+        if self.pool is None and x.device.type == "cuda":
+            self.pool = torch.cuda.graph_pool_handle()
+        static_input = x.clone()
+        try:
+            replay, output = self.capture(self.forward, static_input, self.pool)
+        except Exception:  # the batch is as right without a graph, only slower
+            log.warning("capturing a CUDA graph for input %s failed; it runs without one", tuple(x.shape), exc_info=True)
+            self.failed.add(key)
+            return None
+        if len(self.graphs) >= self.keep:
+            self.graphs.popitem(last=False)
+        self.graphs[key] = (static_input, replay, output)
+        return self.graphs[key]

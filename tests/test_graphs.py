@@ -1,0 +1,100 @@
+"""Small batches replayed as CUDA graphs: which batches are captured, when, and what comes back.
+
+CI has no GPU, so `capture` is given a CPU stand-in with a CUDA graph's semantics: the forward pass
+is recorded on a static input and every replay overwrites the same static output."""
+
+import logging
+
+import torch
+from torch import nn
+
+from echoshot_ai_server.engine.graphs import GraphedForward
+
+
+class Recorder:
+    def __init__(self, fail=False):
+        self.captures, self.replays, self.fail = [], 0, fail
+
+    def __call__(self, forward, static_input, pool):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captures.append(tuple(static_input.shape))
+        output = forward(static_input)
+
+        def replay():
+            self.replays += 1
+            output.copy_(forward(static_input))
+
+        return replay, output
+
+
+class Counted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.calls = nn.Conv2d(3, 3, 3, padding=1), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.conv(x)
+
+
+def frames(n, h, w, seed):
+    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_a_shape_runs_as_it_is_once_then_is_captured_and_replayed():
+    model, capture = Counted(), Recorder()
+    graphed = GraphedForward(model, max_pixels=4 * 8 * 8, capture=capture)
+    batches = [frames(4, 8, 8, seed) for seed in range(4)]
+    results = [graphed(x) for x in batches]
+    # first: the plain forward pass (kernels load, tile shapes get tuned); second: captured; then replays
+    assert capture.captures == [(4, 3, 8, 8)] and capture.replays == 3
+    for x, got in zip(batches, results):  # each result is the model's for its own input
+        assert torch.allclose(got, model.conv(x), atol=1e-6)
+    # a result handed out earlier is a copy: later replays do not overwrite it
+    assert not torch.allclose(results[1], results[2])
+
+
+@torch.no_grad()
+def test_large_batches_are_never_captured_and_the_least_recent_graph_goes():
+    model, capture = Counted(), Recorder()
+    graphed = GraphedForward(model, max_pixels=2 * 8 * 8, keep=2, capture=capture)
+    for _ in range(3):
+        graphed(frames(4, 8, 8, 0))  # 256 pixels: above the limit
+    assert capture.captures == []
+    for h in (4, 5, 6):
+        graphed(frames(2, h, 8, 0))
+        graphed(frames(2, h, 8, 1))
+    assert capture.captures == [(2, 3, 4, 8), (2, 3, 5, 8), (2, 3, 6, 8)]
+    assert [key[0] for key in graphed.graphs] == [(2, 3, 5, 8), (2, 3, 6, 8)]
+    got = graphed(frames(2, 4, 8, 2))  # evicted, already seen: captured again at once
+    assert capture.captures[-1] == (2, 3, 4, 8) and torch.allclose(got, model.conv(frames(2, 4, 8, 2)), atol=1e-6)
+
+
+@torch.no_grad()
+def test_a_failed_capture_leaves_that_shape_to_the_plain_forward_pass(caplog):
+    model = Counted()
+    graphed = GraphedForward(model, max_pixels=10**6, capture=Recorder(fail=True))
+    x = frames(1, 8, 8, 0)
+    with caplog.at_level(logging.WARNING):
+        outputs = [graphed(x) for _ in range(4)]
+    assert all(torch.allclose(out, model.conv(x), atol=1e-6) for out in outputs)
+    assert len(graphed.failed) == 1 and not graphed.graphs
+    assert sum("capturing a CUDA graph" in r.getMessage() for r in caplog.records) == 1  # tried once only
+
+
+@torch.no_grad()
+def test_while_bypassed_nothing_is_captured():
+    # the warm-up's dry pass records kernel launches instead of running them: nothing to capture
+    bypassed = [True]
+    capture = Recorder()
+    graphed = GraphedForward(Counted(), max_pixels=10**6, capture=capture, bypass=lambda: bypassed[0])
+    for _ in range(3):
+        graphed(frames(1, 8, 8, 0))
+    assert capture.captures == [] and not graphed.seen
+    bypassed[0] = False
+    graphed(frames(1, 8, 8, 0))
+    graphed(frames(1, 8, 8, 0))
+    assert capture.captures == [(1, 3, 8, 8)]
