@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.run import make_clip, psnr  # noqa: E402
 from echoshot_ai_server.config import Settings  # noqa: E402
-from echoshot_ai_server.engine.models import build_model, load_model  # noqa: E402
+from echoshot_ai_server.engine.models import load_model, reference_model  # noqa: E402
 from echoshot_ai_server.engine.specs import X4PLUS  # noqa: E402
 from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler  # noqa: E402
 from echoshot_ai_server.media.probe import probe  # noqa: E402
@@ -32,7 +32,7 @@ from echoshot_ai_server.media.reader import FrameReader  # noqa: E402
 
 
 def guide(weights: Path):
-    model = build_model(X4PLUS.arch)  # first: it makes realesrgan importable
+    model = reference_model(X4PLUS.arch)  # basicsr's RRDBNet; first: it makes realesrgan importable
     from realesrgan import RealESRGANer
 
     enhancer = RealESRGANer(scale=4, model_path=str(weights), model=model, tile=128, tile_pad=5,

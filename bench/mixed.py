@@ -169,13 +169,15 @@ def script_one_clip(source: Path, scale: int, ffmpeg: str, out: Path) -> None:
     """inference_realesrgan_video.py's method on one clip (a process of its own)."""
     import numpy as np
     import torch
-    from realesrgan import RealESRGANer
 
-    from echoshot_ai_server.engine.models import build_model
+    from echoshot_ai_server.engine.models import reference_model
     from echoshot_ai_server.engine.specs import X4PLUS
 
+    model = reference_model(X4PLUS.arch)  # basicsr's RRDBNet, as the script builds it
+    from realesrgan import RealESRGANer
+
     weights = Path(os.environ.get("WEIGHTS_DIR", "weights")) / "RealESRGAN_x4plus.pth"
-    enhancer = RealESRGANer(scale=4, model_path=str(weights), model=build_model(X4PLUS.arch), tile=0, tile_pad=10,
+    enhancer = RealESRGANer(scale=4, model_path=str(weights), model=model, tile=0, tile_pad=10,
                             pre_pad=0, half=True, device=torch.device("cuda"))
     probe = json.loads(subprocess.run([ffmpeg.replace("ffmpeg", "ffprobe"), "-v", "error", "-select_streams", "v:0",
                                        "-show_entries", "stream=width,height,r_frame_rate", "-of", "json", str(source)],

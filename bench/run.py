@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from echoshot_ai_server.config import Settings  # noqa: E402
 from echoshot_ai_server.app.pipeline import upscale_video  # noqa: E402
-from echoshot_ai_server.engine.models import build_model  # noqa: E402
+from echoshot_ai_server.engine.models import build_model, reference_model  # noqa: E402
 from echoshot_ai_server.engine.specs import X4PLUS  # noqa: E402
 from echoshot_ai_server.engine.upscaler import load_upscalers  # noqa: E402
 from echoshot_ai_server.app.wiring import run_profile  # noqa: E402
@@ -114,11 +114,12 @@ def decode(path: Path, limit: int | None = None) -> list[np.ndarray]:
 
 # -- the guide's design, as written --------------------------------------------------------
 def seed_enhancer(weights: Path, device: str):
+    model = reference_model(X4PLUS.arch)  # basicsr's RRDBNet, as the guide builds it
     from realesrgan import RealESRGANer
 
     gpu = device == "cuda"
     return RealESRGANer(
-        scale=4, model_path=str(weights), model=build_model(X4PLUS.arch), tile=256 if gpu else 128,
+        scale=4, model_path=str(weights), model=model, tile=256 if gpu else 128,
         tile_pad=10 if gpu else 5, pre_pad=0, half=gpu, device=torch.device(device),
     )
 
@@ -209,11 +210,12 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def reference_frames(weights: Path, frames: list[np.ndarray], scale: int, device: str) -> list[np.ndarray]:
     """fp32 RealESRGANer (the guide's tiles) on the same frames."""
+    model = reference_model(X4PLUS.arch)
     from realesrgan import RealESRGANer
 
     gpu = device == "cuda"
     reference = RealESRGANer(
-        scale=4, model_path=str(weights), model=build_model(X4PLUS.arch), tile=256 if gpu else 128,
+        scale=4, model_path=str(weights), model=model, tile=256 if gpu else 128,
         tile_pad=10 if gpu else 5, pre_pad=0, half=False, device=torch.device(device),
     )
     return [reference.enhance(frame, outscale=scale)[0] for frame in frames]

@@ -15,7 +15,7 @@ import torch
 from types import SimpleNamespace
 
 from echoshot_ai_server.dev.local import CallbackReceiver, MotoServer, create_bucket, create_queue_with_dlq
-from echoshot_ai_server.engine.models import build_model
+from echoshot_ai_server.engine.models import build_model, reference_model
 from echoshot_ai_server.engine.specs import RRDBNetArch
 from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler
 
@@ -152,7 +152,7 @@ def _quiet_logs(caplog):
 
 def reference_enhancer(checkpoint: Path, arch: RRDBNetArch, *, tile: int, tile_pad: int, pre_pad: int = 0):
     """realesrgan's own RealESRGANer, fp32 on the CPU: the reference our pixels must equal."""
-    model = build_model(arch)  # also installs the torchvision shim that realesrgan's import needs
+    model = reference_model(arch)  # basicsr's own network; realesrgan importable after it
     from realesrgan import RealESRGANer
 
     return RealESRGANer(

@@ -9,7 +9,8 @@ import pytest
 from conftest import BUCKET, decode_frames, psnr, reference_enhancer
 from echoshot_ai_server.app.wiring import load_engine, load_models
 from echoshot_ai_server.config import Settings
-from echoshot_ai_server.engine.models import build_model
+from echoshot_ai_server.engine.models import build_model, reference_model
+from echoshot_ai_server.engine.specs import RRDBNetArch, SRVGGNetArch
 from echoshot_ai_server.engine.specs import MODELS, X4PLUS
 from echoshot_ai_server.errors import ErrorCode, PermanentError
 from test_upscaler import random_frames
@@ -33,6 +34,40 @@ def test_each_model_equals_realesrganer_with_its_architecture(shared_weights_dir
     diff = np.abs(out.astype(int) - expected.astype(int))
     assert out.shape == (36 * outscale, 140 * outscale, 3)
     assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+
+
+@pytest.mark.parametrize("arch", [
+    RRDBNetArch(num_feat=16, num_block=2, num_grow_ch=8), RRDBNetArch(num_feat=16, num_block=1, num_grow_ch=8, scale=2),
+    SRVGGNetArch(num_feat=16, num_conv=3, scale=4, act_type="prelu"),
+    SRVGGNetArch(num_feat=8, num_conv=2, scale=2, act_type="leakyrelu"), SRVGGNetArch(num_feat=8, num_conv=1, act_type="relu"),
+], ids=repr)
+def test_our_networks_are_basicsr_and_realesrgan_s_to_the_parameter_names_and_outputs(arch):
+    import torch
+
+    ours, reference = build_model(arch).eval(), reference_model(arch).eval()
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for tensor in reference.state_dict().values():
+            tensor.copy_(torch.randn_like(tensor) * 0.1)
+        ours.load_state_dict(reference.state_dict(), strict=True)
+        x = torch.rand(2, 3, 12, 20)
+        assert torch.allclose(ours(x), reference(x), atol=1e-6)
+
+
+def test_a_worker_imports_neither_torchvision_nor_basicsr():
+    # they cost seconds of every worker's start-up (more on a cold disk); the networks are our own
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    code = ("import sys; from echoshot_ai_server.app import wiring, pipeline; from echoshot_ai_server.engine import "
+            "fused_trunk, models; from echoshot_ai_server import cli; from echoshot_ai_server.engine.specs import X4PLUS; "
+            "models.build_model(X4PLUS.arch); print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torchvision', 'basicsr', 'realesrgan')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_each_model_is_listed_once_with_a_cost_that_matches_its_network():

@@ -18,7 +18,7 @@ buffer (`subpixel.phase_weights`) whose results the kernel stores straight into 
 padded buffer at twice the size (`SHUFFLE`), LeakyReLU included; conv_hr and conv_last (its 3 outputs
 padded to 16 columns) follow on that buffer. No compiler is needed anywhere; RRDBNet's own tail under
 torch.compile remains as an option (`compile_tail_in_background`, `compile_head_tail`), slower since.
-The result equals basicsr's RRDBNet up to fp16 rounding. Nothing is compiled or tuned per frame
+The result equals RRDBNet's up to fp16 rounding. Nothing is compiled or tuned per frame
 size: the kernel takes the size at run time and its tile shape is tuned per size class.
 
 TMA needs compute capability 9.0 (Hopper) or later. Off the GPU, the same kernel runs in Triton's
@@ -385,7 +385,7 @@ def fused_unsupported_reason(model: nn.Module, device: torch.device) -> str | No
 
 
 class FusedRRDBNet(nn.Module):
-    """basicsr's RRDBNet (scale 4) with its trunk run by the fused kernels. Input/output as RRDBNet's."""
+    """RRDBNet (scale 4) with its trunk run by the fused kernels. Input/output as RRDBNet's."""
 
     def __init__(self, model: nn.Module, compile_head_tail: bool = False):
         """`compile_head_tail`: RRDBNet's own head and tail under `torch.compile` (symbolic sizes)

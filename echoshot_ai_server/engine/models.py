@@ -1,4 +1,4 @@
-"""Building the networks (basicsr's RRDBNet, Real-ESRGAN's SRVGGNetCompact) and loading their
+"""Building the networks (RRDBNet, Real-ESRGAN's SRVGGNetCompact: engine/archs.py) and loading their
 weights strictly from a local file whose digest is known."""
 
 import hashlib
@@ -8,34 +8,39 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from echoshot_ai_server.engine.archs import RRDBNet, SRVGGNetCompact
 from echoshot_ai_server.engine.specs import RRDBNetArch, SRVGGNetArch
 
 
-def _import_rrdbnet():
-    # basicsr 1.4.2 imports a torchvision module that was removed in torchvision 0.17.
+def build_model(arch: RRDBNetArch | SRVGGNetArch) -> nn.Module:
+    """The network of this shape with random weights."""
+    if isinstance(arch, SRVGGNetArch):
+        return SRVGGNetCompact(num_in_ch=3, num_out_ch=3, num_feat=arch.num_feat, num_conv=arch.num_conv,
+                               upscale=arch.scale, act_type=arch.act_type)
+    return RRDBNet(num_in_ch=3, num_out_ch=3, num_feat=arch.num_feat, num_block=arch.num_block,
+                   num_grow_ch=arch.num_grow_ch, scale=arch.scale)
+
+
+def reference_model(arch: RRDBNetArch | SRVGGNetArch) -> nn.Module:
+    """basicsr's RRDBNet or realesrgan's SRVGGNetCompact of this shape, random weights: the guide's
+    design and the references that tests and benchmarks compare with (the worker never imports
+    them). realesrgan is importable afterwards: basicsr 1.4.2 imports a torchvision module that was
+    removed in torchvision 0.17, which this puts back."""
     try:
         import torchvision.transforms.functional_tensor  # noqa: F401
     except ImportError:
         import torchvision.transforms.functional as functional
 
         sys.modules["torchvision.transforms.functional_tensor"] = functional
-    from basicsr.archs.rrdbnet_arch import RRDBNet
-
-    return RRDBNet
-
-
-def build_model(arch: RRDBNetArch | SRVGGNetArch) -> nn.Module:
-    """The network of this shape with random weights (also makes realesrgan importable)."""
-    rrdbnet = _import_rrdbnet()
     if isinstance(arch, SRVGGNetArch):
-        from realesrgan.archs.srvgg_arch import SRVGGNetCompact
+        from realesrgan.archs.srvgg_arch import SRVGGNetCompact as Reference
 
-        return SRVGGNetCompact(num_in_ch=3, num_out_ch=3, num_feat=arch.num_feat, num_conv=arch.num_conv,
-                               upscale=arch.scale, act_type=arch.act_type)
-    return rrdbnet(
-        num_in_ch=3, num_out_ch=3, num_feat=arch.num_feat, num_block=arch.num_block, num_grow_ch=arch.num_grow_ch,
-        scale=arch.scale,
-    )
+        return Reference(num_in_ch=3, num_out_ch=3, num_feat=arch.num_feat, num_conv=arch.num_conv,
+                         upscale=arch.scale, act_type=arch.act_type)
+    from basicsr.archs.rrdbnet_arch import RRDBNet as Reference
+
+    return Reference(num_in_ch=3, num_out_ch=3, num_feat=arch.num_feat, num_block=arch.num_block,
+                     num_grow_ch=arch.num_grow_ch, scale=arch.scale)
 
 
 def check_digest(path: Path, known: tuple[str, ...]) -> None:

@@ -23,7 +23,7 @@ def scale_problem(scale: object) -> str | None:
 
 @dataclass(frozen=True)
 class RRDBNetArch:
-    """basicsr's RRDBNet hyper-parameters (3 colour channels in and out)."""
+    """RRDBNet's hyper-parameters (3 colour channels in and out)."""
 
     num_feat: int = 64
     num_block: int = 23

@@ -1,6 +1,6 @@
 """Real-ESRGAN inference: a batch of frames in, a batch of upscaled frames out.
 
-The model is basicsr's RRDBNet. Tiling follows realesrgan's RealESRGANer exactly (tile / tile_pad /
+The model is RRDBNet (engine/archs.py). Tiling follows realesrgan's RealESRGANer exactly (tile / tile_pad /
 pre_pad, same windows, same rounding), so the pixels are Real-ESRGAN's; outputs at scale 2 are the
 x4 result resized with Lanczos, as RealESRGANer does for `outscale=2`.
 
