@@ -186,6 +186,18 @@ def test_device_profiles():
     assert not cpu.cuda_graphs
 
 
+def test_the_graphs_memory_pool_is_kept_out_of_the_memory_plan():
+    from echoshot_ai_server.engine.graphs import GRAPH_MAX_PIXELS
+    from echoshot_ai_server.engine.tiling import BYTES_PER_INPUT_PIXEL
+    from echoshot_ai_server.engine.upscaler import budget_with_graphs
+
+    pool = GRAPH_MAX_PIXELS * BYTES_PER_INPUT_PIXEL
+    assert budget_with_graphs(40 * 2**30, True) == (True, 40 * 2**30 - pool)
+    assert budget_with_graphs(40 * 2**30, False) == (False, 40 * 2**30)
+    assert budget_with_graphs(3 * pool, True) == (False, 3 * pool)  # a small GPU_MEMORY_LIMIT_GB: no graphs
+    assert budget_with_graphs(None, True) == (True, None)
+
+
 def test_cpu_upscaler_never_runs_in_half_precision(tiny_checkpoint):
     upscaler = Upscaler(load_model(tiny_checkpoint, TINY_ARCH), device="cpu", profile=RunProfile(half=True, tile=16, tile_pad=2, fallback_tile=8))
     assert upscaler.half is False

@@ -89,6 +89,16 @@ def build_forward(engine: Engine, model: nn.Module, tail_compile: TailCompile = 
     return model
 
 
+def budget_with_graphs(budget: int | None, wanted: bool) -> tuple[bool, int | None]:
+    """Whether small batches run as CUDA graphs, and the memory left for the plan of every batch:
+    the graphs' shared pool (up to GRAPH_MAX_PIXELS pixels' worth) is kept aside; a budget under
+    four times that has no room for graphs."""
+    reserve = GRAPH_MAX_PIXELS * BYTES_PER_INPUT_PIXEL
+    if not wanted or (budget is not None and budget < 4 * reserve):
+        return False, budget
+    return True, None if budget is None else budget - reserve
+
+
 class Upscaler:
     """A loaded Real-ESRGAN model and the way it is run (device, precision, tiles).
 
@@ -119,20 +129,18 @@ class Upscaler:
         self.fixed_shapes = self.engine != "eager"
         self.batch_frames = profile.batch_frames
         self.model_scale = model_scale
-        self.plan_budget = profile.memory_budget_bytes
         self.graphs = None
-        reserve = GRAPH_MAX_PIXELS * BYTES_PER_INPUT_PIXEL  # what the graphs' shared memory pool may hold
-        if (self.engine == "fused" and on_gpu and profile.cuda_graphs and profile.tail_compile == "never"
-                and (self.plan_budget is None or self.plan_budget >= 4 * reserve)):
+        graphs = self.engine == "fused" and on_gpu and profile.cuda_graphs and profile.tail_compile == "never"
+        graphs, self.plan_budget = budget_with_graphs(profile.memory_budget_bytes, graphs)
+        if graphs:
             from echoshot_ai_server.engine.fused_trunk import recording
 
             self.graphs = GraphedForward(lambda x: self.forward(x), bypass=recording)
-            if self.plan_budget is not None:
-                self.plan_budget -= reserve
 
     def warm_up(self, sizes=WARM_UP_SIZES, tuned: Path | None = None) -> float:
         """Tune and compile the engine before the first job: one full batch of each (width, height),
-        sizes that meet every kernel in every size class. `tuned`: a file that keeps the fused
+        sizes that meet every kernel in every size class (the fused engine's kernels compiled side by
+        side before, from a dry pass that records their launches). `tuned`: a file that keeps the fused
         engine's tuned tile shapes between processes (read first, written after). Nothing to do for
         the plain PyTorch engine. Returns the seconds spent. With GPU_TAIL_COMPILE=background, RRDBNet's
         tail is compiled afterwards (`compile_tail`)."""
