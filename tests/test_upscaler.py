@@ -183,6 +183,7 @@ def test_device_profiles():
     assert run_profile(Settings(gpu_tail_compile="background"), "gpu").tail_compile == "background"
     # small batches replayed as CUDA graphs unless GPU_CUDA_GRAPHS turns them off; never on the CPU
     assert gpu.cuda_graphs and not run_profile(Settings(gpu_cuda_graphs=False), "gpu").cuda_graphs
+    assert not run_profile(Settings(gpu_worker_count=2), "gpu").cuda_graphs  # two jobs at once on one GPU
     assert not cpu.cuda_graphs
 
 

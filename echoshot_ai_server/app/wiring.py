@@ -236,7 +236,9 @@ def run_profile(settings: Settings, device: Device) -> RunProfile:
     if device == "gpu":
         return RunProfile(settings.gpu_tile, settings.gpu_tile_pad, settings.gpu_tile_fallback, half=True,
                           batch_frames=settings.gpu_batch_frames, engine=settings.gpu_engine, pre_pad=settings.pre_pad,
-                          tail_compile=settings.gpu_tail_compile, cuda_graphs=settings.gpu_cuda_graphs)
+                          tail_compile=settings.gpu_tail_compile,
+                          # a capture must meet no other job's GPU work: graphs with one slot only
+                          cuda_graphs=settings.gpu_cuda_graphs and settings.gpu_worker_count == 1)
     bf16 = settings.cpu_precision == "bf16" or (settings.cpu_precision == "auto" and cpu_multiplies_bf16())
     return RunProfile(settings.cpu_tile, settings.cpu_tile_pad, settings.cpu_tile_fallback, half=False, bf16=bf16,
                       batch_frames=settings.cpu_batch_frames, pre_pad=settings.pre_pad, channels_last=True)

@@ -30,7 +30,8 @@ GRAPHS_KEPT = 8  # the least recently used graph goes beyond this many input sha
 def capture_cuda_graph(forward: Callable[[torch.Tensor], torch.Tensor], static_input: torch.Tensor, pool):
     """Capture `forward(static_input)` as a CUDA graph: (replay, its output tensor)."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread-local: a call another thread makes meanwhile (the worker's own, not the GPU's work) is no error
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         output = forward(static_input)
     return graph.replay, output
 
