@@ -29,11 +29,11 @@ def hold_a_folder(work_dir, *, own_pid_namespace: bool) -> tuple[subprocess.Pope
     return process, process.stdout.readline().strip()
 
 
-def terminate(process: subprocess.Popen) -> None:
-    """SIGTERM to the worker itself: `unshare --fork` does not pass signals on to its child."""
+def terminate(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """`sig` to the worker itself: `unshare --fork` does not pass signals on to its child."""
     children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
     for pid in children or [process.pid]:
-        os.kill(int(pid), signal.SIGTERM)
+        os.kill(int(pid), sig)
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_the_sweep_removes_dead_workers_folders_and_only_those(tmp_path, pid_nam
         assert not mine.path.exists() and not (tmp_path / f"{mine.name}.lock").exists()
     finally:
         for process, _ in live:
-            process.kill()
+            terminate(process, signal.SIGKILL)  # the worker, not only `unshare`, which would leave it behind
             process.wait()
 
 
