@@ -26,7 +26,7 @@ def random_model(feat, blocks, grow):
     model = build_model(RRDBNetArch(num_feat=feat, num_block=blocks, num_grow_ch=grow)).eval()
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d):
-            module.reset_parameters()  # basicsr scales its init down; keep the activations lively
+            module.reset_parameters()  # ESRGAN's init scales the dense blocks down; keep the activations lively
     return model
 """
 
@@ -98,6 +98,23 @@ with torch.no_grad():  # and once no longer recording, the kernels run again
     expected = model(torch.rand(1, 3, 5, 4).fill_(0.5))
     got = fused(torch.rand(1, 3, 5, 4).fill_(0.5))
 assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+# the warm-up's shortcut: its dry pass hands the recorded launches to the compiler; if compiling
+# fails, start-up goes on (the batches compile the kernels one by one) and nothing is left recording
+import logging
+from echoshot_ai_server.engine import fused_trunk
+up = Upscaler(random_model(16, 1, 16), device="cpu", profile=RunProfile(half=False, tile=0, tile_pad=4, fallback_tile=8,
+              batch_frames=2, engine="fused"))
+handed = []
+fused_trunk.compile_launches = lambda launches, workers: handed.append(len(launches)) or 0
+up._compile_side_by_side([np.zeros((2, 6, 5, 3), np.uint8)])
+assert handed == [3 * 5 + 1 + 4], handed  # one block: 3 dense blocks x 5 launches; conv_body; the tail
+def broken(launches, workers):
+    raise RuntimeError("no compiler here")
+fused_trunk.compile_launches = broken
+warnings = []
+logging.getLogger("echoshot_ai_server.engine.upscaler").addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: warnings.append(r.getMessage())})())
+up._compile_side_by_side([np.zeros((2, 6, 5, 3), np.uint8)])
+assert any("side by side failed" in w for w in warnings) and not fused_trunk.recording(), warnings
 print("ok")
 """
 

@@ -159,15 +159,7 @@ class Upscaler:
         rng = np.random.default_rng(0)
         batches = [rng.integers(0, 256, (self.batch_frames, h, w, 3), dtype=np.uint8) for w, h in sizes]
         if self.engine == "fused" and self.torch_device.type == "cuda":
-            from echoshot_ai_server.engine.fused_trunk import compile_launches, launches_recorded
-
-            # a dry pass records the kernels' launches, which are compiled side by side; the batches
-            # below then find them compiled (with a prepared kernel cache they load from it either way)
-            with launches_recorded() as launches:
-                for batch in batches:
-                    self.upscale(batch, self.model_scale)
-            compiled = compile_launches(launches, workers=os.cpu_count() or 1)
-            log.info("fused kernels compiled side by side: %d in %.1fs", compiled, time.monotonic() - started)
+            self._compile_side_by_side(batches)
         for batch in batches:
             self.upscale(batch, self.model_scale)
         if self.torch_device.type == "cuda":
@@ -177,6 +169,24 @@ class Upscaler:
 
             save_tuned(tuned)
         return time.monotonic() - started
+
+    def _compile_side_by_side(self, batches: list[np.ndarray]) -> None:
+        """Compile the fused engine's kernels on threads before anything runs: a dry pass over
+        `batches` records their launches (with a prepared kernel cache they load from it either
+        way). Only a shortcut: if it fails, the warm-up's batches compile them one by one."""
+        from echoshot_ai_server.engine.fused_trunk import compile_launches, launches_recorded
+
+        started = time.monotonic()
+        try:
+            with launches_recorded() as launches:
+                for batch in batches:
+                    self.upscale(batch, self.model_scale)
+            compiled = compile_launches(launches, workers=os.cpu_count() or 1)
+        except Exception:
+            log.warning("compiling the fused kernels side by side failed; the warm-up compiles them one by one",
+                        exc_info=True)
+            return
+        log.info("fused kernels compiled side by side: %d in %.1fs", compiled, time.monotonic() - started)
 
     def compile_tail(self, sizes=WARM_UP_SIZES) -> threading.Thread | None:
         """The fused engine only: compile the model's tail for these sizes' classes on a thread of
