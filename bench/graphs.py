@@ -23,7 +23,6 @@ sys.path.insert(0, str(REPO))
 
 from echoshot_ai_server.app.wiring import load_engine, tuned_file  # noqa: E402
 from echoshot_ai_server.config import Settings  # noqa: E402
-from echoshot_ai_server.engine.fused_trunk import load_tuned, measured_defaults  # noqa: E402
 
 MFLOP_PER_PIXEL = 35.85
 SIZES = ((176, 144), (256, 144), (320, 240), (426, 240), (640, 360), (642, 362))
@@ -44,10 +43,7 @@ def main() -> int:
     args = parser.parse_args()
     settings = Settings()
     [upscaler] = load_engine(settings, "gpu")
-    tuned = tuned_file(settings)
-    if not (tuned is not None and load_tuned(tuned)):
-        load_tuned(measured_defaults())
-    upscaler.warm_up()
+    upscaler.warm_up(tuned=tuned_file(settings))  # as a worker starts: tile shapes from its cache or the shipped ones
     graphs = upscaler.graphs
     assert graphs is not None, "CUDA graphs are off (GPU_CUDA_GRAPHS)"
     report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "sizes": {}}

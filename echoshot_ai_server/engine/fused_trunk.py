@@ -178,8 +178,9 @@ def distinct_launches(launches: list) -> list:
 
 
 def compile_launches(launches: list, workers: int) -> int:
-    """Compile the kernels of recorded launches on `workers` threads (Triton's code generation and
-    ptxas run without the interpreter lock), each distinct specialisation once. Returns how many."""
+    """Compile the kernels of recorded launches on `workers` threads, each distinct specialisation
+    once (ptxas runs as a process of its own; parts of Triton's compiler hold the interpreter lock,
+    so threads halve the time rather than divide it). Returns how many."""
     distinct = distinct_launches(launches)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="compile") as pool:
         list(pool.map(lambda launch: conv3x3_kernel.warmup(*launch[1], grid=launch[0], **launch[2]), distinct))

@@ -56,8 +56,10 @@ class GraphedForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
+        if n * h * w > self.max_pixels or self.bypass():
+            return self.forward(x)
         key = (tuple(x.shape), x.stride(), x.dtype, x.device)
-        if n * h * w > self.max_pixels or key in self.failed or self.bypass():
+        if key in self.failed:
             return self.forward(x)
         with self.lock:
             entry = self.graphs.get(key)

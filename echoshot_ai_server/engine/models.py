@@ -14,11 +14,7 @@ from echoshot_ai_server.engine.specs import RRDBNetArch, SRVGGNetArch
 
 def build_model(arch: RRDBNetArch | SRVGGNetArch) -> nn.Module:
     """The network of this shape with random weights."""
-    if isinstance(arch, SRVGGNetArch):
-        return SRVGGNetCompact(num_in_ch=3, num_out_ch=3, num_feat=arch.num_feat, num_conv=arch.num_conv,
-                               upscale=arch.scale, act_type=arch.act_type)
-    return RRDBNet(num_in_ch=3, num_out_ch=3, num_feat=arch.num_feat, num_block=arch.num_block,
-                   num_grow_ch=arch.num_grow_ch, scale=arch.scale)
+    return _network(arch, RRDBNet, SRVGGNetCompact)
 
 
 def reference_model(arch: RRDBNetArch | SRVGGNetArch) -> nn.Module:
@@ -32,15 +28,19 @@ def reference_model(arch: RRDBNetArch | SRVGGNetArch) -> nn.Module:
         import torchvision.transforms.functional as functional
 
         sys.modules["torchvision.transforms.functional_tensor"] = functional
+    from basicsr.archs.rrdbnet_arch import RRDBNet as ReferenceRRDBNet
+    from realesrgan.archs.srvgg_arch import SRVGGNetCompact as ReferenceSRVGGNetCompact
+
+    return _network(arch, ReferenceRRDBNet, ReferenceSRVGGNetCompact)
+
+
+def _network(arch: RRDBNetArch | SRVGGNetArch, rrdbnet: type[nn.Module], srvgg: type[nn.Module]) -> nn.Module:
+    # ours and the references take the same arguments
     if isinstance(arch, SRVGGNetArch):
-        from realesrgan.archs.srvgg_arch import SRVGGNetCompact as Reference
-
-        return Reference(num_in_ch=3, num_out_ch=3, num_feat=arch.num_feat, num_conv=arch.num_conv,
-                         upscale=arch.scale, act_type=arch.act_type)
-    from basicsr.archs.rrdbnet_arch import RRDBNet as Reference
-
-    return Reference(num_in_ch=3, num_out_ch=3, num_feat=arch.num_feat, num_block=arch.num_block,
-                     num_grow_ch=arch.num_grow_ch, scale=arch.scale)
+        return srvgg(num_in_ch=3, num_out_ch=3, num_feat=arch.num_feat, num_conv=arch.num_conv,
+                     upscale=arch.scale, act_type=arch.act_type)
+    return rrdbnet(num_in_ch=3, num_out_ch=3, num_feat=arch.num_feat, num_block=arch.num_block,
+                   num_grow_ch=arch.num_grow_ch, scale=arch.scale)
 
 
 def check_digest(path: Path, known: tuple[str, ...]) -> None:
