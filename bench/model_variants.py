@@ -96,11 +96,10 @@ def layer_rows(results: dict, args, w: int, h: int, batch: int = 4) -> None:
     # conv1..conv4 regrouped by input (the engine's dense steps), against the four convolutions above
     rdb = build_model(RRDBNetArch(num_block=1)).body[0].rdb1.cuda()
     steps = dense_steps(rdb, 64, 32, torch.float16)
-    partials = [torch.randn(rows, 128, device="cuda", dtype=torch.float16), torch.randn(rows, 96, device="cuda", dtype=torch.float16)]
     total = 0.0
     for j, step in enumerate(steps):
-        src, out, pre_res, partial = dense_step_views(buffer, partials, j, 64, 32)
-        seconds = timed(lambda: step(src, out, (h, w), lrelu=True, pre_res=pre_res, partial=partial), 20)
+        src, out = dense_step_views(buffer, j, 64, 32)
+        seconds = timed(lambda: step(src, out, (h, w), lrelu=True, grow=32, sums_in=j > 0), 20)
         total += seconds
         flop = 2 * 9 * step.cin * step.cout * batch * h * w
         row = {"variant": f"dense step {j}: {step.cin} -> {step.cout} columns, batch {batch}", "triton_us": round(seconds * 1e6),

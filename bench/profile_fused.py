@@ -18,7 +18,7 @@ from echoshot_ai_server.engine.upscaler import RunProfile, Upscaler  # noqa: E40
 
 
 def category(name: str) -> str:
-    for key, label in [("conv3x3_padded", "trunk (Triton)"), ("triton", "compiled element-wise (Triton)"),
+    for key, label in [("conv3x3", "fused kernels (Triton)"), ("triton", "compiled element-wise (Triton)"),
                        ("conv", "cuDNN convolution"), ("gemm", "cuDNN convolution"), ("xmma", "cuDNN convolution"),
                        ("elementwise", "eager element-wise"), ("copy", "copies")]:
         if key in name.lower():

@@ -93,7 +93,8 @@ assert len(launches) == 2 * (2 * 3 * 5 + 1 + 4), len(launches)
 assert len(distinct_launches(launches)) == 10, len(distinct_launches(launches))
 # the tail's convolutions take the larger size class's tile shapes whatever the frame's size
 assert {conv.tuned_class for conv in (fused.up1, fused.up2, fused.conv_hr, fused.conv_last)} == {1}
-assert {args[13] for _, args, _ in launches[-4:]} == {1}, [args[13] for _, args, _ in launches[-4:]]
+klass = lambda args: args[-4]  # (..., size_class, slope, scale, scale2)
+assert {klass(args) for _, args, _ in launches[-4:]} == {1}, [klass(args) for _, args, _ in launches[-4:]]
 with torch.no_grad():  # and once no longer recording, the kernels run again
     expected = model(torch.rand(1, 3, 5, 4).fill_(0.5))
     got = fused(torch.rand(1, 3, 5, 4).fill_(0.5))
@@ -168,6 +169,22 @@ def run_in_interpreter(check: str) -> None:
 
 def test_fused_trunk_equals_rrdbnet():
     run_in_interpreter(MODEL_CHECK)
+
+
+def test_dense_steps_keep_their_partial_sums_where_the_later_features_go():
+    """Step j writes from x_(j+1)'s channels to the buffer's end: its own convolution, then partial
+    sums in the channels of features not written yet; its weight columns line up with that."""
+    from echoshot_ai_server.engine.fused_trunk import dense_step_views, dense_steps
+
+    rdb = build_model(RRDBNetArch(num_feat=64, num_block=1, num_grow_ch=32)).body[0].rdb1
+    buf = torch.zeros(7, 64 + 4 * 32)
+    for j, step in enumerate(dense_steps(rdb, 64, 32, torch.float32)):
+        src, out = dense_step_views(buf, j, 64, 32)
+        first = 0 if j == 0 else 64 + (j - 1) * 32
+        assert (src.shape[1], src.data_ptr()) == (step.cin, buf[:, first:].data_ptr())
+        assert (out.shape[1], out.data_ptr()) == ((4 - j) * 32, buf[:, 64 + j * 32:].data_ptr())
+        assert step.cout >= out.shape[1] and not step.weight[:, out.shape[1]:].any()  # padding columns
+        assert step.bias[32:].eq(0).all()  # a partial sum takes no bias: its own step adds it
 
 
 def test_tail_kernels_put_each_phase_of_the_up_sampling_in_place():

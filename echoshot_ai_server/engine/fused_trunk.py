@@ -8,8 +8,9 @@ operand, for each of the nine taps, is the same run of rows shifted by a constan
 (dy * (W + 2) + dx): the kernel loads it with the tensor-memory accelerator (TMA), which also
 fills rows beyond the ends of the buffer with zeros. conv1..conv4 run as four "dense steps"
 (see `dense_steps`): step j reads the newest G (first: F) channels in place, writes the finished
-conv_(j+1), LeakyReLU'd, straight into the next G channels and leaves partial sums of the later
-convolutions in a side buffer. conv5 reads all F + 4G channels and writes `conv * 0.2 + input`
+conv_(j+1), LeakyReLU'd, straight into the next G channels and partial sums of the later
+convolutions into the channels after them, where their own steps find them (and overwrite them with
+the finished features). conv5 reads all F + 4G channels and writes `conv * 0.2 + input`
 (for the third RDB also the RRDB's own residual) into the next block's buffer. Every store writes
 zeros on the ring rows, so the padding stays zero. There is no `torch.cat` and no separate
 element-wise kernel in the trunk. The head (3 -> 64 channels) runs through cuDNN. The up-sampling
@@ -54,14 +55,14 @@ def conv3x3_kernel(
     w_desc,  # [9 * CIN, COUT] weights, tap-major
     b_ptr,  # [COUT] bias, fp32
     out_desc, r1_desc, r2_desc,  # [rows, <= COUT] output and residuals (channel slices of buffers)
-    part_desc,  # [rows, <= COUT] partial sums out (dense steps; its first GROW columns are scratch)
     shuffle_ptr,  # SHUFFLE: the padded flat buffer of the frames at twice the size, [rows at 2x, COUT]
     rows, frame_rows, row_pitch, H, W,  # buffer rows, (H + 2) * (W + 2), W + 2, the frame's size
     size_class,  # read by the autotuner only
     slope, scale, scale2,
     CIN: tl.constexpr, COUT: tl.constexpr,
     LRELU: tl.constexpr, RES1: tl.constexpr, RES2: tl.constexpr,
-    PRE_RES: tl.constexpr, PARTIAL: tl.constexpr,
+    GROW: tl.constexpr,  # a dense step: columns [0, GROW) are its own convolution, the others partial sums
+    SUMS_IN: tl.constexpr,  # a dense step after the first: add the partial sums that `out` holds, in place
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
     PER_SM: tl.constexpr = 0,  # read by the launch grid only
     SHUFFLE: tl.constexpr = False,  # nearest 2x + this convolution: phase (a, b) = program_id(1) = 2a + b
@@ -100,15 +101,13 @@ def conv3x3_kernel(
             tl.store(shuffle_ptr + target[:, None] * COUT + columns, acc.to(shuffle_ptr.dtype.element_ty),
                      mask=inside & (row < rows)[:, None])
         else:
-            if PRE_RES:  # partial sums from earlier dense steps, before the activation
-                acc += r1_desc.load([row0, 0]).to(tl.float32)
-            if PARTIAL:
-                # all columns but the first GROW are partial sums of later convolutions; the first GROW
-                # (this step's own convolution) land in scratch columns (a store at a negative column
-                # would skip them, but negative store coordinates fault on the H100)
-                part_desc.store([row0, 0], tl.where(inside, acc, 0.0).to(part_desc.dtype))
+            if SUMS_IN:
+                acc += out_desc.load([row0, 0]).to(tl.float32)
             if LRELU:
-                acc = tl.where(acc >= 0, acc, acc * slope)
+                keep = acc >= 0
+                if GROW > 0:  # partial sums are stored before the activation
+                    keep = keep | (tl.arange(0, COUT) >= GROW)[None, :]
+                acc = tl.where(keep, acc, acc * slope)
             if RES1:
                 acc = acc * scale + r1_desc.load([row0, 0]).to(tl.float32)
             if RES2:
@@ -117,7 +116,7 @@ def conv3x3_kernel(
             out_desc.store([row0, 0], acc.to(out_desc.dtype))  # columns past the descriptor's end are clipped
 
 
-DESCRIPTORS = ("x_desc", "w_desc", "out_desc", "r1_desc", "r2_desc", "part_desc")
+DESCRIPTORS = ("x_desc", "w_desc", "out_desc", "r1_desc", "r2_desc")
 
 
 def _set_block_shapes(nargs) -> None:
@@ -126,7 +125,7 @@ def _set_block_shapes(nargs) -> None:
     cout = nargs["w_desc"].shape[1]
     nargs["x_desc"].block_shape = [block_m, block_k]
     nargs["w_desc"].block_shape = [block_k, cout]
-    for name in ("out_desc", "r1_desc", "r2_desc", "part_desc"):
+    for name in ("out_desc", "r1_desc", "r2_desc"):
         nargs[name].block_shape = [block_m, cout]
 
 
@@ -278,32 +277,40 @@ class PackedConv:
         return cls(*phase_weights(conv), dtype, phases=4, tuned_class=tuned_class)
 
     def __call__(self, src: torch.Tensor, out: torch.Tensor, frame: tuple[int, int], *, lrelu=False,
-                 res1=None, scale=1.0, res2=None, scale2=1.0, pre_res=None, partial=None):
+                 res1=None, scale=1.0, res2=None, scale2=1.0, grow=0, sums_in=False):
         """src/out/res: [rows, C] channel slices of padded flat buffers; frame: (H, W). With phases,
-        `out` is the padded flat buffer of the frames at twice the size (its ring rows zero)."""
+        `out` is the padded flat buffer of the frames at twice the size (its ring rows zero).
+        A dense step (`grow` > 0, see `dense_step_views`) activates only its first `grow` columns; with
+        `sums_in` it adds the partial sums that `out` holds before it overwrites them."""
         h, w = frame
         rows = src.shape[0]
         klass = size_class(rows) if self.tuned_class is None else self.tuned_class
         shuffle = self.phases > 1
-        first_res = pre_res if pre_res is not None else res1
         plain_out = src if shuffle else out  # a descriptor the kernel does not use
-        descs = [_descriptor(t) for t in (src, self.weight, plain_out, first_res if first_res is not None else plain_out,
-                                           res2 if res2 is not None else plain_out,
-                                           partial if partial is not None else plain_out)]
+        descs = [_descriptor(t) for t in (src, self.weight, plain_out, res1 if res1 is not None else plain_out,
+                                           res2 if res2 is not None else plain_out)]
         args = (*descs[:2], self.bias, *descs[2:], out, rows, (h + 2) * (w + 2), w + 2, h, w, klass,
                 0.2, scale, scale2)
         flags = dict(CIN=self.cin, COUT=self.cout, LRELU=lrelu, RES1=res1 is not None, RES2=res2 is not None,
-                     PRE_RES=pre_res is not None, PARTIAL=partial is not None, SHUFFLE=shuffle)
+                     GROW=grow, SUMS_IN=sums_in, SHUFFLE=shuffle)
         if not src.is_cuda:
             # a few programs, each walking over several tiles: the persistent loop is exercised too
             config = triton.Config({"BLOCK_M": 32, "BLOCK_K": 16, "PERSISTENT": True})
             grid = (3, self.phases)
-        elif (config := TUNED.get((self.cin, self.cout, klass))) is not None:
+        else:
+            key = (self.cin, self.cout, klass)
+            if key not in TUNED:
+                # a shape with no tuned tile yet: the autotuner picks one, used directly from then on. It
+                # runs the kernel many times, so a step that adds partial sums in place gets them back
+                # and runs once more on them.
+                saved = out.clone() if sums_in else None
+                conv3x3_tuned[lambda meta: launch_grid(rows, meta) + (self.phases,)](*args, **flags)
+                TUNED[key] = conv3x3_tuned.best_config
+                if saved is None:
+                    return
+                out.copy_(saved)
+            config = TUNED[key]
             grid = launch_grid(rows, config.kwargs) + (self.phases,)
-        else:  # a shape with no tuned tile yet: the autotuner picks one, used directly from then on
-            conv3x3_tuned[lambda meta: launch_grid(rows, meta) + (self.phases,)](*args, **flags)
-            TUNED[(self.cin, self.cout, klass)] = conv3x3_tuned.best_config
-            return
         _set_block_shapes({**config.kwargs, **dict(zip(DESCRIPTORS, descs))})
         launch = dict(**flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
         if _recorded is not None:
@@ -333,16 +340,14 @@ def dense_steps(rdb: nn.Module, feat: int, grow: int, dtype: torch.dtype) -> lis
     return steps
 
 
-def dense_step_views(buf: torch.Tensor, partials: list[torch.Tensor], j: int, feat: int, grow: int):
-    """Where dense step j reads and writes: (input, output, partial sums in, partial sums out).
+def dense_step_views(buf: torch.Tensor, j: int, feat: int, grow: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where dense step j reads and writes in the RDB's buffer [rows, F + 4G]: (input, output).
 
-    `buf` is the RDB's buffer [rows, F + 4G]; `partials` two side buffers [rows, 4G] and [rows, 3G]
-    that the steps use in turn, each written after `grow` scratch columns (see the kernel)."""
+    The output runs from x_(j+1)'s channels to the buffer's end: the step's own convolution lands in
+    x_(j+1)'s channels, its partial sums of the later convolutions in those of x_(j+2).., which are
+    not written yet; the next step adds them and overwrites them. No side buffer, no scratch columns."""
     src = buf[:, :feat] if j == 0 else buf[:, feat + (j - 1) * grow: feat + j * grow]
-    out = buf[:, feat + j * grow: feat + (j + 1) * grow]
-    pre_res = None if j == 0 else partials[(j - 1) % 2][:, grow:(5 - j) * grow]
-    partial = None if j == 3 else partials[j % 2][:, :(4 - j) * grow]
-    return src, out, pre_res, partial
+    return src, buf[:, feat + j * grow:]
 
 
 def pad_frames(feat: torch.Tensor, channels: int) -> torch.Tensor:
@@ -477,7 +482,6 @@ class FusedRRDBNet(nn.Module):
         rows = feat_padded.shape[0]
         new = lambda channels: torch.empty((rows, channels), dtype=self.dtype, device=feat_padded.device)  # noqa: E731
         buffers = [new(feat + 4 * grow) for _ in range(4)]
-        partials = [new(4 * grow), new(3 * grow)]  # see dense_step_views
         buffers[0][:, :feat] = feat_padded
         current = 0
         for rdbs in self.blocks:
@@ -486,8 +490,8 @@ class FusedRRDBNet(nn.Module):
             for i, (steps, conv5) in enumerate(rdbs):
                 buf = buffers[order[i]]
                 for j, step in enumerate(steps):
-                    src, out, pre_res, partial = dense_step_views(buf, partials, j, feat, grow)
-                    step(src, out, frame, lrelu=True, pre_res=pre_res, partial=partial)
+                    src, out = dense_step_views(buf, j, feat, grow)
+                    step(src, out, frame, lrelu=True, grow=grow, sums_in=j > 0)
                 nxt = buffers[order[i + 1]]
                 if i < 2:
                     conv5(buf, nxt[:, :feat], frame, res1=buf[:, :feat], scale=0.2)

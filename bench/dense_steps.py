@@ -1,0 +1,150 @@
+"""Where the dense steps keep their partial sums, in one process on one GPU (model alone, batch 4).
+
+Variants of the fused engine (engine/fused_trunk.py), each through the worker's `upscale_tensor`:
+
+- `side buffers (before)`: the engine before partial sums moved in place (`--before`: commit 45341ff's
+  engine/fused_trunk.py, e.g. `git show 45341ff:echoshot_ai_server/engine/fused_trunk.py > old.py`),
+  two side buffers, each step also storing its own convolution as scratch. Its tile shapes are tuned
+  in the process (no tuned file lies beside the copy), so it runs on shapes tuned for its kernel;
+- `in place`: partial sums in the RDB's buffer, in the channels of the features not written yet,
+  on the shipped tile shapes (engine/tuned/);
+- `in place, retuned`: the dense steps' tile shapes tuned again in the process.
+
+For each: frames per second at 640x480 and 1280x720 (x4), each dense step alone at 640x480 (µs, 20
+launches back to back), and the largest difference of its pixels from the first variant's. The
+retuned tile shapes are written to `--tuned-out` (the format of engine/tuned/).
+
+    python bench/dense_steps.py --before old.py --json PATH [--tuned-out PATH] [--no-retune]
+"""
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from echoshot_ai_server.app.wiring import load_engine  # noqa: E402
+from echoshot_ai_server.config import Settings  # noqa: E402
+from echoshot_ai_server.engine import fused_trunk  # noqa: E402
+
+MFLOP_PER_PIXEL = 35.85
+SIZES = ((640, 480), (1280, 720))
+DENSE_KEYS = ((64, 128), (32, 128), (32, 64), (32, 32))  # (CIN, COUT) of dense steps 0-3
+FEAT, GROW = 64, 32
+
+
+def timed(run, repeats: int) -> float:
+    """Median seconds of `run`, GPU work included."""
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+def gpu_seconds(run, launches: int = 20) -> float:
+    """GPU time of one of `launches` runs queued back to back (so that launching is hidden)."""
+    run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(launches):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / launches
+
+
+def step_times(module, fused, size, in_place: bool) -> list[float]:
+    """Each dense step of the first RDB alone, µs, on a buffer of random features."""
+    w, h = size
+    rows = 4 * (h + 2) * (w + 2)
+    buf = torch.randn(rows, FEAT + 4 * GROW, device="cuda", dtype=torch.float16)
+    steps = fused.blocks[0][0][0]
+    result = []
+    if in_place:
+        for j, step in enumerate(steps):
+            src, out = module.dense_step_views(buf, j, FEAT, GROW)
+            result.append(gpu_seconds(lambda: step(src, out, (h, w), lrelu=True, grow=GROW, sums_in=j > 0)))
+    else:
+        partials = [torch.randn(rows, 4 * GROW, device="cuda", dtype=torch.float16),
+                    torch.randn(rows, 3 * GROW, device="cuda", dtype=torch.float16)]
+        for j, step in enumerate(steps):
+            src, out, pre_res, partial = module.dense_step_views(buf, partials, j, FEAT, GROW)
+            result.append(gpu_seconds(lambda: step(src, out, (h, w), lrelu=True, pre_res=pre_res, partial=partial)))
+    return [round(s * 1e6, 1) for s in result]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", type=Path, required=True, help="the older fused_trunk.py")
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--tuned-out", type=Path)
+    parser.add_argument("--no-retune", action="store_true")
+    args = parser.parse_args()
+    spec = importlib.util.spec_from_file_location("fused_trunk_before", args.before)
+    before = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(before)
+    fused_trunk.load_tuned(fused_trunk.measured_defaults())
+
+    [upscaler] = load_engine(Settings(), "gpu")
+    upscaler.graphs = None  # the variants swap the forward pass; a graph would keep the first one's
+    eager = upscaler.model
+    rng = np.random.default_rng(0)
+    frames = {size: torch.from_numpy(rng.integers(0, 256, (4, size[1], size[0], 3), dtype=np.uint8)).cuda()
+              for size in SIZES}
+    report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "variants": {}}
+    reference = {}
+
+    def measure(name: str, module, in_place: bool) -> None:
+        upscaler.forward = fused = module.FusedRRDBNet(eager)
+        row = {"fps": {}, "tflops": {}, "diff_uint8": {}}
+        for size in SIZES:
+            label = f"{size[0]}x{size[1]}"
+            started = time.perf_counter()
+            out = upscaler.upscale_tensor(frames[size], 4)  # the first batch: tuning, if any, included
+            torch.cuda.synchronize()
+            row.setdefault("first_batch_s", {})[label] = round(time.perf_counter() - started, 2)
+            reference.setdefault(label, out)
+            difference = (out.int() - reference[label].int()).abs()
+            row["diff_uint8"][label] = {"max": int(difference.max()), "mean": round(float(difference.float().mean()), 4)}
+            fps = 4 / timed(lambda: upscaler.upscale_tensor(frames[size], 4), 8)
+            row["fps"][label] = round(fps, 2)
+            row["tflops"][label] = round(MFLOP_PER_PIXEL * size[0] * size[1] * fps / 1e6, 1)
+        row["dense_steps_us_640x480"] = step_times(module, fused, SIZES[0], in_place)
+        row["dense_steps_total_us"] = round(sum(row["dense_steps_us_640x480"]), 1)
+        report["variants"][name] = row
+        print(f"{name:45s} {json.dumps(row)}", flush=True)
+        args.json.write_text(json.dumps(report, indent=2))
+
+    measure("side buffers (before)", before, in_place=False)
+    measure("in place", fused_trunk, in_place=True)
+    if args.no_retune:
+        return 0
+    for cin, cout in DENSE_KEYS:
+        for klass in range(len(fused_trunk.SIZE_CLASS_ROWS) + 1):
+            fused_trunk.TUNED.pop((cin, cout, klass), None)
+    fused_trunk.conv3x3_tuned.cache.clear()
+    started = time.perf_counter()
+    measure("in place, retuned", fused_trunk, in_place=True)
+    row = report["variants"]["in place, retuned"]
+    row["retune_s"] = round(time.perf_counter() - started, 1)
+    row["tuned"] = {str(key): str(fused_trunk.TUNED[key]) for key in sorted(fused_trunk.TUNED) if key[:2] in DENSE_KEYS}
+    args.json.write_text(json.dumps(report, indent=2))
+    if args.tuned_out is not None:
+        fused_trunk.save_tuned(args.tuned_out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
