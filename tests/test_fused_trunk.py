@@ -40,6 +40,15 @@ error = ((got - expected).norm() / expected.norm()).item()
 assert got.shape == expected.shape and error < 1e-4, error
 print("relative error", error)
 
+# the same with every convolution swapped (output channels as the MMA's M, the tile's pixels as N)
+from echoshot_ai_server.engine import fused_trunk
+fused_trunk.INTERPRETER_CONFIG["SWAP"] = True
+with torch.no_grad():
+    swapped = FusedRRDBNet(model)(x)
+fused_trunk.INTERPRETER_CONFIG["SWAP"] = False
+error = ((swapped - expected).norm() / expected.norm()).item()
+assert error < 1e-4, error
+
 # RRDBNet's own tail, compiled on a thread of its own, takes over from the Triton tail
 fused = FusedRRDBNet(model)
 assert fused.tail == fused._triton_tail

@@ -1,0 +1,198 @@
+"""Variants of the fused engine's trunk, in one process on one GPU (model alone, batch 4).
+
+Each runs through the worker's `upscale_tensor`:
+
+- `side buffers (before)` (with `--before`): the engine before the dense steps' partial sums moved
+  in place (commit 45341ff's engine/fused_trunk.py, e.g.
+  `git show 45341ff:echoshot_ai_server/engine/fused_trunk.py > old.py`): two side buffers, each step
+  also storing its own convolution as scratch. Its tile shapes are tuned in the process (no tuned
+  file lies beside the copy), so it runs on shapes tuned for its kernel;
+- `in place`: the engine as it is, on the shipped tile shapes (engine/tuned/);
+- `in place, retuned` (`--retune dense`): the dense steps' tile shapes tuned again in the process;
+- `swapped where faster` (`--retune swap`): every convolution with 64 or more output channels tuned
+  again over the swapped configurations (output channels as the MMA's M) and its shipped one.
+
+With `--layer-configs`, conv5 and dense step 2 (64 output channels) alone at 640x480 under every
+tuning configuration, swapped or not, first (µs, or why it failed).
+
+For each: frames per second at 640x480 and 1280x720 (x4), each dense step and conv5 alone at
+640x480 (µs, 20 launches back to back), and the largest difference of its pixels from the first
+variant's. Retuned tile shapes are written to `--tuned-out` (the format of engine/tuned/).
+
+    python bench/trunk_variants.py [--before old.py] [--retune none|dense|swap] --json PATH [--tuned-out PATH]
+"""
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from echoshot_ai_server.app.wiring import load_engine  # noqa: E402
+from echoshot_ai_server.config import Settings  # noqa: E402
+from echoshot_ai_server.engine import fused_trunk  # noqa: E402
+
+MFLOP_PER_PIXEL = 35.85
+SIZES = ((640, 480), (1280, 720))
+DENSE_KEYS = ((64, 128), (32, 128), (32, 64), (32, 32))  # (CIN, COUT) of dense steps 0-3
+FEAT, GROW = 64, 32
+
+
+def timed(run, repeats: int) -> float:
+    """Median seconds of `run`, GPU work included."""
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+def gpu_seconds(run, launches: int = 20) -> float:
+    """GPU time of one of `launches` runs queued back to back (so that launching is hidden)."""
+    run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(launches):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / launches
+
+
+def step_times(module, fused, size, in_place: bool) -> list[float]:
+    """Each dense step of the first RDB alone and its conv5, µs, on a buffer of random features."""
+    w, h = size
+    rows = 4 * (h + 2) * (w + 2)
+    buf = torch.randn(rows, FEAT + 4 * GROW, device="cuda", dtype=torch.float16)
+    steps = fused.blocks[0][0][0]
+    result = []
+    if in_place:
+        for j, step in enumerate(steps):
+            src, out = module.dense_step_views(buf, j, FEAT, GROW)
+            result.append(gpu_seconds(lambda: step(src, out, (h, w), lrelu=True, grow=GROW, sums_in=j > 0)))
+    else:
+        partials = [torch.randn(rows, 4 * GROW, device="cuda", dtype=torch.float16),
+                    torch.randn(rows, 3 * GROW, device="cuda", dtype=torch.float16)]
+        for j, step in enumerate(steps):
+            src, out, pre_res, partial = module.dense_step_views(buf, partials, j, FEAT, GROW)
+            result.append(gpu_seconds(lambda: step(src, out, (h, w), lrelu=True, pre_res=pre_res, partial=partial)))
+    conv5, nxt = fused.blocks[0][0][1], torch.empty(rows, FEAT, device="cuda", dtype=torch.float16)
+    result.append(gpu_seconds(lambda: conv5(buf, nxt, (h, w), res1=buf[:, :FEAT], scale=0.2)))
+    return [round(s * 1e6, 1) for s in result]
+
+
+def layer_configs(fused, size) -> dict:
+    """conv5 and dense step 2 under each tuning configuration: µs (or the error)."""
+    w, h = size
+    rows = 4 * (h + 2) * (w + 2)
+    buf = torch.randn(rows, FEAT + 4 * GROW, device="cuda", dtype=torch.float16)
+    nxt = torch.empty(rows, FEAT, device="cuda", dtype=torch.float16)
+    step2, conv5 = fused.blocks[0][0][0][2], fused.blocks[0][0][1]
+    layers = {"conv5": (conv5, lambda: conv5(buf, nxt, (h, w), res1=buf[:, :FEAT], scale=0.2)),
+              "dense step 2": (step2, lambda: step2(*fused_trunk.dense_step_views(buf, 2, FEAT, GROW), (h, w),
+                                                   lrelu=True, grow=GROW, sums_in=True))}
+    result = {}
+    for name, (conv, run) in layers.items():
+        key = (conv.cin, conv.cout, fused_trunk.size_class(rows))
+        shipped = fused_trunk.TUNED[key]
+        for cfg in fused_trunk.conv3x3_tuned.configs:
+            fused_trunk.TUNED[key] = cfg
+            label = f"{name} {cfg}"
+            try:
+                result[label] = round(gpu_seconds(run) * 1e6, 1)
+            except Exception as error:  # a configuration that does not compile or fit
+                result[label] = f"failed: {type(error).__name__}: {str(error)[:200]}"
+            print(f"{label}: {result[label]}", flush=True)
+        fused_trunk.TUNED[key] = shipped
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", type=Path, help="the older fused_trunk.py")
+    parser.add_argument("--retune", choices=("none", "dense", "swap"), default="none")
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--tuned-out", type=Path)
+    parser.add_argument("--layer-configs", action="store_true")
+    args = parser.parse_args()
+    fused_trunk.load_tuned(fused_trunk.measured_defaults())
+
+    [upscaler] = load_engine(Settings(), "gpu")
+    upscaler.graphs = None  # the variants swap the forward pass; a graph would keep the first one's
+    eager = upscaler.model
+    rng = np.random.default_rng(0)
+    frames = {size: torch.from_numpy(rng.integers(0, 256, (4, size[1], size[0], 3), dtype=np.uint8)).cuda()
+              for size in SIZES}
+    report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "variants": {}}
+    reference = {}
+
+    def measure(name: str, module, in_place: bool) -> None:
+        upscaler.forward = fused = module.FusedRRDBNet(eager)
+        row = {"fps": {}, "tflops": {}, "diff_uint8": {}}
+        for size in SIZES:
+            label = f"{size[0]}x{size[1]}"
+            started = time.perf_counter()
+            out = upscaler.upscale_tensor(frames[size], 4)  # the first batch: tuning, if any, included
+            torch.cuda.synchronize()
+            row.setdefault("first_batch_s", {})[label] = round(time.perf_counter() - started, 2)
+            reference.setdefault(label, out)
+            difference = (out.int() - reference[label].int()).abs()
+            row["diff_uint8"][label] = {"max": int(difference.max()), "mean": round(float(difference.float().mean()), 4)}
+            fps = 4 / timed(lambda: upscaler.upscale_tensor(frames[size], 4), 8)
+            row["fps"][label] = round(fps, 2)
+            row["tflops"][label] = round(MFLOP_PER_PIXEL * size[0] * size[1] * fps / 1e6, 1)
+        *row["dense_steps_us_640x480"], row["conv5_us_640x480"] = step_times(module, fused, SIZES[0], in_place)
+        row["dense_steps_total_us"] = round(sum(row["dense_steps_us_640x480"]), 1)
+        report["variants"][name] = row
+        print(f"{name:45s} {json.dumps(row)}", flush=True)
+        args.json.write_text(json.dumps(report, indent=2))
+
+    if args.layer_configs:
+        report["layer_configs_us"] = layer_configs(fused_trunk.FusedRRDBNet(eager), SIZES[0])
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.before is not None:
+        spec = importlib.util.spec_from_file_location("fused_trunk_before", args.before)
+        before = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(before)
+        measure("side buffers (before)", before, in_place=False)
+    measure("in place", fused_trunk, in_place=True)
+    if args.retune == "none":
+        return 0
+    if args.retune == "dense":
+        retuned, name = [key for key in fused_trunk.TUNED if key[:2] in DENSE_KEYS], "in place, retuned"
+    else:
+        retuned, name = [key for key in fused_trunk.TUNED if key[1] >= fused_trunk.SWAP_MIN_COUT], "swapped where faster"
+        shipped = {str(cfg): cfg for key, cfg in fused_trunk.TUNED.items() if key in retuned}
+        for cfg in shipped.values():
+            cfg.kwargs.setdefault("SWAP", False)
+            cfg.pre_hook = fused_trunk._set_block_shapes
+        tuner = fused_trunk.conv3x3_tuned
+        tuner.configs = [cfg for cfg in tuner.configs if cfg.kwargs["SWAP"]] + list(shipped.values())
+    for key in retuned:
+        del fused_trunk.TUNED[key]
+    fused_trunk.conv3x3_tuned.cache.clear()
+    started = time.perf_counter()
+    measure(name, fused_trunk, in_place=True)
+    row = report["variants"][name]
+    row["retune_s"] = round(time.perf_counter() - started, 1)
+    row["tuned"] = {str(key): str(fused_trunk.TUNED[key]) for key in sorted(retuned)}
+    print(json.dumps(row["tuned"], indent=1), flush=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    if args.tuned_out is not None:
+        fused_trunk.save_tuned(args.tuned_out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
