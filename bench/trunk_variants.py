@@ -2,28 +2,29 @@
 
 Each runs through the worker's `upscale_tensor`:
 
-- `side buffers (before)` (with `--before`): the engine before the dense steps' partial sums moved
-  in place (commit 45341ff's engine/fused_trunk.py, e.g.
-  `git show 45341ff:echoshot_ai_server/engine/fused_trunk.py > old.py`): two side buffers, each step
-  also storing its own convolution as scratch. Its tile shapes are tuned in the process (no tuned
-  file lies beside the copy), so it runs on shapes tuned for its kernel;
-- `in place`: the engine as it is, on the shipped tile shapes (engine/tuned/);
-- `in place, retuned` (`--retune dense`): the dense steps' tile shapes tuned again in the process;
-- `swapped where faster` (`--retune swap`): every convolution with 64 or more output channels tuned
-  again over the swapped configurations (output channels as the MMA's M) and its shipped one.
+- `before` (with `--before`): an earlier engine, from a copy of its engine/fused_trunk.py, e.g.
+  `git show 45341ff:echoshot_ai_server/engine/fused_trunk.py > old.py` (partial sums in side
+  buffers) or 097e54d's (the up-sampling phases over all nine taps). With `--before-tiles tuned` its
+  tile shapes are tuned in the process (for a kernel whose best tiles differ), with `shipped` it
+  takes the shipped ones;
+- `now`: the engine as it is, on the shipped tile shapes (engine/tuned/);
+- `dense steps retuned` (`--retune dense`): the dense steps' tile shapes tuned again in the process.
 
 With `--layer-configs`, conv5 and dense step 2 (64 output channels) alone at 640x480 under every
-tuning configuration, swapped or not, first (µs, or why it failed).
+tuning configuration first (µs, or why it failed). Commit 097e54d's version also tried the
+convolutions swapped (output channels as the MMA's M, pixels as N): BENCHMARKS.md has the figures.
 
 For each: frames per second at 640x480 and 1280x720 (x4), each dense step and conv5 alone at
 640x480 (µs, 20 launches back to back), and the largest difference of its pixels from the first
 variant's. Retuned tile shapes are written to `--tuned-out` (the format of engine/tuned/).
 
-    python bench/trunk_variants.py [--before old.py] [--retune none|dense|swap] --json PATH [--tuned-out PATH]
+    python bench/trunk_variants.py [--before old.py [--before-tiles tuned|shipped]] [--retune none|dense]
+        [--layer-configs] --json PATH [--tuned-out PATH]
 """
 
 import argparse
 import importlib.util
+import inspect
 import json
 import sys
 import time
@@ -121,7 +122,8 @@ def layer_configs(fused, size) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, help="the older fused_trunk.py")
-    parser.add_argument("--retune", choices=("none", "dense", "swap"), default="none")
+    parser.add_argument("--before-tiles", choices=("tuned", "shipped"), default="tuned")
+    parser.add_argument("--retune", choices=("none", "dense"), default="none")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--tuned-out", type=Path)
     parser.add_argument("--layer-configs", action="store_true")
@@ -165,20 +167,14 @@ def main() -> int:
         spec = importlib.util.spec_from_file_location("fused_trunk_before", args.before)
         before = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(before)
-        measure("side buffers (before)", before, in_place=False)
-    measure("in place", fused_trunk, in_place=True)
+        if args.before_tiles == "shipped":
+            before.load_tuned(fused_trunk.measured_defaults())
+        in_place = "partial" not in inspect.signature(before.PackedConv.__call__).parameters
+        measure("before", before, in_place=in_place)
+    measure("now", fused_trunk, in_place=True)
     if args.retune == "none":
         return 0
-    if args.retune == "dense":
-        retuned, name = [key for key in fused_trunk.TUNED if key[:2] in DENSE_KEYS], "in place, retuned"
-    else:
-        retuned, name = [key for key in fused_trunk.TUNED if key[1] >= fused_trunk.SWAP_MIN_COUT], "swapped where faster"
-        shipped = {str(cfg): cfg for key, cfg in fused_trunk.TUNED.items() if key in retuned}
-        for cfg in shipped.values():
-            cfg.kwargs.setdefault("SWAP", False)
-            cfg.pre_hook = fused_trunk._set_block_shapes
-        tuner = fused_trunk.conv3x3_tuned
-        tuner.configs = [cfg for cfg in tuner.configs if cfg.kwargs["SWAP"]] + list(shipped.values())
+    retuned, name = [key for key in fused_trunk.TUNED if key[:2] in DENSE_KEYS], "dense steps retuned"
     for key in retuned:
         del fused_trunk.TUNED[key]
     fused_trunk.conv3x3_tuned.cache.clear()

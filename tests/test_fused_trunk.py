@@ -40,15 +40,6 @@ error = ((got - expected).norm() / expected.norm()).item()
 assert got.shape == expected.shape and error < 1e-4, error
 print("relative error", error)
 
-# the same with every convolution swapped (output channels as the MMA's M, the tile's pixels as N)
-from echoshot_ai_server.engine import fused_trunk
-fused_trunk.INTERPRETER_CONFIG["SWAP"] = True
-with torch.no_grad():
-    swapped = FusedRRDBNet(model)(x)
-fused_trunk.INTERPRETER_CONFIG["SWAP"] = False
-error = ((swapped - expected).norm() / expected.norm()).item()
-assert error < 1e-4, error
-
 # RRDBNet's own tail, compiled on a thread of its own, takes over from the Triton tail
 fused = FusedRRDBNet(model)
 assert fused.tail == fused._triton_tail
@@ -194,6 +185,26 @@ def test_dense_steps_keep_their_partial_sums_where_the_later_features_go():
         assert (out.shape[1], out.data_ptr()) == ((4 - j) * 32, buf[:, 64 + j * 32:].data_ptr())
         assert step.cout >= out.shape[1] and not step.weight[:, out.shape[1]:].any()  # padding columns
         assert step.bias[32:].eq(0).all()  # a partial sum takes no bias: its own step adds it
+
+
+def test_each_up_sampling_phase_is_packed_as_its_four_taps():
+    """Phase (a, b) of "nearest 2x + 3x3" sees rows a, a + 1 and columns b, b + 1 of the small image's
+    3x3 window; its other five taps are zeros, which the kernel does not multiply."""
+    from echoshot_ai_server.engine.fused_trunk import PackedConv
+    from echoshot_ai_server.engine.subpixel import phase_weights
+
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+    weight, _ = phase_weights(conv)
+    by_phase = weight.reshape(2, 2, 16, 8, 3, 3)
+    packed = PackedConv.up(conv, torch.float32)
+    assert packed.weight.shape == (4 * 4 * 8, 16)
+    blocks = packed.weight.reshape(4, 2, 2, 8, 16)  # [phase, row, column, in, out]
+    for a in range(2):
+        for b in range(2):
+            kept = torch.zeros(3, 3, dtype=torch.bool)
+            kept[a:a + 2, b:b + 2] = True
+            assert not by_phase[a, b][..., ~kept].any()
+            assert torch.equal(blocks[2 * a + b], by_phase[a, b][..., a:a + 2, b:b + 2].permute(2, 3, 1, 0))
 
 
 def test_tail_kernels_put_each_phase_of_the_up_sampling_in_place():

@@ -66,32 +66,30 @@ def conv3x3_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
     PER_SM: tl.constexpr = 0,  # read by the launch grid only
     SHUFFLE: tl.constexpr = False,  # nearest 2x + this convolution: phase (a, b) = program_id(1) = 2a + b
-    SWAP: tl.constexpr = False,  # compute out^T = W^T x^T: output channels as the MMA's M, pixels as its N
 ):
     k_steps: tl.constexpr = (CIN + BLOCK_K - 1) // BLOCK_K
-    # SHUFFLE: the weights hold one [9 * CIN, COUT] block per phase, this program computes one phase
+    # SHUFFLE: phase (a, b) sees only rows a - 1, a and columns b - 1, b of the small image around each
+    # pixel (`subpixel.phase_weights`): the weights hold one [4 * CIN, COUT] block per phase for those
+    # four taps, and this program computes one phase
+    taps: tl.constexpr = 4 if SHUFFLE else 9
     phase = tl.program_id(1) if SHUFFLE else 0
     # Persistent programs walk over several tiles; the loop nest is then flattened so that the
     # next tile's loads are already in flight during this tile's epilogue.
     for tile in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0), flatten=PERSISTENT):
         row0 = tile * BLOCK_M
-        # A 64-column output is a narrow N for the tensor cores; swapped, the tile's pixels are N instead
-        # (both operands read transposed from shared memory, no copy) and the result is turned back once.
-        acc = tl.zeros((COUT, BLOCK_M) if SWAP else (BLOCK_M, COUT), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, COUT), dtype=tl.float32)
         # One loop over (tap, channel step) so that Triton pipelines the TMA loads across taps. Channels
         # past CIN read as zeros (outside the descriptor), so the weight rows they meet do not count.
-        for step in range(9 * k_steps):
+        for step in range(taps * k_steps):
             tap = step // k_steps
             k0 = (step % k_steps) * BLOCK_K
-            shift = (tap // 3 - 1) * row_pitch + (tap % 3 - 1)
-            a = x_desc.load([row0 + shift, k0])
-            b = w_desc.load([(phase * 9 + tap) * CIN + k0, 0])
-            if SWAP:
-                acc = tl.dot(tl.trans(b), tl.trans(a), acc)
+            if SHUFFLE:
+                shift = (phase // 2 - 1 + tap // 2) * row_pitch + (phase % 2 - 1 + tap % 2)
             else:
-                acc = tl.dot(a, b, acc)
-        if SWAP:
-            acc = tl.trans(acc)
+                shift = (tap // 3 - 1) * row_pitch + (tap % 3 - 1)
+            a = x_desc.load([row0 + shift, k0])
+            b = w_desc.load([(phase * taps + tap) * CIN + k0, 0])
+            acc = tl.dot(a, b, acc)
         acc += tl.load(b_ptr + phase * COUT + tl.arange(0, COUT))[None, :]
         row = row0 + tl.arange(0, BLOCK_M)
         in_frame = row % frame_rows
@@ -139,34 +137,20 @@ def _set_block_shapes(nargs) -> None:
 
 # On the GPU a layer shape whose tile shape is not known yet (`TUNED`) is autotuned once over these;
 # in the interpreter (tests) a fixed one is used.
-TUNING_CONFIGS = [  # (BLOCK_M, BLOCK_K, warps, stages, programs per SM (0 = one per tile), swapped)
-    (256, 32, 4, 4, 0, False), (256, 32, 8, 4, 0, False), (256, 64, 8, 3, 0, False), (256, 64, 4, 3, 0, False),
-    (256, 32, 4, 6, 0, False), (256, 32, 4, 8, 0, False), (256, 64, 4, 5, 0, False), (256, 32, 8, 6, 0, False),
-    (256, 32, 4, 4, 1, False), (256, 64, 8, 3, 1, False), (256, 32, 4, 6, 1, False), (256, 64, 4, 4, 1, False),
-    (128, 32, 4, 4, 0, False), (128, 64, 4, 4, 0, False), (128, 32, 8, 4, 0, False), (128, 32, 4, 4, 2, False),
-    (128, 64, 4, 4, 0, True), (256, 64, 4, 3, 0, True), (256, 32, 4, 4, 0, True), (256, 64, 8, 3, 0, True),
-    (256, 64, 4, 3, 1, True), (128, 64, 4, 4, 2, True),
+TUNING_CONFIGS = [  # (BLOCK_M, BLOCK_K, warps, stages, programs per SM; 0 = one program per tile)
+    (256, 32, 4, 4, 0), (256, 32, 8, 4, 0), (256, 64, 8, 3, 0), (256, 64, 4, 3, 0),
+    (256, 32, 4, 6, 0), (256, 32, 4, 8, 0), (256, 64, 4, 5, 0), (256, 32, 8, 6, 0),
+    (256, 32, 4, 4, 1), (256, 64, 8, 3, 1), (256, 32, 4, 6, 1), (256, 64, 4, 4, 1),
+    (128, 32, 4, 4, 0), (128, 64, 4, 4, 0), (128, 32, 8, 4, 0), (128, 32, 4, 4, 2),
 ]
-SWAP_MIN_COUT = 64  # a Hopper MMA's M is 64 per warp group: fewer output channels would waste it
-
-
-def _prune(configs, named_args, **kwargs):
-    return [c for c in configs if not c.kwargs["SWAP"] or kwargs["COUT"] >= SWAP_MIN_COUT]
-
-
 _CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 conv3x3_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "PERSISTENT": per_sm > 0, "PER_SM": per_sm, "SWAP": swap},
-                           num_warps=w, num_stages=s, pre_hook=_set_block_shapes)
-             for bm, bk, w, s, per_sm, swap in TUNING_CONFIGS],
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "PERSISTENT": per_sm > 0, "PER_SM": per_sm}, num_warps=w,
+                           num_stages=s, pre_hook=_set_block_shapes)
+             for bm, bk, w, s, per_sm in TUNING_CONFIGS],
     key=["CIN", "COUT", "size_class"],
-    prune_configs_by={"early_config_prune": _prune},
     **_CACHE_RESULTS,
 )(conv3x3_kernel)
-
-# Off the GPU (Triton's interpreter, the tests): a few programs, each walking over several tiles, so
-# that the persistent loop is exercised too.
-INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_K": 16, "PERSISTENT": True}
 
 
 # While set (`launches_recorded`), launches with known tile shapes are recorded instead of run, so
@@ -272,15 +256,19 @@ def _descriptor(t: torch.Tensor) -> TensorDescriptor:
 
 class PackedConv:
     """A 3x3 convolution's weights as the kernel reads them: [9 * CIN, COUT], tap-major; with
-    `phases` = 4 (nearest 2x + this convolution, see `subpixel.phase_weights`), one such block per phase."""
+    `phases` = 4 (nearest 2x + this convolution, see `subpixel.phase_weights`), a [4 * CIN, COUT]
+    block per phase (a, b): the taps of rows a, a + 1 and columns b, b + 1 of its 3x3 window, the others
+    being zeros."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, phases: int = 1,
                  tuned_class: int | None = None):
         """`tuned_class`: run with this size class's tile shape whatever the rows (None: by the rows)."""
         cout, cin = weight.shape[0] // phases, weight.shape[1]
         self.cin, self.cout, self.phases, self.tuned_class = cin, cout, phases, tuned_class
-        by_phase = weight.detach().reshape(phases, cout, cin, 3, 3).permute(0, 3, 4, 2, 1)
-        self.weight = by_phase.reshape(phases * 9 * cin, cout).to(dtype).contiguous()
+        by_phase = weight.detach().reshape(phases, cout, cin, 3, 3).permute(0, 3, 4, 2, 1)  # [phase, y, x, in, out]
+        if phases > 1:
+            by_phase = torch.stack([by_phase[p, p // 2:p // 2 + 2, p % 2:p % 2 + 2] for p in range(phases)])
+        self.weight = by_phase.reshape(-1, cout).to(dtype).contiguous()
         self.bias = bias.detach().float().contiguous()
 
     @classmethod
@@ -316,7 +304,8 @@ class PackedConv:
         flags = dict(CIN=self.cin, COUT=self.cout, LRELU=lrelu, RES1=res1 is not None, RES2=res2 is not None,
                      GROW=grow, SUMS_IN=sums_in, SHUFFLE=shuffle)
         if not src.is_cuda:
-            config = triton.Config(dict(INTERPRETER_CONFIG))
+            # a few programs, each walking over several tiles: the persistent loop is exercised too
+            config = triton.Config({"BLOCK_M": 32, "BLOCK_K": 16, "PERSISTENT": True})
             grid = (3, self.phases)
         else:
             key = (self.cin, self.cout, klass)
