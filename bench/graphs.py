@@ -2,8 +2,8 @@
 
 For each frame size (batch 4, model alone, frames already on the GPU): frames per second and the
 CPU time the process spends per batch, with the fused engine's kernels launched one by one and with
-the batch replayed as a CUDA graph; the first three batches of a size (run as they are, captured,
-replayed) timed one by one; the largest difference between the two ways' pixels; and the memory the
+the batch replayed as a CUDA graph; the first three batches of a size through the graphs (after the
+warm-up a new shape is captured at its first batch, then replayed) timed one by one; the largest difference between the two ways' pixels; and the memory the
 graphs' pool holds.
 
     KERNEL_CACHE_DIR=... python bench/graphs.py --json PATH

@@ -12,11 +12,12 @@ from echoshot_ai_server.engine.graphs import GraphedForward
 
 
 class Recorder:
-    def __init__(self, fail=False):
-        self.captures, self.replays, self.fail = [], 0, fail
+    def __init__(self, fail=False, fail_first=0):
+        self.captures, self.replays, self.fail, self.fail_first = [], 0, fail, fail_first
 
     def __call__(self, forward, static_input, pool):
-        if self.fail:
+        if self.fail or self.fail_first:
+            self.fail_first = max(0, self.fail_first - 1)
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captures.append(tuple(static_input.shape))
         output = forward(static_input)
@@ -98,3 +99,36 @@ def test_while_bypassed_nothing_is_captured():
     graphed(frames(1, 8, 8, 0))
     graphed(frames(1, 8, 8, 0))
     assert capture.captures == [(1, 3, 8, 8)]
+
+
+@torch.no_grad()
+def test_once_warm_a_new_shape_is_captured_at_its_first_batch():
+    model, capture = Counted(), Recorder()
+    graphed = GraphedForward(model, max_pixels=10**6, capture=capture)
+    graphed.warm = True  # the start-up's warm-up has loaded every kernel
+    batches = [frames(2, 8, 8, seed) for seed in range(3)]
+    results = [graphed(x) for x in batches]
+    assert capture.captures == [(2, 3, 8, 8)] and capture.replays == 3
+    for x, got in zip(batches, results):
+        assert torch.allclose(got, model.conv(x), atol=1e-6)
+
+
+@torch.no_grad()
+def test_a_capture_that_fails_at_first_sight_is_tried_again_once_after_a_plain_batch(caplog):
+    model, capture = Counted(), Recorder(fail_first=1)
+    graphed = GraphedForward(model, max_pixels=10**6, capture=capture)
+    graphed.warm = True
+    x = frames(1, 8, 8, 0)
+    with caplog.at_level(logging.INFO):
+        outputs = [graphed(x) for _ in range(3)]
+    assert all(torch.allclose(out, model.conv(x), atol=1e-6) for out in outputs)
+    assert capture.captures == [(1, 3, 8, 8)] and capture.replays == 2 and not graphed.failed
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # a shape that fails at both tries runs as it is from then on, with one warning
+    always = GraphedForward(Counted(), max_pixels=10**6, capture=Recorder(fail=True))
+    always.warm = True
+    with caplog.at_level(logging.INFO):
+        for _ in range(4):
+            always(x)
+    assert len(always.failed) == 1
+    assert sum(r.levelno == logging.WARNING and "capturing a CUDA graph" in r.getMessage() for r in caplog.records) == 1

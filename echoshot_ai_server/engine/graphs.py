@@ -27,27 +27,46 @@ GRAPH_MAX_PIXELS = 4 * 320 * 240
 GRAPHS_KEPT = 8  # the least recently used graph goes beyond this many input shapes
 
 
+_capture_streams = threading.local()
+
+
 def capture_cuda_graph(forward: Callable[[torch.Tensor], torch.Tensor], static_input: torch.Tensor, pool):
-    """Capture `forward(static_input)` as a CUDA graph: (replay, its output tensor)."""
+    """Capture `forward(static_input)` as a CUDA graph: (replay, its output tensor).
+
+    Captured on a side stream of its own, as `torch.cuda.graph` does, but without its preparations:
+    it synchronises the device and empties PyTorch's memory caches before every capture, which costs
+    a new shape tens of milliseconds and every later batch of other shapes its cached memory."""
+    stream = getattr(_capture_streams, "stream", None)
+    if stream is None:
+        stream = _capture_streams.stream = torch.cuda.Stream()
     graph = torch.cuda.CUDAGraph()
-    # thread-local: a call another thread makes meanwhile (the worker's own, not the GPU's work) is no error
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        output = forward(static_input)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        # thread-local: a call another thread makes meanwhile (the worker's own, not the GPU's work) is no error
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            output = forward(static_input)
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
     return graph.replay, output
 
 
 class GraphedForward:
     """`forward` with small input shapes replayed as CUDA graphs (see the module's docstring).
 
-    The first batch of a shape runs as it is (kernels load, tile shapes get tuned, cuDNN picks its
-    algorithm), the second is captured, every later one replayed. A shape whose capture fails runs
-    as it is from then on. `capture` is the capturing function (CUDA graphs; tests pass their own)."""
+    Until the engine is `warm`, the first batch of a shape runs as it is (kernels load, tile shapes get
+    tuned), the second is captured; once warm (the start-up's warm-up has run), a new shape is
+    captured at its first batch, and only if that fails runs as it is once and is captured at its
+    second. Every later batch is replayed. A shape whose capture fails twice runs as it is from then
+    on. `capture` is the capturing function (CUDA graphs; tests pass their own)."""
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], *, max_pixels: int = GRAPH_MAX_PIXELS,
                  keep: int = GRAPHS_KEPT, capture=capture_cuda_graph, bypass: Callable[[], bool] = lambda: False):
         """`bypass`: while it returns True, every batch runs as it is (the warm-up's dry pass)."""
         self.forward, self.max_pixels, self.keep = forward, max_pixels, keep
         self.capture, self.bypass = capture, bypass
+        self.warm = False  # set once the engine's kernels are loaded and its tile shapes known
         self.seen: set = set()
         self.failed: set = set()
         self.graphs: OrderedDict = OrderedDict()  # key -> (static input, replay, output)
@@ -64,7 +83,7 @@ class GraphedForward:
         with self.lock:
             entry = self.graphs.get(key)
             if entry is None:
-                if key not in self.seen:
+                if key not in self.seen and not self.warm:
                     self.seen.add(key)
                     return self.forward(x)
                 entry = self._capture(key, x)
@@ -83,6 +102,11 @@ class GraphedForward:
         try:
             replay, output = self.capture(self.forward, static_input, self.pool)
         except Exception:  # the batch is as right without a graph, only slower
+            if key not in self.seen:  # at first sight: once more after a plain batch
+                self.seen.add(key)
+                log.info("capturing a CUDA graph for input %s at its first batch failed; tried again at its second",
+                         tuple(x.shape), exc_info=True)
+                return None
             log.warning("capturing a CUDA graph for input %s failed; it runs without one", tuple(x.shape), exc_info=True)
             self.failed.add(key)
             return None
