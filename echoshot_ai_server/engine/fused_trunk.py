@@ -15,7 +15,7 @@ the finished features). conv5 reads all F + 4G channels and writes `conv * 0.2 +
 zeros on the ring rows, so the padding stays zero. There is no `torch.cat` and no separate
 element-wise kernel in the trunk. The head (3 -> 64 channels) runs through cuDNN. The up-sampling
 tail runs in the same kernel: each "nearest 2x + 3x3" as four phase convolutions on the smaller
-buffer (`subpixel.phase_weights`) whose results the kernel stores straight into their places in the
+buffer (`subpixel.phase_weights`), each over the four taps of its window that are not zero, whose results the kernel stores straight into their places in the
 padded buffer at twice the size (`SHUFFLE`), LeakyReLU included; conv_hr and conv_last (its 3 outputs
 padded to 16 columns) follow on that buffer. No compiler is needed anywhere; RRDBNet's own tail under
 torch.compile remains as an option (`compile_tail_in_background`, `compile_head_tail`), slower since.
