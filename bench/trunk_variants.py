@@ -34,11 +34,12 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from echoshot_ai_server.app.wiring import load_engine  # noqa: E402
 from echoshot_ai_server.config import Settings  # noqa: E402
 from echoshot_ai_server.engine import fused_trunk  # noqa: E402
+from model_variants import timed as queued  # noqa: E402  (GPU seconds of a run among 20 queued back to back)
 
 MFLOP_PER_PIXEL = 35.85
 SIZES = ((640, 480), (1280, 720))
@@ -59,18 +60,6 @@ def timed(run, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def gpu_seconds(run, launches: int = 20) -> float:
-    """GPU time of one of `launches` runs queued back to back (so that launching is hidden)."""
-    run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(launches):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / launches
-
-
 def step_times(module, fused, size, in_place: bool) -> list[float]:
     """Each dense step of the first RDB alone and its conv5, µs, on a buffer of random features."""
     w, h = size
@@ -81,15 +70,15 @@ def step_times(module, fused, size, in_place: bool) -> list[float]:
     if in_place:
         for j, step in enumerate(steps):
             src, out = module.dense_step_views(buf, j, FEAT, GROW)
-            result.append(gpu_seconds(lambda: step(src, out, (h, w), lrelu=True, grow=GROW, sums_in=j > 0)))
+            result.append(queued(lambda: step(src, out, (h, w), lrelu=True, grow=GROW, sums_in=j > 0), 20))
     else:
         partials = [torch.randn(rows, 4 * GROW, device="cuda", dtype=torch.float16),
                     torch.randn(rows, 3 * GROW, device="cuda", dtype=torch.float16)]
         for j, step in enumerate(steps):
             src, out, pre_res, partial = module.dense_step_views(buf, partials, j, FEAT, GROW)
-            result.append(gpu_seconds(lambda: step(src, out, (h, w), lrelu=True, pre_res=pre_res, partial=partial)))
+            result.append(queued(lambda: step(src, out, (h, w), lrelu=True, pre_res=pre_res, partial=partial), 20))
     conv5, nxt = fused.blocks[0][0][1], torch.empty(rows, FEAT, device="cuda", dtype=torch.float16)
-    result.append(gpu_seconds(lambda: conv5(buf, nxt, (h, w), res1=buf[:, :FEAT], scale=0.2)))
+    result.append(queued(lambda: conv5(buf, nxt, (h, w), res1=buf[:, :FEAT], scale=0.2), 20))
     return [round(s * 1e6, 1) for s in result]
 
 
@@ -111,7 +100,7 @@ def layer_configs(fused, size) -> dict:
             fused_trunk.TUNED[key] = cfg
             label = f"{name} {cfg}"
             try:
-                result[label] = round(gpu_seconds(run) * 1e6, 1)
+                result[label] = round(queued(run, 20) * 1e6, 1)
             except Exception as error:  # a configuration that does not compile or fit
                 result[label] = f"failed: {type(error).__name__}: {str(error)[:200]}"
             print(f"{label}: {result[label]}", flush=True)
