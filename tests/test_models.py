@@ -10,8 +10,7 @@ from conftest import BUCKET, decode_frames, psnr, reference_enhancer
 from echoshot_ai_server.app.wiring import load_engine, load_models
 from echoshot_ai_server.config import Settings
 from echoshot_ai_server.engine.models import build_model, reference_model
-from echoshot_ai_server.engine.specs import RRDBNetArch, SRVGGNetArch
-from echoshot_ai_server.engine.specs import MODELS, X4PLUS
+from echoshot_ai_server.engine.specs import MODELS, X4PLUS, RRDBNetArch, SRVGGNetArch
 from echoshot_ai_server.errors import ErrorCode, PermanentError
 from test_upscaler import random_frames
 from worker_harness import enqueue, make_worker, queue_counts, run_jobs, statuses, upload_clip

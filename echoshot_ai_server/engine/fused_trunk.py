@@ -312,7 +312,8 @@ class PackedConv:
             if key not in TUNED:
                 # a shape with no tuned tile yet: the autotuner picks one, used directly from then on. It
                 # runs the kernel many times, so a step that adds partial sums in place gets them back
-                # and runs once more on them.
+                # and runs once more on them (only such a step: the autotuner's own `restore_value`
+                # would copy every layer's output, gigabytes for the tail's at 4x).
                 saved = out.clone() if sums_in else None
                 conv3x3_tuned[lambda meta: launch_grid(rows, meta) + (self.phases,)](*args, **flags)
                 TUNED[key] = conv3x3_tuned.best_config

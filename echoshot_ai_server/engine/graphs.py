@@ -27,18 +27,13 @@ GRAPH_MAX_PIXELS = 4 * 320 * 240
 GRAPHS_KEPT = 8  # the least recently used graph goes beyond this many input shapes
 
 
-_capture_streams = threading.local()
-
-
 def capture_cuda_graph(forward: Callable[[torch.Tensor], torch.Tensor], static_input: torch.Tensor, pool):
     """Capture `forward(static_input)` as a CUDA graph: (replay, its output tensor).
 
     Captured on a side stream of its own, as `torch.cuda.graph` does, but without its preparations:
     it synchronises the device and empties PyTorch's memory caches before every capture, which costs
     a new shape tens of milliseconds and every later batch of other shapes its cached memory."""
-    stream = getattr(_capture_streams, "stream", None)
-    if stream is None:
-        stream = _capture_streams.stream = torch.cuda.Stream()
+    stream = torch.cuda.Stream()  # one of PyTorch's pooled streams: cheap, and a capture is rare
     graph = torch.cuda.CUDAGraph()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
