@@ -3,8 +3,9 @@
 For each frame size (batch 4, model alone, frames already on the GPU): frames per second and the
 CPU time the process spends per batch, with the fused engine's kernels launched one by one and with
 the batch replayed as a CUDA graph; the first three batches of a size through the graphs (after the
-warm-up a new shape is captured at its first batch, then replayed) timed one by one; the largest difference between the two ways' pixels; and the memory the
-graphs' pool holds.
+warm-up a new shape is captured at its first batch, then replayed) timed one by one; the largest
+difference between the two ways' pixels; and the memory the graphs' shared pool holds after each size
+(the sizes grow, so a pool shared as intended grows by the difference only, not by each graph's need).
 
     KERNEL_CACHE_DIR=... python bench/graphs.py --json PATH
 """
@@ -62,6 +63,7 @@ def main() -> int:
         row["graph"] = summary(runs, w, h)
         row["max_abs_diff_uint8"] = int((graphed.int() - plain.int()).abs().max())
         row["speed-up"] = round(row["graph"]["fps"] / row["launched"]["fps"], 2)
+        row["graph_pool_gb"] = pool_gb(graphs.pool)
         report["sizes"][f"{w}x{h}"] = row
         print(f"{w}x{h}", json.dumps(row), flush=True)
     report["graphs_kept"] = len(graphs.graphs)
@@ -69,6 +71,14 @@ def main() -> int:
     print(json.dumps({k: v for k, v in report.items() if k != "sizes"}), flush=True)
     args.json.write_text(json.dumps(report, indent=2))
     return 0
+
+
+def pool_gb(pool) -> float | None:
+    """GB of memory PyTorch's allocator holds in the graphs' pool."""
+    segments = [s for s in torch.cuda.memory_snapshot() if "segment_pool_id" in s]
+    if pool is None or not segments:
+        return None
+    return round(sum(s["total_size"] for s in segments if tuple(s["segment_pool_id"]) == tuple(pool)) / 2**30, 3)
 
 
 def summary(runs: list[tuple[float, float]], w: int, h: int) -> dict:

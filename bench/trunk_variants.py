@@ -94,7 +94,7 @@ def layer_configs(fused, size) -> dict:
                                                    lrelu=True, grow=GROW, sums_in=True))}
     result = {}
     for name, (conv, run) in layers.items():
-        key = (conv.cin, conv.cout, fused_trunk.size_class(rows))
+        key = (conv.cin, conv.cout, fused_trunk.size_class(rows), 0)
         shipped = fused_trunk.TUNED[key]
         for cfg in fused_trunk.conv3x3_tuned.configs:
             fused_trunk.TUNED[key] = cfg

@@ -270,7 +270,7 @@ def test_kernels_are_tuned_per_size_class_not_per_frame_size():
     from echoshot_ai_server.engine.fused_trunk import SIZE_CLASS_ROWS, conv3x3_kernel, conv3x3_tuned, size_class
 
     # what the autotuner keys on, and what the compiler may specialise on: never the frame's size
-    assert conv3x3_tuned.keys == ["CIN", "COUT", "size_class"]
+    assert conv3x3_tuned.keys == ["CIN", "COUT", "size_class", "SHUFFLE"]
     sizes = {"rows", "frame_rows", "row_pitch", "H", "W", "size_class"}
     unspecialised = {conv3x3_kernel.arg_names[i] if isinstance(i, int) else i for i in conv3x3_kernel.do_not_specialize}
     assert sizes <= unspecialised
@@ -311,24 +311,29 @@ def test_tuned_tile_shapes_are_kept_between_processes(tmp_path):
     try:
         fused_trunk.TUNED.clear()
         fused_trunk.conv3x3_tuned.cache.clear()
-        fused_trunk.TUNED[(64, 128, 0)] = triton.Config({"BLOCK_M": 256, "BLOCK_K": 64, "PERSISTENT": True, "PER_SM": 1},
-                                                        num_warps=8, num_stages=3)
+        fused_trunk.TUNED[(64, 128, 0, 0)] = triton.Config(
+            {"BLOCK_M": 256, "BLOCK_K": 64, "PERSISTENT": True, "PER_SM": 1}, num_warps=8, num_stages=3, maxnreg=168)
         # a shape the autotuner tuned in this process, under its own key (the argument dtypes appended)
-        fused_trunk.conv3x3_tuned.cache[(32, 64, 1, "torch.float32", "torch.float16")] = triton.Config(
+        fused_trunk.conv3x3_tuned.cache[(64, 64, 1, True, "torch.float32", "torch.float16")] = triton.Config(
             {"BLOCK_M": 128, "BLOCK_K": 32, "PERSISTENT": False, "PER_SM": 0}, num_warps=4, num_stages=4)
         assert fused_trunk.save_tuned(tmp_path / "tuned.json") == 2
 
         fused_trunk.TUNED.clear()  # a new process
         fused_trunk.conv3x3_tuned.cache.clear()
         assert fused_trunk.load_tuned(tmp_path / "tuned.json") == 2
-        config = fused_trunk.TUNED[(64, 128, 0)]
-        assert config.kwargs["BLOCK_M"] == 256 and (config.num_warps, config.num_stages) == (8, 3)
-        assert fused_trunk.TUNED[(32, 64, 1)].kwargs["BLOCK_M"] == 128
-        # a file written under another Triton's key format is read by the layer's shape all the same
+        config = fused_trunk.TUNED[(64, 128, 0, 0)]
+        assert config.kwargs["BLOCK_M"] == 256 and (config.num_warps, config.num_stages, config.maxnreg) == (8, 3, 168)
+        # the up-sampling phases are tuned apart from the plain convolutions of the same channels
+        assert fused_trunk.TUNED[(64, 64, 1, 1)].kwargs["BLOCK_M"] == 128 and (64, 64, 1, 0) not in fused_trunk.TUNED
+        # files of older formats: keys that end after the size class, or go on with argument dtypes
         older = [{"key": [192, 64, 0, "torch.float32"], "kwargs": {"BLOCK_M": 128, "BLOCK_K": 64, "PERSISTENT": False,
-                                                                 "PER_SM": 0}, "num_warps": 4, "num_stages": 4}]
+                                                                 "PER_SM": 0}, "num_warps": 4, "num_stages": 4},
+                 {"key": [64, 64, 1], "kwargs": {"BLOCK_M": 256, "BLOCK_K": 32, "PERSISTENT": False, "PER_SM": 0},
+                  "num_warps": 4, "num_stages": 4}]
         (tmp_path / "older.json").write_text(json.dumps(older))
-        assert fused_trunk.load_tuned(tmp_path / "older.json") == 3 and (192, 64, 0) in fused_trunk.TUNED
+        assert fused_trunk.load_tuned(tmp_path / "older.json") == 2
+        assert fused_trunk.TUNED[(192, 64, 0, 0)].maxnreg is None and (64, 64, 1, 0) in fused_trunk.TUNED
+        assert len(fused_trunk.TUNED) == 4
         assert fused_trunk.load_tuned(tmp_path / "none.json") == 0
     finally:
         fused_trunk.TUNED.clear()
@@ -344,10 +349,11 @@ def test_the_measured_tile_shapes_for_hopper_ship_with_the_package(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     entries = json.loads(fused_trunk.measured_defaults().read_text())
-    tuned = {(e["key"][0], e["key"][1], e["key"][2]) for e in entries}
-    # every convolution of the fused trunk and tail, in both size classes
+    tuned = {tuple(e["key"]) for e in entries}
+    # every convolution of the fused trunk and tail, in both size classes, and the up-sampling phases
     for cin, cout in ((64, 128), (32, 128), (32, 64), (32, 32), (192, 64), (64, 64), (64, 16)):
-        assert {(cin, cout, 0), (cin, cout, 1)} <= tuned
+        assert {(cin, cout, 0, 0), (cin, cout, 1, 0)} <= tuned
+    assert (64, 64, 1, 1) in tuned
     configs = {tuple(c) for c in fused_trunk.TUNING_CONFIGS}
     for e in entries:  # each one of the configurations the autotuner would have chosen from
         k = e["kwargs"]

@@ -148,7 +148,7 @@ conv3x3_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "PERSISTENT": per_sm > 0, "PER_SM": per_sm}, num_warps=w,
                            num_stages=s, pre_hook=_set_block_shapes)
              for bm, bk, w, s, per_sm in TUNING_CONFIGS],
-    key=["CIN", "COUT", "size_class"],
+    key=["CIN", "COUT", "size_class", "SHUFFLE"],
     **_CACHE_RESULTS,
 )(conv3x3_kernel)
 
@@ -192,10 +192,11 @@ def compile_launches(launches: list, workers: int) -> int:
     return len(distinct)
 
 
-# Tile shapes known for a convolution (CIN, COUT, size class): launched with them directly, without
-# the autotuner on the way. Keyed by the layer's shape alone, so that a file of them stays valid
-# whatever else a Triton version puts into its autotuner's keys (argument dtypes, for one).
-TUNED: dict[tuple[int, int, int], triton.Config] = {}
+# Tile shapes known for a convolution (CIN, COUT, size class, 1 for up-sampling phases else 0):
+# launched with them directly, without the autotuner on the way. Keyed by the layer's shape alone, so
+# that a file of them stays valid whatever else a Triton version puts into its autotuner's keys
+# (argument dtypes, for one).
+TUNED: dict[tuple[int, int, int, int], triton.Config] = {}
 
 
 def save_tuned(path: Path) -> int:
@@ -204,9 +205,9 @@ def save_tuned(path: Path) -> int:
     a pre-hook, as these do."""
     known = dict(TUNED)
     for key, cfg in conv3x3_tuned.cache.items():
-        known.setdefault(tuple(key[:3]), cfg)
-    entries = [{"key": list(key), "kwargs": cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-               for key, cfg in known.items()]
+        known.setdefault((*key[:3], int(key[3])), cfg)
+    entries = [{"key": list(key), "kwargs": cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                "maxnreg": cfg.maxnreg} for key, cfg in known.items()]
     # Workers of one host (one per GPU) share the file: it is replaced whole, never seen half written.
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     partial.write_text(json.dumps(entries))
@@ -223,13 +224,18 @@ def measured_defaults() -> Path:
 
 def load_tuned(path: Path) -> int:
     """Take the tile shapes tuned by an earlier process on the same GPU and versions (`save_tuned`),
-    so that they are not tuned again. Returns how many are known."""
+    so that they are not tuned again; they replace those known for the same layers. Returns how many
+    the file holds. Keys written before the up-sampling phases had keys of their own end after the
+    size class (or go on with argument dtypes): those are the plain convolutions'."""
     if not path.is_file():
         return 0
-    for entry in json.loads(path.read_text()):
-        TUNED[tuple(entry["key"][:3])] = triton.Config(entry["kwargs"], num_warps=entry["num_warps"],
-                                                       num_stages=entry["num_stages"])
-    return len(TUNED)
+    entries = json.loads(path.read_text())
+    for entry in entries:
+        key = entry["key"]
+        shuffle = int(key[3]) if len(key) > 3 and isinstance(key[3], int) else 0
+        TUNED[(*key[:3], shuffle)] = triton.Config(entry["kwargs"], num_warps=entry["num_warps"],
+                                              num_stages=entry["num_stages"], maxnreg=entry.get("maxnreg"))
+    return len(entries)
 
 
 # Tile shapes are tuned once per convolution and size class, not per frame size: a video of a
@@ -308,7 +314,7 @@ class PackedConv:
             config = triton.Config({"BLOCK_M": 32, "BLOCK_K": 16, "PERSISTENT": True})
             grid = (3, self.phases)
         else:
-            key = (self.cin, self.cout, klass)
+            key = (self.cin, self.cout, klass, int(shuffle))
             if key not in TUNED:
                 # a shape with no tuned tile yet: the autotuner picks one, used directly from then on. It
                 # runs the kernel many times, so a step that adds partial sums in place gets them back
@@ -324,6 +330,8 @@ class PackedConv:
             grid = launch_grid(rows, config.kwargs) + (self.phases,)
         _set_block_shapes({**config.kwargs, **dict(zip(DESCRIPTORS, descs))})
         launch = dict(**flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        if config.maxnreg is not None:
+            launch["maxnreg"] = config.maxnreg
         if _recorded is not None:
             _recorded.append((grid, args, launch))
             return

@@ -27,13 +27,23 @@ GRAPH_MAX_PIXELS = 4 * 320 * 240
 GRAPHS_KEPT = 8  # the least recently used graph goes beyond this many input shapes
 
 
+# One side stream per device for every capture: PyTorch's allocator hands a block of the graphs'
+# shared pool only to allocations on the stream it was allocated on, so captures on different streams
+# would each grow the pool instead of sharing it (`torch.cuda.graph` keeps one stream for that reason).
+_capture_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
 def capture_cuda_graph(forward: Callable[[torch.Tensor], torch.Tensor], static_input: torch.Tensor, pool):
     """Capture `forward(static_input)` as a CUDA graph: (replay, its output tensor).
 
-    Captured on a side stream of its own, as `torch.cuda.graph` does, but without its preparations:
-    it synchronises the device and empties PyTorch's memory caches before every capture, which costs
-    a new shape tens of milliseconds and every later batch of other shapes its cached memory."""
-    stream = torch.cuda.Stream()  # one of PyTorch's pooled streams: cheap, and a capture is rare
+    Captured on a side stream, as `torch.cuda.graph` does, but without its preparations: it
+    synchronises the device and empties PyTorch's memory caches before every capture, which costs a
+    new shape tens of milliseconds and every later batch of other shapes its cached memory. Callers
+    capture one at a time (`GraphedForward` holds its lock)."""
+    device = static_input.device
+    stream = _capture_streams.get(device)
+    if stream is None:
+        stream = _capture_streams[device] = torch.cuda.Stream(device)
     graph = torch.cuda.CUDAGraph()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

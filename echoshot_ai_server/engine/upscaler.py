@@ -150,12 +150,12 @@ class Upscaler:
         if self.engine == "fused":
             from echoshot_ai_server.engine.fused_trunk import load_tuned, measured_defaults
 
-            # Tuned here before (this GPU, driver and versions), else the shapes measured on this
-            # GPU architecture that ship with the package, else the autotuner tunes them now.
+            # The shapes measured on this GPU architecture that ship with the package, replaced by
+            # those tuned here before (this GPU, driver and versions); the autotuner tunes the rest now.
+            if self.torch_device.type == "cuda" and (count := load_tuned(measured_defaults())):
+                log.info("tile shapes measured for this GPU architecture: %d", count)
             if tuned is not None and (count := load_tuned(tuned)):
                 log.info("tile shapes tuned earlier on this GPU: %d", count)
-            elif count := load_tuned(measured_defaults()):
-                log.info("tile shapes measured for this GPU architecture: %d", count)
         rng = np.random.default_rng(0)
         batches = [rng.integers(0, 256, (self.batch_frames, h, w, 3), dtype=np.uint8) for w, h in sizes]
         if self.engine == "fused" and self.torch_device.type == "cuda":
