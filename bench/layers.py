@@ -3,14 +3,14 @@
 Model alone, batch 4, uint8 frames on the GPU through the worker's `upscale_tensor` (CUDA graphs off):
 
 - `forward`: every fused-kernel launch of a batch timed with CUDA events, summed by layer (the 69
-  dense blocks' steps and conv5s, conv_body, the up-sampling phases, conv_hr, conv_last); "other"
-  is the rest of the batch (head, padding, post-processing, the gaps between launches);
-- `configs` (with `--configs`): each layer alone on buffers of its real shapes at 640x480 (µs,
-  20 launches back to back) under each tuning configuration and a few larger ones (512-row tiles,
-  deeper pipelines), next to its shipped tile shape. Configurations that do not fit are listed as
-  failed. Compiled side by side first.
+  dense blocks' steps and conv5s, conv_body, the up-sampling phases, conv_hr, conv_last's sum of its
+  shares); "other" is the rest of the batch (head, padding, post-processing, gaps between launches);
+- `configs` (with `--configs`): each convolution alone on buffers of its real shapes (`--sweep-size`;
+  µs, 20 launches back to back) under each tuning configuration and others that leave room for more
+  programs on an SM, next to its shipped tile shape, with each kernel's registers, spills and shared
+  memory. Configurations that do not fit are listed as failed. Compiled side by side first.
 
-    python bench/layers.py --json PATH [--configs]
+    python bench/layers.py --json PATH [--configs [--sweep-size 640x480] [--layers "dense step 3,conv_hr"]]
 """
 
 import argparse
@@ -30,7 +30,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from echoshot_ai_server.app.wiring import load_engine  # noqa: E402
 from echoshot_ai_server.config import Settings  # noqa: E402
 from echoshot_ai_server.engine import fused_trunk  # noqa: E402
-from echoshot_ai_server.engine.fused_trunk import PackedConv, dense_step_views, zero_ring  # noqa: E402
+from echoshot_ai_server.engine.fused_trunk import PackedConv, TapShares, dense_step_views, zero_ring  # noqa: E402
 from model_variants import timed as queued  # noqa: E402
 
 SIZES = ((640, 480), (1280, 720))
@@ -68,23 +68,28 @@ def labels(fused) -> dict[int, str]:
 def forward_breakdown(upscaler, fused, frames, repeats: int = 5) -> dict:
     """ms per batch of each layer (summed over its launches) and of the rest."""
     names, events = labels(fused), []
-    original = PackedConv.__call__
+    originals = {cls: cls.__call__ for cls in (PackedConv, TapShares)}
 
-    def timed_call(conv, *args, **kwargs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        original(conv, *args, **kwargs)
-        end.record()
-        events.append((names[id(conv)], start, end))
+    def timed(original):
+        def call(layer, *args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = original(layer, *args, **kwargs)
+            end.record()
+            events.append((names[id(layer)], start, end))
+            return result
+        return call
 
     total = queued(lambda: upscaler.upscale_tensor(frames, 4), repeats)
-    PackedConv.__call__ = timed_call
+    for cls, original in originals.items():
+        cls.__call__ = timed(original)
     try:
         for _ in range(repeats):
             upscaler.upscale_tensor(frames, 4)
         torch.cuda.synchronize()
     finally:
-        PackedConv.__call__ = original
+        for cls, original in originals.items():
+            cls.__call__ = original
     layers: dict[str, float] = {}
     for name, start, end in events:
         layers[name] = layers.get(name, 0.0) + start.elapsed_time(end) / repeats
@@ -103,8 +108,7 @@ def layer_runs(fused, size) -> dict:
     nxt = torch.empty(rows, FEAT, device=dev, dtype=half)
     big = [zero_ring(torch.randn(n * (s * h + 2) * (s * w + 2), FEAT, device=dev, dtype=half), n, s * h, s * w)
            for s in (2, 4)]
-    hr = torch.empty_like(big[1])
-    last = torch.empty(hr.shape[0], fused.conv_last.cout, device=dev, dtype=half)
+    shares = fused.conv_last.buffer(big[1].shape[0], big[1])
     steps, conv5 = fused.blocks[0][0]
     runs = {}
     for j, step in enumerate(steps):
@@ -115,8 +119,9 @@ def layer_runs(fused, size) -> dict:
     runs["conv_body"] = (fused.conv_body, lambda: fused.conv_body(buf[:, :FEAT], nxt, (h, w), res1=nxt, scale=1.0))
     runs["up1"] = (fused.up1, lambda: fused.up1(buf[:, :FEAT], big[0], (h, w), lrelu=True))
     runs["up2"] = (fused.up2, lambda: fused.up2(big[0], big[1], (2 * h, 2 * w), lrelu=True))
-    runs["conv_hr"] = (fused.conv_hr, lambda: fused.conv_hr(big[1], hr, (4 * h, 4 * w), lrelu=True))
-    runs["conv_last"] = (fused.conv_last, lambda: fused.conv_last(hr, last, (4 * h, 4 * w)))
+    runs["conv_hr"] = (fused.conv_hr, lambda: fused.conv_hr(big[1], shares, (4 * h, 4 * w), lrelu=True,
+                                                            project=fused.conv_last))
+    runs["conv_last"] = (None, lambda: fused.conv_last(shares, n, 4 * h, 4 * w))  # no tile shape to sweep
     return runs
 
 
@@ -125,12 +130,12 @@ def key_of(conv: PackedConv, rows: int) -> tuple[int, int, int, int]:
     return conv.cin, conv.cout, klass, int(conv.phases > 1)
 
 
-def config_sweep(fused, size) -> dict:
+def config_sweep(fused, size, only: set[str]) -> dict:
     """Each layer alone under each configuration: µs (or why it failed), the shipped one first. Layers
     of one tuning key (the up-sampling phases and conv_hr) are timed apart."""
     w, h = size
     rows = 4 * (h + 2) * (w + 2)
-    runs = layer_runs(fused, size)
+    runs = {name: run for name, run in layer_runs(fused, size).items() if run[0] is not None and (not only or name in only)}
     configs = {}
     for bm, bk, wp, st, ps, *cap in fused_trunk.TUNING_CONFIGS + EXTRA_CONFIGS:
         label = f"{bm}/{bk}/w{wp}/s{st}/p{ps}" + (f"/r{cap[0]}" if cap else "")
@@ -145,7 +150,7 @@ def config_sweep(fused, size) -> dict:
             fused_trunk.TUNED[key] = cfg
             with fused_trunk.launches_recorded() as recorded:
                 run()
-            launches[name, label] = recorded[0]
+            launches[name, label] = recorded[0][1:]  # (grid, args, kwargs) of the convolution
     fused_trunk.TUNED.clear()
     fused_trunk.TUNED.update(shipped)
     started = time.perf_counter()
@@ -188,6 +193,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--configs", action="store_true")
+    parser.add_argument("--sweep-size", default="640x480")
+    parser.add_argument("--layers", default="", help="comma-separated layer names to sweep (default: all)")
     args = parser.parse_args()
     fused_trunk.load_tuned(fused_trunk.measured_defaults())
     [upscaler] = load_engine(Settings(), "gpu")
@@ -207,7 +214,9 @@ def main() -> int:
         del frames
     args.json.write_text(json.dumps(report, indent=2))
     if args.configs:
-        report["configs_us_640x480"] = config_sweep(fused, SIZES[0])
+        size = tuple(int(v) for v in args.sweep_size.split("x"))
+        only = {name for name in args.layers.split(",") if name}
+        report[f"configs_us_{args.sweep_size}"] = config_sweep(fused, size, only)
         args.json.write_text(json.dumps(report, indent=2))
     return 0
 

@@ -61,7 +61,7 @@ print("compiled tail error", error)
 
 TAIL_CHECK = """
 from torch.nn import functional as F
-from echoshot_ai_server.engine.fused_trunk import PackedConv, pad_frames, unpad_frames, zero_ring
+from echoshot_ai_server.engine.fused_trunk import PackedConv, TapShares, pad_frames, unpad_frames, zero_ring
 up = torch.nn.Conv2d(16, 16, 3, padding=1)
 x = torch.randn(2, 16, 5, 7)
 expected = F.leaky_relu(up(F.interpolate(x, scale_factor=2, mode="nearest")), 0.2)
@@ -72,16 +72,25 @@ frames = larger.view(2, 12, 16, 16)
 assert not frames.isnan().any() and frames[:, 0].eq(0).all() and frames[:, :, -1].eq(0).all()
 error = ((unpad_frames(larger, 2, 10, 14) - expected).norm() / expected.norm()).item()
 assert error < 1e-5, error
-# conv_last's 3 outputs padded to 16 columns of zeros
-last = torch.nn.Conv2d(16, 3, 3, padding=1)
-out = torch.empty(2 * 7 * 9, 16)
-PackedConv.of(last, torch.float32, outputs=16)(pad_frames(x, 16), out, (5, 7))
-error = ((unpad_frames(out, 2, 5, 7)[:, :3] - last(x)).norm() / last(x).norm()).item()
-assert error < 1e-5 and unpad_frames(out, 2, 5, 7)[:, 3:].eq(0).all(), error
+# conv_hr + LeakyReLU + conv_last: conv_hr's kernel stores each tap's share of conv_last's 3 outputs,
+# ring rows included (zeros there), and TapShares adds the nine up
+hr, last = torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.Conv2d(16, 3, 3, padding=1)
+expected = last(F.leaky_relu(hr(x), 0.2))
+taps = TapShares(last, torch.float32)
+assert taps.weight.shape == (16, 32) and not taps.weight[:, 27:].any()  # 9 taps x 3 outputs, padded
+assert torch.equal(taps.weight[:, 3 * 5:3 * 6], last.weight[:, :, 1, 2].t())  # tap 5: row 1, column 2
+src = pad_frames(x, 16)
+shares = taps.buffer(src.shape[0], src).fill_(float("nan"))  # the kernel must write every share it is read for
+PackedConv.of(hr, torch.float32)(src, shares, (5, 7), lrelu=True, project=taps)
+assert not shares[:, :, :3].isnan().any() and shares.view(9, 2, 7, 9, 4)[:, :, 0, :, :3].eq(0).all()
+got = taps(shares, 2, 5, 7)
+error = ((got - expected).norm() / expected.norm()).item()
+assert got.shape == expected.shape and error < 1e-5, error
 print("ok")
 """
 
 RECORD_CHECK = """
+from echoshot_ai_server.engine import fused_trunk
 from echoshot_ai_server.engine.fused_trunk import FusedRRDBNet, distinct_launches, launches_recorded
 model = random_model(64, 2, 32)
 fused = FusedRRDBNet(model)
@@ -91,12 +100,13 @@ with launches_recorded() as launches, torch.no_grad():
 # per size: 2 blocks x 3 dense blocks x (4 dense steps + conv5), conv_body, the tail's 4 convolutions
 assert len(launches) == 2 * (2 * 3 * 5 + 1 + 4), len(launches)
 # distinct kernels: the 4 dense steps, conv5 with one residual and with two, conv_body, the
-# up-sampling (both), conv_hr, conv_last
+# up-sampling (both), conv_hr (storing conv_last's shares), the sum of the shares
 assert len(distinct_launches(launches)) == 10, len(distinct_launches(launches))
 # the tail's convolutions take the larger size class's tile shapes whatever the frame's size
-assert {conv.tuned_class for conv in (fused.up1, fused.up2, fused.conv_hr, fused.conv_last)} == {1}
+assert {conv.tuned_class for conv in (fused.up1, fused.up2, fused.conv_hr)} == {1}
 klass = lambda args: args[-4]  # (..., size_class, slope, scale, scale2)
-assert {klass(args) for _, args, _ in launches[-4:]} == {1}, [klass(args) for _, args, _ in launches[-4:]]
+assert {klass(args) for _, _, args, _ in launches[-4:-1]} == {1}, [klass(args) for _, _, args, _ in launches[-4:-1]]
+assert launches[-1][0] == fused_trunk.taps_sum_kernel  # conv_last adds up its shares
 with torch.no_grad():  # and once no longer recording, the kernels run again
     expected = model(torch.rand(1, 3, 5, 4).fill_(0.5))
     got = fused(torch.rand(1, 3, 5, 4).fill_(0.5))
@@ -104,7 +114,6 @@ assert ((got - expected).norm() / expected.norm()).item() < 1e-4
 # the warm-up's shortcut: its dry pass hands the recorded launches to the compiler; if compiling
 # fails, start-up goes on (the batches compile the kernels one by one) and nothing is left recording
 import logging
-from echoshot_ai_server.engine import fused_trunk
 up = Upscaler(random_model(16, 1, 16), device="cpu", profile=RunProfile(half=False, tile=0, tile_pad=4, fallback_tile=8,
               batch_frames=2, engine="fused"))
 handed = []
@@ -209,8 +218,9 @@ def test_each_up_sampling_phase_is_packed_as_its_four_taps():
             assert torch.equal(blocks[2 * a + b], by_phase[a, b][..., a:a + 2, b:b + 2].permute(2, 3, 1, 0))
 
 
-def test_tail_kernels_put_each_phase_of_the_up_sampling_in_place():
-    # nearest 2x + conv + LeakyReLU written straight into the larger padded buffer, its ring kept zero
+def test_tail_kernels_put_each_phase_of_the_up_sampling_in_place_and_sum_conv_last_from_its_shares():
+    # nearest 2x + conv + LeakyReLU written straight into the larger padded buffer, its ring kept zero;
+    # conv_hr storing conv_last's per-tap shares, which are then added up
     run_in_interpreter(TAIL_CHECK)
 
 
@@ -270,7 +280,7 @@ def test_kernels_are_tuned_per_size_class_not_per_frame_size():
     from echoshot_ai_server.engine.fused_trunk import SIZE_CLASS_ROWS, conv3x3_kernel, conv3x3_tuned, size_class
 
     # what the autotuner keys on, and what the compiler may specialise on: never the frame's size
-    assert conv3x3_tuned.keys == ["CIN", "COUT", "size_class", "SHUFFLE"]
+    assert conv3x3_tuned.keys == ["CIN", "COUT", "size_class", "SHUFFLE", "PROJECT"]
     sizes = {"rows", "frame_rows", "row_pitch", "H", "W", "size_class"}
     unspecialised = {conv3x3_kernel.arg_names[i] if isinstance(i, int) else i for i in conv3x3_kernel.do_not_specialize}
     assert sizes <= unspecialised
@@ -314,17 +324,21 @@ def test_tuned_tile_shapes_are_kept_between_processes(tmp_path):
         fused_trunk.TUNED[(64, 128, 0, 0)] = triton.Config(
             {"BLOCK_M": 256, "BLOCK_K": 64, "PERSISTENT": True, "PER_SM": 1}, num_warps=8, num_stages=3, maxnreg=168)
         # a shape the autotuner tuned in this process, under its own key (the argument dtypes appended)
-        fused_trunk.conv3x3_tuned.cache[(64, 64, 1, True, "torch.float32", "torch.float16")] = triton.Config(
+        fused_trunk.conv3x3_tuned.cache[(64, 64, 1, True, 0, "torch.float32", "torch.float16")] = triton.Config(
             {"BLOCK_M": 128, "BLOCK_K": 32, "PERSISTENT": False, "PER_SM": 0}, num_warps=4, num_stages=4)
-        assert fused_trunk.save_tuned(tmp_path / "tuned.json") == 2
+        fused_trunk.conv3x3_tuned.cache[(64, 64, 1, False, 32, "torch.float32", "torch.float16")] = triton.Config(
+            {"BLOCK_M": 128, "BLOCK_K": 64, "PERSISTENT": False, "PER_SM": 0}, num_warps=4, num_stages=3)
+        assert fused_trunk.save_tuned(tmp_path / "tuned.json") == 3
 
         fused_trunk.TUNED.clear()  # a new process
         fused_trunk.conv3x3_tuned.cache.clear()
-        assert fused_trunk.load_tuned(tmp_path / "tuned.json") == 2
+        assert fused_trunk.load_tuned(tmp_path / "tuned.json") == 3
         config = fused_trunk.TUNED[(64, 128, 0, 0)]
         assert config.kwargs["BLOCK_M"] == 256 and (config.num_warps, config.num_stages, config.maxnreg) == (8, 3, 168)
-        # the up-sampling phases are tuned apart from the plain convolutions of the same channels
-        assert fused_trunk.TUNED[(64, 64, 1, 1)].kwargs["BLOCK_M"] == 128 and (64, 64, 1, 0) not in fused_trunk.TUNED
+        # the up-sampling phases and a convolution storing conv_last's shares are tuned apart from the plain
+        # convolutions of the same channels
+        assert fused_trunk.TUNED[(64, 64, 1, 1)].kwargs["BLOCK_K"] == 32 and (64, 64, 1, 0) not in fused_trunk.TUNED
+        assert fused_trunk.TUNED[(64, 64, 1, 2)].kwargs["BLOCK_K"] == 64
         # files of older formats: keys that end after the size class, or go on with argument dtypes
         older = [{"key": [192, 64, 0, "torch.float32"], "kwargs": {"BLOCK_M": 128, "BLOCK_K": 64, "PERSISTENT": False,
                                                                  "PER_SM": 0}, "num_warps": 4, "num_stages": 4},
@@ -333,7 +347,7 @@ def test_tuned_tile_shapes_are_kept_between_processes(tmp_path):
         (tmp_path / "older.json").write_text(json.dumps(older))
         assert fused_trunk.load_tuned(tmp_path / "older.json") == 2
         assert fused_trunk.TUNED[(192, 64, 0, 0)].maxnreg is None and (64, 64, 1, 0) in fused_trunk.TUNED
-        assert len(fused_trunk.TUNED) == 4
+        assert len(fused_trunk.TUNED) == 5
         assert fused_trunk.load_tuned(tmp_path / "none.json") == 0
     finally:
         fused_trunk.TUNED.clear()
@@ -351,9 +365,9 @@ def test_the_measured_tile_shapes_for_hopper_ship_with_the_package(monkeypatch):
     entries = json.loads(fused_trunk.measured_defaults().read_text())
     tuned = {tuple(e["key"]) for e in entries}
     # every convolution of the fused trunk and tail, in both size classes, and the up-sampling phases
-    for cin, cout in ((64, 128), (32, 128), (32, 64), (32, 32), (192, 64), (64, 64), (64, 16)):
+    for cin, cout in ((64, 128), (32, 128), (32, 64), (32, 32), (192, 64), (64, 64)):
         assert {(cin, cout, 0, 0), (cin, cout, 1, 0)} <= tuned
-    assert (64, 64, 1, 1) in tuned
+    assert {(64, 64, 1, 1), (64, 64, 1, 2)} <= tuned  # the up-sampling phases, conv_hr storing conv_last's shares
     configs = {tuple(c) for c in fused_trunk.TUNING_CONFIGS}
     for e in entries:  # each one of the configurations the autotuner would have chosen from
         k = e["kwargs"]

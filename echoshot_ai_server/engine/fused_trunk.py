@@ -15,9 +15,11 @@ the finished features). conv5 reads all F + 4G channels and writes `conv * 0.2 +
 zeros on the ring rows, so the padding stays zero. There is no `torch.cat` and no separate
 element-wise kernel in the trunk. The head (3 -> 64 channels) runs through cuDNN. The up-sampling
 tail runs in the same kernel: each "nearest 2x + 3x3" as four phase convolutions on the smaller
-buffer (`subpixel.phase_weights`), each over the four taps of its window that are not zero, whose results the kernel stores straight into their places in the
-padded buffer at twice the size (`SHUFFLE`), LeakyReLU included; conv_hr and conv_last (its 3 outputs
-padded to 16 columns) follow on that buffer. No compiler is needed anywhere; RRDBNet's own tail under
+buffer (`subpixel.phase_weights`), each over the four taps of its window that are not zero, whose
+results the kernel stores straight into their places in the padded buffer at twice the size
+(`SHUFFLE`), LeakyReLU included. conv_hr follows on that buffer and stores, instead of its 64
+channels, each tap's share of conv_last's 3 outputs (`PROJECT`), which a small kernel adds up
+(`TapShares`). No compiler is needed anywhere; RRDBNet's own tail under
 torch.compile remains as an option (`compile_tail_in_background`, `compile_head_tail`), slower since.
 The result equals RRDBNet's up to fp16 rounding. Nothing is compiled or tuned per frame
 size: the kernel takes the size at run time and its tile shape is tuned per size class.
@@ -55,7 +57,9 @@ def conv3x3_kernel(
     w_desc,  # [9 * CIN, COUT] weights, tap-major
     b_ptr,  # [COUT] bias, fp32
     out_desc, r1_desc, r2_desc,  # [rows, <= COUT] output and residuals (channel slices of buffers)
-    shuffle_ptr,  # SHUFFLE: the padded flat buffer of the frames at twice the size, [rows at 2x, COUT]
+    out_ptr,  # SHUFFLE: the padded flat buffer of the frames at twice the size, [rows at 2x, COUT];
+    # PROJECT: the next convolution's per-tap shares, [9, rows, PLANE] (see `taps_sum`)
+    proj_ptr,  # PROJECT: [COUT, PROJECT] the next convolution's weights, column t * TAP_OUTS + c for tap t
     rows, frame_rows, row_pitch, H, W,  # buffer rows, (H + 2) * (W + 2), W + 2, the frame's size
     size_class,  # read by the autotuner only
     slope, scale, scale2,
@@ -66,6 +70,8 @@ def conv3x3_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
     PER_SM: tl.constexpr = 0,  # read by the launch grid only
     SHUFFLE: tl.constexpr = False,  # nearest 2x + this convolution: phase (a, b) = program_id(1) = 2a + b
+    PROJECT: tl.constexpr = 0,  # > 0: the output times `proj` is stored instead of the output
+    TAP_OUTS: tl.constexpr = 0, PLANE: tl.constexpr = 0,  # PROJECT: the next convolution's outputs, their plane's width
 ):
     k_steps: tl.constexpr = (CIN + BLOCK_K - 1) // BLOCK_K
     # SHUFFLE: phase (a, b) sees only rows a - 1, a and columns b - 1, b of the small image around each
@@ -104,7 +110,7 @@ def conv3x3_kernel(
             frame = (row // frame_rows).to(tl.int64)
             target = (frame * (2 * H + 2) + 2 * y - 1 + phase // 2) * (2 * W + 2) + 2 * x - 1 + phase % 2
             columns = tl.arange(0, COUT)[None, :]
-            tl.store(shuffle_ptr + target[:, None] * COUT + columns, acc.to(shuffle_ptr.dtype.element_ty),
+            tl.store(out_ptr + target[:, None] * COUT + columns, acc.to(out_ptr.dtype.element_ty),
                      mask=inside & (row < rows)[:, None])
         else:
             if SUMS_IN:
@@ -119,7 +125,40 @@ def conv3x3_kernel(
             if RES2:
                 acc = acc * scale2 + r2_desc.load([row0, 0]).to(tl.float32)
             acc = tl.where(inside, acc, 0.0)
-            out_desc.store([row0, 0], acc.to(out_desc.dtype))  # columns past the descriptor's end are clipped
+            if PROJECT > 0:
+                # Each tap's share of the next 3x3 convolution (conv_last: 3 outputs from 64 channels) is a
+                # product with this tile alone; stored in one plane per tap, ring rows included (zeros),
+                # they leave that convolution a sum of nine shifted loads (`taps_sum`), and this layer's
+                # output is never stored.
+                k = tl.arange(0, COUT)
+                j = tl.arange(0, PROJECT)
+                proj = tl.load(proj_ptr + k[:, None] * PROJECT + j[None, :])
+                shares = tl.dot(acc.to(proj.dtype), proj)
+                target = ((j // TAP_OUTS).to(tl.int64) * rows * PLANE)[None, :] + \
+                    (row.to(tl.int64) * PLANE)[:, None] + (j % TAP_OUTS)[None, :]
+                tl.store(out_ptr + target, shares.to(out_ptr.dtype.element_ty),
+                         mask=(j < 9 * TAP_OUTS)[None, :] & (row < rows)[:, None])
+            else:
+                out_desc.store([row0, 0], acc.to(out_desc.dtype))  # columns past the descriptor's end are clipped
+
+
+@triton.jit(do_not_specialize=["pixels", "rows", "H", "W"])
+def taps_sum_kernel(shares_ptr, bias_ptr, out_ptr, pixels, rows, H, W,
+                    TAP_OUTS: tl.constexpr, PLANE: tl.constexpr, BLOCK: tl.constexpr):
+    """A 3x3 convolution from its per-tap shares (`PROJECT`): out[pixel] = bias + sum over the taps t of
+    shares[t, row of the pixel + shift of t]. Pixels in (frame, y, x) order; out is [pixels, PLANE]."""
+    pixel = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = (pixel < pixels)[:, None]
+    y = (pixel // W) % H
+    row = ((pixel // (H * W)) * (H + 2) + y + 1).to(tl.int64) * (W + 2) + pixel % W + 1
+    c = tl.arange(0, PLANE)[None, :]
+    used = live & (c < TAP_OUTS)
+    plane = rows.to(tl.int64) * PLANE
+    acc = tl.zeros((BLOCK, PLANE), tl.float32) + tl.load(bias_ptr + c, mask=c < TAP_OUTS, other=0.0)
+    for t in tl.static_range(9):
+        at = row + (t // 3 - 1) * (W + 2) + (t % 3 - 1)
+        acc += tl.load(shares_ptr + t * plane + at[:, None] * PLANE + c, mask=used, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pixel.to(tl.int64)[:, None] * PLANE + c, acc.to(out_ptr.dtype.element_ty), mask=live)
 
 
 DESCRIPTORS = ("x_desc", "w_desc", "out_desc", "r1_desc", "r2_desc")
@@ -141,14 +180,14 @@ TUNING_CONFIGS = [  # (BLOCK_M, BLOCK_K, warps, stages, programs per SM; 0 = one
     (256, 32, 4, 4, 0), (256, 32, 8, 4, 0), (256, 64, 8, 3, 0), (256, 64, 4, 3, 0),
     (256, 32, 4, 6, 0), (256, 32, 4, 8, 0), (256, 64, 4, 5, 0), (256, 32, 8, 6, 0),
     (256, 32, 4, 4, 1), (256, 64, 8, 3, 1), (256, 32, 4, 6, 1), (256, 64, 4, 4, 1),
-    (128, 32, 4, 4, 0), (128, 64, 4, 4, 0), (128, 32, 8, 4, 0), (128, 32, 4, 4, 2),
+    (128, 32, 4, 4, 0), (128, 64, 4, 4, 0), (128, 32, 8, 4, 0), (128, 32, 4, 4, 2), (256, 32, 4, 3, 2),
 ]
 _CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 conv3x3_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "PERSISTENT": per_sm > 0, "PER_SM": per_sm}, num_warps=w,
                            num_stages=s, pre_hook=_set_block_shapes)
              for bm, bk, w, s, per_sm in TUNING_CONFIGS],
-    key=["CIN", "COUT", "size_class", "SHUFFLE"],
+    key=["CIN", "COUT", "size_class", "SHUFFLE", "PROJECT"],
     **_CACHE_RESULTS,
 )(conv3x3_kernel)
 
@@ -174,11 +213,12 @@ def recording() -> bool:
 
 
 def distinct_launches(launches: list) -> list:
-    """One recorded launch per kernel specialisation: its constants, configuration and descriptors."""
+    """One recorded launch (kernel, grid, args, kwargs) per kernel specialisation: its kernel,
+    constants, configuration and descriptors."""
     distinct = {}
-    for grid, args, kwargs in launches:
+    for kernel, grid, args, kwargs in launches:
         descriptors = tuple((tuple(d.block_shape), tuple(d.strides)) for d in args if isinstance(d, TensorDescriptor))
-        distinct.setdefault((tuple(sorted(kwargs.items())), descriptors), (grid, args, kwargs))
+        distinct.setdefault((kernel.__name__, tuple(sorted(kwargs.items())), descriptors), (kernel, grid, args, kwargs))
     return list(distinct.values())
 
 
@@ -188,12 +228,12 @@ def compile_launches(launches: list, workers: int) -> int:
     so threads halve the time rather than divide it). Returns how many."""
     distinct = distinct_launches(launches)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="compile") as pool:
-        list(pool.map(lambda launch: conv3x3_kernel.warmup(*launch[1], grid=launch[0], **launch[2]), distinct))
+        list(pool.map(lambda launch: launch[0].warmup(*launch[2], grid=launch[1], **launch[3]), distinct))
     return len(distinct)
 
 
-# Tile shapes known for a convolution (CIN, COUT, size class, 1 for up-sampling phases else 0):
-# launched with them directly, without the autotuner on the way. Keyed by the layer's shape alone, so
+# Tile shapes known for a convolution (CIN, COUT, size class, kind: 0 plain, 1 up-sampling phases, 2
+# storing the next convolution's shares): launched with them directly, without the autotuner on the way. Keyed by the layer's shape alone, so
 # that a file of them stays valid whatever else a Triton version puts into its autotuner's keys
 # (argument dtypes, for one).
 TUNED: dict[tuple[int, int, int, int], triton.Config] = {}
@@ -205,7 +245,7 @@ def save_tuned(path: Path) -> int:
     a pre-hook, as these do."""
     known = dict(TUNED)
     for key, cfg in conv3x3_tuned.cache.items():
-        known.setdefault((*key[:3], int(key[3])), cfg)
+        known.setdefault((*key[:3], kind_of(shuffle=key[3], project=key[4])), cfg)
     entries = [{"key": list(key), "kwargs": cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                 "maxnreg": cfg.maxnreg} for key, cfg in known.items()]
     # Workers of one host (one per GPU) share the file: it is replaced whole, never seen half written.
@@ -215,9 +255,14 @@ def save_tuned(path: Path) -> int:
     return len(entries)
 
 
+def kind_of(shuffle, project) -> int:
+    """A convolution's kind in the tuning keys: 0 plain, 1 up-sampling phases, 2 storing shares."""
+    return 1 if shuffle else 2 if project else 0
+
+
 def measured_defaults() -> Path:
-    """Tile shapes tuned on this GPU architecture (tuned/sm90.json: an H100's, 2026-11-28), shipped so
-    that a worker on a machine with empty caches starts without tuning: it only compiles."""
+    """Tile shapes tuned on this GPU architecture (tuned/sm90.json: on an H100 and an H200, 2026-11-28),
+    shipped so that a worker on a machine with empty caches starts without tuning: it only compiles."""
     major, minor = torch.cuda.get_device_capability()
     return Path(__file__).parent / "tuned" / f"sm{major}{minor}.json"
 
@@ -225,15 +270,15 @@ def measured_defaults() -> Path:
 def load_tuned(path: Path) -> int:
     """Take the tile shapes tuned by an earlier process on the same GPU and versions (`save_tuned`),
     so that they are not tuned again; they replace those known for the same layers. Returns how many
-    the file holds. Keys written before the up-sampling phases had keys of their own end after the
+    the file holds. Keys written before the kinds of convolution had keys of their own end after the
     size class (or go on with argument dtypes): those are the plain convolutions'."""
     if not path.is_file():
         return 0
     entries = json.loads(path.read_text())
     for entry in entries:
         key = entry["key"]
-        shuffle = int(key[3]) if len(key) > 3 and isinstance(key[3], int) else 0
-        TUNED[(*key[:3], shuffle)] = triton.Config(entry["kwargs"], num_warps=entry["num_warps"],
+        kind = int(key[3]) if len(key) > 3 and isinstance(key[3], int) else 0
+        TUNED[(*key[:3], kind)] = triton.Config(entry["kwargs"], num_warps=entry["num_warps"],
                                               num_stages=entry["num_stages"], maxnreg=entry.get("maxnreg"))
     return len(entries)
 
@@ -278,14 +323,8 @@ class PackedConv:
         self.bias = bias.detach().float().contiguous()
 
     @classmethod
-    def of(cls, conv: nn.Conv2d, dtype: torch.dtype, outputs: int | None = None,
-           tuned_class: int | None = None) -> "PackedConv":
-        """`outputs`: pad the output channels with zeros to this many (the kernel's N is a power of two)."""
-        weight, bias = conv.weight, conv.bias
-        if outputs is not None and outputs > conv.out_channels:
-            weight = torch.cat([weight, weight.new_zeros((outputs - conv.out_channels, *weight.shape[1:]))])
-            bias = torch.cat([bias, bias.new_zeros(outputs - conv.out_channels)])
-        return cls(weight, bias, dtype, tuned_class=tuned_class)
+    def of(cls, conv: nn.Conv2d, dtype: torch.dtype, tuned_class: int | None = None) -> "PackedConv":
+        return cls(conv.weight, conv.bias, dtype, tuned_class=tuned_class)
 
     @classmethod
     def up(cls, conv: nn.Conv2d, dtype: torch.dtype, tuned_class: int | None = None) -> "PackedConv":
@@ -293,28 +332,32 @@ class PackedConv:
         return cls(*phase_weights(conv), dtype, phases=4, tuned_class=tuned_class)
 
     def __call__(self, src: torch.Tensor, out: torch.Tensor, frame: tuple[int, int], *, lrelu=False,
-                 res1=None, scale=1.0, res2=None, scale2=1.0, grow=0, sums_in=False):
+                 res1=None, scale=1.0, res2=None, scale2=1.0, grow=0, sums_in=False,
+                 project: "TapShares | None" = None):
         """src/out/res: [rows, C] channel slices of padded flat buffers; frame: (H, W). With phases,
         `out` is the padded flat buffer of the frames at twice the size (its ring rows zero).
         A dense step (`grow` > 0, see `dense_step_views`) activates only its first `grow` columns; with
-        `sums_in` it adds the partial sums that `out` holds before it overwrites them."""
+        `sums_in` it adds the partial sums that `out` holds before it overwrites them. With `project`,
+        `out` takes the per-tap shares of that next convolution (`TapShares.buffer`) instead."""
         h, w = frame
         rows = src.shape[0]
         klass = size_class(rows) if self.tuned_class is None else self.tuned_class
         shuffle = self.phases > 1
-        plain_out = src if shuffle else out  # a descriptor the kernel does not use
+        plain_out = src if shuffle or project is not None else out  # a descriptor the kernel does not use
         descs = [_descriptor(t) for t in (src, self.weight, plain_out, res1 if res1 is not None else plain_out,
                                            res2 if res2 is not None else plain_out)]
-        args = (*descs[:2], self.bias, *descs[2:], out, rows, (h + 2) * (w + 2), w + 2, h, w, klass,
-                0.2, scale, scale2)
+        args = (*descs[:2], self.bias, *descs[2:], out, self.bias if project is None else project.weight, rows,
+                (h + 2) * (w + 2), w + 2, h, w, klass, 0.2, scale, scale2)
         flags = dict(CIN=self.cin, COUT=self.cout, LRELU=lrelu, RES1=res1 is not None, RES2=res2 is not None,
-                     GROW=grow, SUMS_IN=sums_in, SHUFFLE=shuffle)
+                     GROW=grow, SUMS_IN=sums_in, SHUFFLE=shuffle, PROJECT=0, TAP_OUTS=0, PLANE=0)
+        if project is not None:
+            flags.update(PROJECT=project.weight.shape[1], TAP_OUTS=project.outs, PLANE=project.plane)
         if not src.is_cuda:
             # a few programs, each walking over several tiles: the persistent loop is exercised too
             config = triton.Config({"BLOCK_M": 32, "BLOCK_K": 16, "PERSISTENT": True})
             grid = (3, self.phases)
         else:
-            key = (self.cin, self.cout, klass, int(shuffle))
+            key = (self.cin, self.cout, klass, kind_of(shuffle, flags["PROJECT"]))
             if key not in TUNED:
                 # a shape with no tuned tile yet: the autotuner picks one, used directly from then on. It
                 # runs the kernel many times, so a step that adds partial sums in place gets them back
@@ -333,9 +376,43 @@ class PackedConv:
         if config.maxnreg is not None:
             launch["maxnreg"] = config.maxnreg
         if _recorded is not None:
-            _recorded.append((grid, args, launch))
+            _recorded.append((conv3x3_kernel, grid, args, launch))
             return
         conv3x3_kernel[grid](*args, **launch)
+
+
+TAPS_BLOCK = 1024  # pixels per program of `taps_sum_kernel`
+
+
+class TapShares:
+    """A 3x3 convolution with few outputs (conv_last: 64 channels -> 3) in two halves: the layer before
+    it stores, instead of its own output, each tap's share of this convolution (its `project`), and
+    calling this adds the nine shares up. The 64-channel input is then neither stored nor read nine
+    times: 9 x 3 shares are written and read where 64 channels were written and 9 x 64 read."""
+
+    def __init__(self, conv: nn.Conv2d, dtype: torch.dtype):
+        outs, cin = conv.out_channels, conv.in_channels
+        self.outs, self.plane = outs, triton.next_power_of_2(outs)
+        columns = conv.weight.detach().permute(1, 2, 3, 0).reshape(cin, 9 * outs)  # [in, (tap, out)]
+        width = max(16, triton.next_power_of_2(9 * outs))
+        self.weight = torch.cat([columns, columns.new_zeros(cin, width - 9 * outs)], 1).to(dtype).contiguous()
+        self.bias = conv.bias.detach().float().contiguous()
+
+    def buffer(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """Where the layer before stores the shares of `rows` padded rows: one plane per tap."""
+        return torch.empty((9, rows, self.plane), dtype=like.dtype, device=like.device)
+
+    def __call__(self, shares: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+        """The convolution's output, (N, outs, H, W) in the channels-last memory format."""
+        pixels = n * h * w
+        out = torch.empty((n, h, w, self.plane), dtype=shares.dtype, device=shares.device)
+        grid, args = (triton.cdiv(pixels, TAPS_BLOCK),), (shares, self.bias, out, pixels, shares.shape[1], h, w)
+        constants = dict(TAP_OUTS=self.outs, PLANE=self.plane, BLOCK=TAPS_BLOCK)
+        if _recorded is not None:
+            _recorded.append((taps_sum_kernel, grid, args, constants))
+        else:
+            taps_sum_kernel[grid](*args, **constants)
+        return out[..., :self.outs].permute(0, 3, 1, 2)
 
 
 def dense_steps(rdb: nn.Module, feat: int, grow: int, dtype: torch.dtype) -> list[PackedConv]:
@@ -428,13 +505,12 @@ class FusedRRDBNet(nn.Module):
         self.head = torch.compile(self._head, dynamic=True) if compile_head_tail else self._head
         self.tail = torch.compile(self._tail, dynamic=True) if compile_head_tail else self._triton_tail
         # the tail in the fused kernels: each "nearest 2x + conv" in four phases (their results put in
-        # place by the kernel), conv_last's 3 outputs padded to 16 columns. They run on 4 to 16 times
+        # place by the kernel), conv_hr storing conv_last's per-tap shares. They run on 4 to 16 times
         # the input's rows, so always with the larger size class's tile shapes: fewer kernels to compile.
         large = len(SIZE_CLASS_ROWS)
         self.up1, self.up2 = (PackedConv.up(conv, dtype, tuned_class=large) for conv in (model.conv_up1, model.conv_up2))
         self.conv_hr = PackedConv.of(model.conv_hr, dtype, tuned_class=large)
-        self.conv_last = PackedConv.of(model.conv_last, dtype, outputs=max(16, triton.next_power_of_2(
-            model.conv_last.out_channels)), tuned_class=large)
+        self.conv_last = TapShares(model.conv_last, dtype)
         self.cudnn_up: tuple[UpConv, UpConv] | None = None  # built by `_subpixel_tail`, only if it runs
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
@@ -487,13 +563,10 @@ class FusedRRDBNet(nn.Module):
                                            device=trunk.device), n, 2 * h, 2 * w)
             up(feat, larger, (h, w), lrelu=True)
             feat, h, w = larger, 2 * h, 2 * w
-        hr = torch.empty_like(feat)
-        self.conv_hr(feat, hr, (h, w), lrelu=True)
-        del feat  # its memory serves conv_last's output
-        out = torch.empty((hr.shape[0], self.conv_last.cout), dtype=self.dtype, device=trunk.device)
-        self.conv_last(hr, out, (h, w))
-        channels = self.model.conv_last.out_channels
-        return out.view(n, h + 2, w + 2, -1)[:, 1:h + 1, 1:w + 1, :channels].permute(0, 3, 1, 2)
+        shares = self.conv_last.buffer(feat.shape[0], feat)
+        self.conv_hr(feat, shares, (h, w), lrelu=True, project=self.conv_last)
+        del feat
+        return self.conv_last(shares, n, h, w)
 
     def trunk(self, feat_padded: torch.Tensor, frame: tuple[int, int]) -> torch.Tensor:
         """conv_body(body(feat)) + feat on padded flat buffers [rows, F]."""
