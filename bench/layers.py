@@ -11,6 +11,7 @@ Model alone, batch 4, uint8 frames on the GPU through the worker's `upscale_tens
   memory. Configurations that do not fit are listed as failed. Compiled side by side first.
 
     python bench/layers.py --json PATH [--configs [--sweep-size 640x480] [--layers "dense step 3,conv_hr"]]
+    ncu --launch-skip 5 --launch-count 1 python bench/layers.py --json unused --only-run "dense step 1"
 """
 
 import argparse
@@ -195,11 +196,18 @@ def main() -> int:
     parser.add_argument("--configs", action="store_true")
     parser.add_argument("--sweep-size", default="640x480")
     parser.add_argument("--layers", default="", help="comma-separated layer names to sweep (default: all)")
+    parser.add_argument("--only-run", help="run this layer alone 10 times at 640x480 and stop (for a profiler)")
     args = parser.parse_args()
     fused_trunk.load_tuned(fused_trunk.measured_defaults())
     [upscaler] = load_engine(Settings(), "gpu")
     upscaler.graphs = None
     fused = upscaler.forward
+    if args.only_run:
+        _, run = layer_runs(fused, SIZES[0])[args.only_run]
+        for _ in range(10):
+            run()
+        torch.cuda.synchronize()
+        return 0
     rng = np.random.default_rng(0)
     report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "bf16_tflops": bf16_rate(),
               "forward_ms": {}}

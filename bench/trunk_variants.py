@@ -43,7 +43,7 @@ from model_variants import timed as queued  # noqa: E402  (GPU seconds of a run 
 
 MFLOP_PER_PIXEL = 35.85
 SIZES = ((640, 480), (1280, 720))
-DENSE_KEYS = ((64, 128), (32, 128), (32, 64), (32, 32))  # (CIN, COUT) of dense steps 0-3
+DENSE_KEYS = ((64, 128), (32, 96), (32, 64), (32, 32))  # (CIN, COUT) of dense steps 0-3
 FEAT, GROW = 64, 32
 
 

@@ -54,9 +54,10 @@ log = logging.getLogger(__name__)
 @triton.jit(do_not_specialize=["rows", "frame_rows", "row_pitch", "H", "W", "size_class"])
 def conv3x3_kernel(
     x_desc,  # [rows, CIN] input channels (a prefix of a buffer's channels)
-    w_desc,  # [9 * CIN, COUT] weights, tap-major
-    b_ptr,  # [COUT] bias, fp32
-    out_desc, r1_desc, r2_desc,  # [rows, <= COUT] output and residuals (channel slices of buffers)
+    w_desc, w2_desc,  # [9 * CIN, COUT + COUT2] weights, tap-major: blocks of columns [0, COUT) and [COUT, COUT2)
+    b_ptr,  # [COUT + COUT2] bias, fp32
+    out_desc, out2_desc,  # [rows, <= COUT + COUT2] output (a channel slice of a buffer): columns [0, COUT), the rest
+    r1_desc, r2_desc,  # [rows, COUT] residuals (channel slices of buffers)
     out_ptr,  # SHUFFLE: the padded flat buffer of the frames at twice the size, [rows at 2x, COUT];
     # PROJECT: the next convolution's per-tap shares, [9, rows, PLANE] (see `taps_sum`)
     proj_ptr,  # PROJECT: [COUT, PROJECT] the next convolution's weights, column t * TAP_OUTS + c for tap t
@@ -64,6 +65,8 @@ def conv3x3_kernel(
     size_class,  # read by the autotuner only
     slope, scale, scale2,
     CIN: tl.constexpr, COUT: tl.constexpr,
+    COUT2: tl.constexpr,  # > 0: a second block of output columns (COUT + COUT2 is no power of two: 96 = 64 + 32)
+    BIAS: tl.constexpr,  # False: the bias is in the partial sums already
     LRELU: tl.constexpr, RES1: tl.constexpr, RES2: tl.constexpr,
     GROW: tl.constexpr,  # a dense step: columns [0, GROW) are its own convolution, the others partial sums
     SUMS_IN: tl.constexpr,  # a dense step after the first: add the partial sums that `out` holds, in place
@@ -84,6 +87,8 @@ def conv3x3_kernel(
     for tile in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0), flatten=PERSISTENT):
         row0 = tile * BLOCK_M
         acc = tl.zeros((BLOCK_M, COUT), dtype=tl.float32)
+        if COUT2 > 0:
+            acc2 = tl.zeros((BLOCK_M, COUT2), dtype=tl.float32)
         # One loop over (tap, channel step) so that Triton pipelines the TMA loads across taps. Channels
         # past CIN read as zeros (outside the descriptor), so the weight rows they meet do not count.
         for step in range(taps * k_steps):
@@ -96,7 +101,12 @@ def conv3x3_kernel(
             a = x_desc.load([row0 + shift, k0])
             b = w_desc.load([(phase * taps + tap) * CIN + k0, 0])
             acc = tl.dot(a, b, acc)
-        acc += tl.load(b_ptr + phase * COUT + tl.arange(0, COUT))[None, :]
+            if COUT2 > 0:
+                acc2 = tl.dot(a, w2_desc.load([(phase * taps + tap) * CIN + k0, COUT]), acc2)
+        if BIAS:
+            acc += tl.load(b_ptr + phase * COUT + tl.arange(0, COUT))[None, :]
+            if COUT2 > 0:
+                acc2 += tl.load(b_ptr + COUT + tl.arange(0, COUT2))[None, :]
         row = row0 + tl.arange(0, BLOCK_M)
         in_frame = row % frame_rows
         y = in_frame // row_pitch
@@ -105,8 +115,8 @@ def conv3x3_kernel(
         if SHUFFLE:
             # pixel (y, x) of the padded frame becomes (2y - 1 + a, 2x - 1 + b) of the padded frame at 2x,
             # whose ring rows are left as they are (zeros, see `zero_ring`)
-            if LRELU:
-                acc = tl.where(acc >= 0, acc, acc * slope)
+            if LRELU:  # max(x, slope * x) with 0 < slope < 1
+                acc = tl.maximum(acc, acc * slope)
             frame = (row // frame_rows).to(tl.int64)
             target = (frame * (2 * H + 2) + 2 * y - 1 + phase // 2) * (2 * W + 2) + 2 * x - 1 + phase % 2
             columns = tl.arange(0, COUT)[None, :]
@@ -115,11 +125,13 @@ def conv3x3_kernel(
         else:
             if SUMS_IN:
                 acc += out_desc.load([row0, 0]).to(tl.float32)
-            if LRELU:
-                keep = acc >= 0
-                if GROW > 0:  # partial sums are stored before the activation
-                    keep = keep | (tl.arange(0, COUT) >= GROW)[None, :]
-                acc = tl.where(keep, acc, acc * slope)
+                if COUT2 > 0:
+                    acc2 += out2_desc.load([row0, COUT]).to(tl.float32)
+            if LRELU:  # max(x, slope * x) with 0 < slope < 1
+                if GROW > 0:  # partial sums (columns from GROW on) are stored before the activation: slope 1
+                    acc = tl.maximum(acc, acc * tl.where(tl.arange(0, COUT) < GROW, slope, 1.0)[None, :])
+                else:
+                    acc = tl.maximum(acc, acc * slope)
             if RES1:
                 acc = acc * scale + r1_desc.load([row0, 0]).to(tl.float32)
             if RES2:
@@ -140,6 +152,8 @@ def conv3x3_kernel(
                          mask=(j < 9 * TAP_OUTS)[None, :] & (row < rows)[:, None])
             else:
                 out_desc.store([row0, 0], acc.to(out_desc.dtype))  # columns past the descriptor's end are clipped
+                if COUT2 > 0:  # partial sums only (GROW <= COUT)
+                    out2_desc.store([row0, COUT], tl.where(inside, acc2, 0.0).to(out2_desc.dtype))
 
 
 @triton.jit(do_not_specialize=["pixels", "rows", "H", "W"])
@@ -161,17 +175,20 @@ def taps_sum_kernel(shares_ptr, bias_ptr, out_ptr, pixels, rows, H, W,
     tl.store(out_ptr + pixel.to(tl.int64)[:, None] * PLANE + c, acc.to(out_ptr.dtype.element_ty), mask=live)
 
 
-DESCRIPTORS = ("x_desc", "w_desc", "out_desc", "r1_desc", "r2_desc")
+DESCRIPTORS = ("x_desc", "w_desc", "w2_desc", "out_desc", "out2_desc", "r1_desc", "r2_desc")
 
 
 def _set_block_shapes(nargs) -> None:
-    """Descriptors carry their block shape: set it to the configuration being run."""
-    block_m, block_k = nargs["BLOCK_M"], nargs["BLOCK_K"]
-    cout = nargs["w_desc"].shape[1]
+    """Descriptors carry their block shape: set it to the configuration being run (those of the second
+    block of columns only where there is one: otherwise they are the first block's, unused)."""
+    block_m, block_k, cout, cout2 = nargs["BLOCK_M"], nargs["BLOCK_K"], nargs["COUT"], nargs["COUT2"]
     nargs["x_desc"].block_shape = [block_m, block_k]
     nargs["w_desc"].block_shape = [block_k, cout]
     for name in ("out_desc", "r1_desc", "r2_desc"):
         nargs[name].block_shape = [block_m, cout]
+    if cout2:
+        nargs["w2_desc"].block_shape = [block_k, cout2]
+        nargs["out2_desc"].block_shape = [block_m, cout2]
 
 
 # On the GPU a layer shape whose tile shape is not known yet (`TUNED`) is autotuned once over these;
@@ -181,6 +198,7 @@ TUNING_CONFIGS = [  # (BLOCK_M, BLOCK_K, warps, stages, programs per SM; 0 = one
     (256, 32, 4, 6, 0), (256, 32, 4, 8, 0), (256, 64, 4, 5, 0), (256, 32, 8, 6, 0),
     (256, 32, 4, 4, 1), (256, 64, 8, 3, 1), (256, 32, 4, 6, 1), (256, 64, 4, 4, 1),
     (128, 32, 4, 4, 0), (128, 64, 4, 4, 0), (128, 32, 8, 4, 0), (128, 32, 4, 4, 2), (256, 32, 4, 3, 2),
+    (128, 32, 4, 3, 0),
 ]
 _CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 conv3x3_tuned = triton.autotune(
@@ -311,16 +329,23 @@ class PackedConv:
     block per phase (a, b): the taps of rows a, a + 1 and columns b, b + 1 of its 3x3 window, the others
     being zeros."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, phases: int = 1,
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, phases: int = 1,
                  tuned_class: int | None = None):
-        """`tuned_class`: run with this size class's tile shape whatever the rows (None: by the rows)."""
+        """`bias` None: none added (a dense step's partial sums carry it); `tuned_class`: run with this
+        size class's tile shape whatever the rows (None: by the rows)."""
         cout, cin = weight.shape[0] // phases, weight.shape[1]
         self.cin, self.cout, self.phases, self.tuned_class = cin, cout, phases, tuned_class
+        # the kernel's blocks of output columns are powers of two: 96 columns are 64 + 32
+        self.cout1 = 1 << (cout.bit_length() - 1)
+        self.cout2 = cout - self.cout1
+        if self.cout2 & (self.cout2 - 1):
+            raise ValueError(f"{cout} output channels are not two powers of two")
         by_phase = weight.detach().reshape(phases, cout, cin, 3, 3).permute(0, 3, 4, 2, 1)  # [phase, y, x, in, out]
         if phases > 1:
             by_phase = torch.stack([by_phase[p, p // 2:p // 2 + 2, p % 2:p % 2 + 2] for p in range(phases)])
         self.weight = by_phase.reshape(-1, cout).to(dtype).contiguous()
-        self.bias = bias.detach().float().contiguous()
+        self.has_bias = bias is not None
+        self.bias = (bias.detach() if self.has_bias else weight.new_zeros(cout * phases)).float().contiguous()
 
     @classmethod
     def of(cls, conv: nn.Conv2d, dtype: torch.dtype, tuned_class: int | None = None) -> "PackedConv":
@@ -344,12 +369,16 @@ class PackedConv:
         klass = size_class(rows) if self.tuned_class is None else self.tuned_class
         shuffle = self.phases > 1
         plain_out = src if shuffle or project is not None else out  # a descriptor the kernel does not use
-        descs = [_descriptor(t) for t in (src, self.weight, plain_out, res1 if res1 is not None else plain_out,
-                                           res2 if res2 is not None else plain_out)]
-        args = (*descs[:2], self.bias, *descs[2:], out, self.bias if project is None else project.weight, rows,
-                (h + 2) * (w + 2), w + 2, h, w, klass, 0.2, scale, scale2)
-        flags = dict(CIN=self.cin, COUT=self.cout, LRELU=lrelu, RES1=res1 is not None, RES2=res2 is not None,
-                     GROW=grow, SUMS_IN=sums_in, SHUFFLE=shuffle, PROJECT=0, TAP_OUTS=0, PLANE=0)
+        x_d, w_d, out_d = (_descriptor(t) for t in (src, self.weight, plain_out))
+        w2_d, out2_d = (_descriptor(self.weight), _descriptor(plain_out)) if self.cout2 else (w_d, out_d)
+        r1_d, r2_d = (_descriptor(t) if t is not None else out_d for t in (res1, res2))
+        descs = (x_d, w_d, w2_d, out_d, out2_d, r1_d, r2_d)
+        args = (x_d, w_d, w2_d, self.bias, out_d, out2_d, r1_d, r2_d, out,
+                self.bias if project is None else project.weight, rows, (h + 2) * (w + 2), w + 2, h, w, klass,
+                0.2, scale, scale2)
+        flags = dict(CIN=self.cin, COUT=self.cout1, COUT2=self.cout2, BIAS=self.has_bias, LRELU=lrelu,
+                     RES1=res1 is not None, RES2=res2 is not None, GROW=grow, SUMS_IN=sums_in, SHUFFLE=shuffle,
+                     PROJECT=0, TAP_OUTS=0, PLANE=0)
         if project is not None:
             flags.update(PROJECT=project.weight.shape[1], TAP_OUTS=project.outs, PLANE=project.plane)
         if not src.is_cuda:
@@ -371,7 +400,7 @@ class PackedConv:
                 out.copy_(saved)
             config = TUNED[key]
             grid = launch_grid(rows, config.kwargs) + (self.phases,)
-        _set_block_shapes({**config.kwargs, **dict(zip(DESCRIPTORS, descs))})
+        _set_block_shapes({**config.kwargs, **flags, **dict(zip(DESCRIPTORS, descs))})
         launch = dict(**flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
         if config.maxnreg is not None:
             launch["maxnreg"] = config.maxnreg
@@ -418,21 +447,17 @@ class TapShares:
 def dense_steps(rdb: nn.Module, feat: int, grow: int, dtype: torch.dtype) -> list[PackedConv]:
     """conv1..conv4 of a dense block regrouped by input: step j reads only the newest features x_j
     (x, then x1, x2, x3) and computes their share of every later convolution at once (conv_(j+1)
-    finished, conv_(j+2).. as partial sums). A GEMM with 128 or 64 output columns instead of four
-    with 32 keeps the tensor cores busier per byte of input brought on chip."""
+    finished, conv_(j+2).. as partial sums): 128, 96, 64 and 32 output columns, instead of four GEMMs
+    with 32, which keeps the tensor cores busier per byte of input brought on chip. Every bias is added
+    in step 0, where each convolution starts; the later steps find it in the partial sums."""
     convs = [rdb.conv1, rdb.conv2, rdb.conv3, rdb.conv4]
     steps = []
     for j in range(4):
         cin = feat if j == 0 else grow
         first = 0 if j == 0 else feat + (j - 1) * grow
         targets = convs[j:]
-        cout = triton.next_power_of_2(grow * len(targets))
-        weight = torch.zeros(cout, cin, 3, 3, dtype=convs[0].weight.dtype, device=convs[0].weight.device)
-        for t, conv in enumerate(targets):
-            weight[t * grow:(t + 1) * grow] = conv.weight[:, first:first + cin]
-        bias = torch.zeros(cout, dtype=torch.float32, device=weight.device)
-        bias[:grow] = targets[0].bias  # each bias once, in the step that finishes its convolution
-        steps.append(PackedConv(weight, bias, dtype))
+        weight = torch.cat([conv.weight[:, first:first + cin] for conv in targets])
+        steps.append(PackedConv(weight, torch.cat([conv.bias for conv in targets]) if j == 0 else None, dtype))
     return steps
 
 
