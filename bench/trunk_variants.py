@@ -6,7 +6,7 @@ Each runs through the worker's `upscale_tensor`:
   `git show 45341ff:echoshot_ai_server/engine/fused_trunk.py > old.py` (partial sums in side
   buffers) or 097e54d's (the up-sampling phases over all nine taps). With `--before-tiles tuned` its
   tile shapes are tuned in the process (for a kernel whose best tiles differ), with `shipped` it
-  takes the shipped ones;
+  takes the shipped ones (`--before-tuned`: its own commit's engine/tuned/sm90.json);
 - `now`: the engine as it is, on the shipped tile shapes (engine/tuned/);
 - `dense steps retuned` (`--retune dense`): the dense steps' tile shapes tuned again in the process.
 
@@ -18,7 +18,7 @@ For each: frames per second at 640x480 and 1280x720 (x4), each dense step and co
 640x480 (µs, 20 launches back to back), and the largest difference of its pixels from the first
 variant's. Retuned tile shapes are written to `--tuned-out` (the format of engine/tuned/).
 
-    python bench/trunk_variants.py [--before old.py [--before-tiles tuned|shipped]] [--retune none|dense]
+    python bench/trunk_variants.py [--before old.py [--before-tiles tuned|shipped] [--rounds N]] [--retune none|dense]
         [--layer-configs] --json PATH [--tuned-out PATH]
 """
 
@@ -39,6 +39,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from echoshot_ai_server.app.wiring import load_engine  # noqa: E402
 from echoshot_ai_server.config import Settings  # noqa: E402
 from echoshot_ai_server.engine import fused_trunk  # noqa: E402
+from layers import bf16_rate  # noqa: E402
 from model_variants import timed as queued  # noqa: E402  (GPU seconds of a run among 20 queued back to back)
 
 MFLOP_PER_PIXEL = 35.85
@@ -112,10 +113,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, help="the older fused_trunk.py")
     parser.add_argument("--before-tiles", choices=("tuned", "shipped"), default="tuned")
+    parser.add_argument("--before-tuned", type=Path, help="with --before-tiles shipped: the older engine's tuned file")
     parser.add_argument("--retune", choices=("none", "dense"), default="none")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--tuned-out", type=Path)
     parser.add_argument("--layer-configs", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --before: measure before and now this many times, alternately (the GPU's clocks drift)")
     args = parser.parse_args()
     fused_trunk.load_tuned(fused_trunk.measured_defaults())
 
@@ -125,7 +129,8 @@ def main() -> int:
     rng = np.random.default_rng(0)
     frames = {size: torch.from_numpy(rng.integers(0, 256, (4, size[1], size[0], 3), dtype=np.uint8)).cuda()
               for size in SIZES}
-    report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "variants": {}}
+    report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "bf16_tflops": bf16_rate(),
+              "variants": {}}
     reference = {}
 
     def measure(name: str, module, in_place: bool) -> None:
@@ -157,10 +162,14 @@ def main() -> int:
         before = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(before)
         if args.before_tiles == "shipped":
-            before.load_tuned(fused_trunk.measured_defaults())
+            before.load_tuned(args.before_tuned or fused_trunk.measured_defaults())
         in_place = "partial" not in inspect.signature(before.PackedConv.__call__).parameters
-        measure("before", before, in_place=in_place)
-    measure("now", fused_trunk, in_place=True)
+        for round_ in range(args.rounds):
+            suffix = f" {round_ + 1}" if args.rounds > 1 else ""
+            measure("before" + suffix, before, in_place=in_place)
+            measure("now" + suffix, fused_trunk, in_place=True)
+    else:
+        measure("now", fused_trunk, in_place=True)
     if args.retune == "none":
         return 0
     retuned, name = [key for key in fused_trunk.TUNED if key[:2] in DENSE_KEYS], "dense steps retuned"
