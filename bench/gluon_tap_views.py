@@ -97,7 +97,8 @@ def main() -> int:
     print(f"Triton {triton.__version__}, {'run on the GPU' if check is run else 'sm90, compile only'}")
     for swizzle in SWIZZLES:
         for shift in SHIFTS:
-            print(f"swizzle {swizzle:3d} B, view from row {shift:3d}: {with_diagnostics(check, shift, swizzle)}", flush=True)
+            result = with_diagnostics(check, shift, swizzle)
+            print(f"swizzle {swizzle:3d} B, view from row {shift:3d}: {result}", flush=True)
     return 0
 
 

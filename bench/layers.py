@@ -136,7 +136,8 @@ def config_sweep(fused, size, only: set[str]) -> dict:
     of one tuning key (the up-sampling phases and conv_hr) are timed apart."""
     w, h = size
     rows = 4 * (h + 2) * (w + 2)
-    runs = {name: run for name, run in layer_runs(fused, size).items() if run[0] is not None and (not only or name in only)}
+    runs = {name: run for name, run in layer_runs(fused, size).items()
+            if run[0] is not None and (not only or name in only)}
     configs = {}
     for bm, bk, wp, st, ps, *cap in fused_trunk.TUNING_CONFIGS + EXTRA_CONFIGS:
         label = f"{bm}/{bk}/w{wp}/s{st}/p{ps}" + (f"/r{cap[0]}" if cap else "")
@@ -185,7 +186,8 @@ def config_sweep(fused, size, only: set[str]) -> dict:
         best = min((us, label) for label, us in row.items() if isinstance(us, float) and label in configs)
         row["best"] = {"config": best[1], "us": best[0]}
         result[name] = row
-        print(f"{name:14s} shipped {row['shipped_us']:8.1f} / {row['shipped_us_again']:8.1f} µs  best {best[0]:8.1f} µs "
+        print(f"{name:14s} shipped {row['shipped_us']:8.1f} / {row['shipped_us_again']:8.1f} µs  "
+              f"best {best[0]:8.1f} µs "
               f"({best[1]}: {built[name, best[1]]})", flush=True)
     return result
 

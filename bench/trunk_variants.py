@@ -119,7 +119,8 @@ def main() -> int:
     parser.add_argument("--tuned-out", type=Path)
     parser.add_argument("--layer-configs", action="store_true")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="with --before: measure before and now this many times, alternately (the GPU's clocks drift)")
+                        help="with --before: measure before and now this many times, alternately "
+                             "(the GPU's clocks drift)")
     args = parser.parse_args()
     fused_trunk.load_tuned(fused_trunk.measured_defaults())
 

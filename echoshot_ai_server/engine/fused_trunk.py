@@ -59,7 +59,7 @@ def conv3x3_kernel(
     out_desc, out2_desc,  # [rows, <= COUT + COUT2] output (a channel slice of a buffer): columns [0, COUT), the rest
     r1_desc, r2_desc,  # [rows, COUT] residuals (channel slices of buffers)
     out_ptr,  # SHUFFLE: the padded flat buffer of the frames at twice the size, [rows at 2x, COUT];
-    # PROJECT: the next convolution's per-tap shares, [9, rows, PLANE] (see `taps_sum`)
+    # PROJECT: the next convolution's per-tap shares, [9, rows, PLANE] (see `TapShares`)
     proj_ptr,  # PROJECT: [COUT, PROJECT] the next convolution's weights, column t * TAP_OUTS + c for tap t
     rows, frame_rows, row_pitch, H, W,  # buffer rows, (H + 2) * (W + 2), W + 2, the frame's size
     size_class,  # read by the autotuner only
@@ -140,7 +140,7 @@ def conv3x3_kernel(
             if PROJECT > 0:
                 # Each tap's share of the next 3x3 convolution (conv_last: 3 outputs from 64 channels) is a
                 # product with this tile alone; stored in one plane per tap, ring rows included (zeros),
-                # they leave that convolution a sum of nine shifted loads (`taps_sum`), and this layer's
+                # they leave that convolution a sum of nine shifted loads (`taps_sum_kernel`), and this layer's
                 # output is never stored.
                 k = tl.arange(0, COUT)
                 j = tl.arange(0, PROJECT)
@@ -151,7 +151,7 @@ def conv3x3_kernel(
                 tl.store(out_ptr + target, shares.to(out_ptr.dtype.element_ty),
                          mask=(j < 9 * TAP_OUTS)[None, :] & (row < rows)[:, None])
             else:
-                out_desc.store([row0, 0], acc.to(out_desc.dtype))  # columns past the descriptor's end are clipped
+                out_desc.store([row0, 0], acc.to(out_desc.dtype))
                 if COUT2 > 0:  # partial sums only (GROW <= COUT)
                     out2_desc.store([row0, COUT], tl.where(inside, acc2, 0.0).to(out2_desc.dtype))
 
@@ -250,10 +250,10 @@ def compile_launches(launches: list, workers: int) -> int:
     return len(distinct)
 
 
-# Tile shapes known for a convolution (CIN, COUT, size class, kind: 0 plain, 1 up-sampling phases, 2
-# storing the next convolution's shares): launched with them directly, without the autotuner on the way. Keyed by the layer's shape alone, so
-# that a file of them stays valid whatever else a Triton version puts into its autotuner's keys
-# (argument dtypes, for one).
+# Tile shapes known for a convolution (CIN, COUT, size class, kind: 0 plain, 1 up-sampling phases,
+# 2 storing the next convolution's shares): launched with them directly, without the autotuner on the
+# way. Keyed by the layer's shape alone, so that a file of them stays valid whatever else a Triton
+# version puts into its autotuner's keys (argument dtypes, for one).
 TUNED: dict[tuple[int, int, int, int], triton.Config] = {}
 
 
@@ -339,7 +339,7 @@ class PackedConv:
         self.cout1 = 1 << (cout.bit_length() - 1)
         self.cout2 = cout - self.cout1
         if self.cout2 & (self.cout2 - 1):
-            raise ValueError(f"{cout} output channels are not two powers of two")
+            raise ValueError(f"{cout} output channels: neither a power of two nor the sum of two")
         by_phase = weight.detach().reshape(phases, cout, cin, 3, 3).permute(0, 3, 4, 2, 1)  # [phase, y, x, in, out]
         if phases > 1:
             by_phase = torch.stack([by_phase[p, p // 2:p // 2 + 2, p % 2:p % 2 + 2] for p in range(phases)])
