@@ -200,7 +200,7 @@ def main() -> int:
     parser.add_argument("--layers", default="", help="comma-separated layer names to sweep (default: all)")
     parser.add_argument("--only-run", help="run this layer alone 10 times at 640x480 and stop (for a profiler)")
     args = parser.parse_args()
-    fused_trunk.load_tuned(fused_trunk.measured_defaults())
+    fused_trunk.load_tuned(fused_trunk.measured_defaults(), any_kernel=True)
     [upscaler] = load_engine(Settings(), "gpu")
     upscaler.graphs = None
     fused = upscaler.forward

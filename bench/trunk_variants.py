@@ -122,7 +122,7 @@ def main() -> int:
                         help="with --before: measure before and now this many times, alternately "
                              "(the GPU's clocks drift)")
     args = parser.parse_args()
-    fused_trunk.load_tuned(fused_trunk.measured_defaults())
+    fused_trunk.load_tuned(fused_trunk.measured_defaults(), any_kernel=True)
 
     [upscaler] = load_engine(Settings(), "gpu")
     upscaler.graphs = None  # the variants swap the forward pass; a graph would keep the first one's
@@ -163,7 +163,8 @@ def main() -> int:
         before = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(before)
         if args.before_tiles == "shipped":
-            before.load_tuned(args.before_tuned or fused_trunk.measured_defaults())
+            any_kernel = {"any_kernel": True} if "any_kernel" in inspect.signature(before.load_tuned).parameters else {}
+            before.load_tuned(args.before_tuned or fused_trunk.measured_defaults(), **any_kernel)
         in_place = "partial" not in inspect.signature(before.PackedConv.__call__).parameters
         for round_ in range(args.rounds):
             suffix = f" {round_ + 1}" if args.rounds > 1 else ""

@@ -29,6 +29,7 @@ interpreter (TRITON_INTERPRET=1), which is how the tests check it.
 """
 
 import contextlib
+import hashlib
 import inspect
 import json
 import logging
@@ -268,7 +269,7 @@ def save_tuned(path: Path) -> int:
                 "maxnreg": cfg.maxnreg} for key, cfg in known.items()]
     # Workers of one host (one per GPU) share the file: it is replaced whole, never seen half written.
     partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps(entries))
+    partial.write_text(json.dumps({"kernel": kernel_version(), "tiles": entries}))
     os.replace(partial, path)
     return len(entries)
 
@@ -285,14 +286,26 @@ def measured_defaults() -> Path:
     return Path(__file__).parent / "tuned" / f"sm{major}{minor}.json"
 
 
-def load_tuned(path: Path) -> int:
+def kernel_version() -> str:
+    """Which kernel tile shapes were tuned for: a hash of its source."""
+    return hashlib.sha256(inspect.getsource(conv3x3_kernel.fn).encode()).hexdigest()[:16]
+
+
+def load_tuned(path: Path, any_kernel: bool = False) -> int:
     """Take the tile shapes tuned by an earlier process on the same GPU and versions (`save_tuned`),
     so that they are not tuned again; they replace those known for the same layers. Returns how many
-    the file holds. Keys written before the kinds of convolution had keys of their own end after the
-    size class (or go on with argument dtypes): those are the plain convolutions'."""
+    the file holds, 0 if it was tuned for another version of the kernel (a kernel cache kept over an
+    upgrade of this package): those would replace the shapes shipped for this one. `any_kernel`: take
+    them whatever the version (the shipped file). Keys written before the kinds of convolution had
+    keys of their own end after the size class (or go on with argument dtypes): those are the plain
+    convolutions'."""
     if not path.is_file():
         return 0
-    entries = json.loads(path.read_text())
+    data = json.loads(path.read_text())
+    entries, version = (data, None) if isinstance(data, list) else (data["tiles"], data.get("kernel"))
+    if not any_kernel and version != kernel_version():
+        log.info("tile shapes in %s were tuned for another version of the fused kernel: not used", path)
+        return 0
     for entry in entries:
         key = entry["key"]
         kind = int(key[3]) if len(key) > 3 and isinstance(key[3], int) else 0

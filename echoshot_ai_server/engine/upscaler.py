@@ -151,8 +151,9 @@ class Upscaler:
             from echoshot_ai_server.engine.fused_trunk import load_tuned, measured_defaults
 
             # The shapes measured on this GPU architecture that ship with the package, replaced by
-            # those tuned here before (this GPU, driver and versions); the autotuner tunes the rest now.
-            if self.torch_device.type == "cuda" and (count := load_tuned(measured_defaults())):
+            # those tuned here before (this GPU, driver and versions, this kernel); the autotuner tunes
+            # the rest now.
+            if self.torch_device.type == "cuda" and (count := load_tuned(measured_defaults(), any_kernel=True)):
                 log.info("tile shapes measured for this GPU architecture: %d", count)
             if tuned is not None and (count := load_tuned(tuned)):
                 log.info("tile shapes tuned earlier on this GPU: %d", count)
