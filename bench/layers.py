@@ -33,6 +33,7 @@ from echoshot_ai_server.config import Settings  # noqa: E402
 from echoshot_ai_server.engine import fused_trunk  # noqa: E402
 from echoshot_ai_server.engine.fused_trunk import PackedConv, TapShares, dense_step_views, zero_ring  # noqa: E402
 from model_variants import timed as queued  # noqa: E402
+from run import matmul_tflops  # noqa: E402
 
 SIZES = ((640, 480), (1280, 720))
 FEAT, GROW = 64, 32
@@ -47,12 +48,6 @@ EXTRA_CONFIGS = [
     (256, 32, 4, 4, 0, 168), (64, 32, 4, 4, 0, 128), (64, 64, 4, 3, 0, 128), (256, 32, 8, 3, 0, 128),
     (256, 64, 4, 4, 1, 208),
 ]
-
-
-def bf16_rate() -> float:
-    """The card's bf16 matrix rate now, TFLOP/s (8192^3 products on random data)."""
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    return round(2 * 8192**3 / queued(lambda: a @ b, 20) / 1e12, 1)
 
 
 def labels(fused) -> dict[int, str]:
@@ -211,7 +206,8 @@ def main() -> int:
         torch.cuda.synchronize()
         return 0
     rng = np.random.default_rng(0)
-    report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "bf16_tflops": bf16_rate(),
+    report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "bf16_tflops": round(matmul_tflops(), 1),
               "forward_ms": {}}
     print(f"bf16 matrix rate {report['bf16_tflops']} TFLOP/s", flush=True)
     for w, h in SIZES:

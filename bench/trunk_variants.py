@@ -10,16 +10,16 @@ Each runs through the worker's `upscale_tensor`:
 - `now`: the engine as it is, on the shipped tile shapes (engine/tuned/);
 - `dense steps retuned` (`--retune dense`): the dense steps' tile shapes tuned again in the process.
 
-With `--layer-configs`, conv5 and dense step 2 (64 output channels) alone at 640x480 under every
-tuning configuration first (µs, or why it failed). Commit 097e54d's version also tried the
-convolutions swapped (output channels as the MMA's M, pixels as N): BENCHMARKS.md has the figures.
+Each layer under every tuning configuration: `bench/layers.py --configs`. Commit 097e54d's version of
+this script also tried the convolutions swapped (output channels as the MMA's M, pixels as N):
+BENCHMARKS.md has the figures.
 
 For each: frames per second at 640x480 and 1280x720 (x4), each dense step and conv5 alone at
 640x480 (µs, 20 launches back to back), and the largest difference of its pixels from the first
 variant's. Retuned tile shapes are written to `--tuned-out` (the format of engine/tuned/).
 
     python bench/trunk_variants.py [--before old.py [--before-tiles tuned|shipped] [--rounds N]] [--retune none|dense]
-        [--layer-configs] --json PATH [--tuned-out PATH]
+        --json PATH [--tuned-out PATH]
 """
 
 import argparse
@@ -39,8 +39,8 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from echoshot_ai_server.app.wiring import load_engine  # noqa: E402
 from echoshot_ai_server.config import Settings  # noqa: E402
 from echoshot_ai_server.engine import fused_trunk  # noqa: E402
-from layers import bf16_rate  # noqa: E402
 from model_variants import timed as queued  # noqa: E402  (GPU seconds of a run among 20 queued back to back)
+from run import matmul_tflops  # noqa: E402
 
 MFLOP_PER_PIXEL = 35.85
 SIZES = ((640, 480), (1280, 720))
@@ -83,32 +83,6 @@ def step_times(module, fused, size, in_place: bool) -> list[float]:
     return [round(s * 1e6, 1) for s in result]
 
 
-def layer_configs(fused, size) -> dict:
-    """conv5 and dense step 2 under each tuning configuration: µs (or the error)."""
-    w, h = size
-    rows = 4 * (h + 2) * (w + 2)
-    buf = torch.randn(rows, FEAT + 4 * GROW, device="cuda", dtype=torch.float16)
-    nxt = torch.empty(rows, FEAT, device="cuda", dtype=torch.float16)
-    step2, conv5 = fused.blocks[0][0][0][2], fused.blocks[0][0][1]
-    layers = {"conv5": (conv5, lambda: conv5(buf, nxt, (h, w), res1=buf[:, :FEAT], scale=0.2)),
-              "dense step 2": (step2, lambda: step2(*fused_trunk.dense_step_views(buf, 2, FEAT, GROW), (h, w),
-                                                   lrelu=True, grow=GROW, sums_in=True))}
-    result = {}
-    for name, (conv, run) in layers.items():
-        key = (conv.cin, conv.cout, fused_trunk.size_class(rows), 0)
-        shipped = fused_trunk.TUNED[key]
-        for cfg in fused_trunk.conv3x3_tuned.configs:
-            fused_trunk.TUNED[key] = cfg
-            label = f"{name} {cfg}"
-            try:
-                result[label] = round(queued(run, 20) * 1e6, 1)
-            except Exception as error:  # a configuration that does not compile or fit
-                result[label] = f"failed: {type(error).__name__}: {str(error)[:200]}"
-            print(f"{label}: {result[label]}", flush=True)
-        fused_trunk.TUNED[key] = shipped
-    return result
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, help="the older fused_trunk.py")
@@ -117,7 +91,6 @@ def main() -> int:
     parser.add_argument("--retune", choices=("none", "dense"), default="none")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--tuned-out", type=Path)
-    parser.add_argument("--layer-configs", action="store_true")
     parser.add_argument("--rounds", type=int, default=1,
                         help="with --before: measure before and now this many times, alternately "
                              "(the GPU's clocks drift)")
@@ -130,7 +103,8 @@ def main() -> int:
     rng = np.random.default_rng(0)
     frames = {size: torch.from_numpy(rng.integers(0, 256, (4, size[1], size[0], 3), dtype=np.uint8)).cuda()
               for size in SIZES}
-    report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "bf16_tflops": bf16_rate(),
+    report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "bf16_tflops": round(matmul_tflops(), 1),
               "variants": {}}
     reference = {}
 
@@ -155,9 +129,6 @@ def main() -> int:
         print(f"{name:45s} {json.dumps(row)}", flush=True)
         args.json.write_text(json.dumps(report, indent=2))
 
-    if args.layer_configs:
-        report["layer_configs_us"] = layer_configs(fused_trunk.FusedRRDBNet(eager), SIZES[0])
-        args.json.write_text(json.dumps(report, indent=2))
     if args.before is not None:
         spec = importlib.util.spec_from_file_location("fused_trunk_before", args.before)
         before = importlib.util.module_from_spec(spec)
