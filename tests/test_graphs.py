@@ -3,6 +3,7 @@
 CI has no GPU, so `capture` is given a CPU stand-in with a CUDA graph's semantics: the forward pass
 is recorded on a static input and every replay overwrites the same static output."""
 
+import contextlib
 import logging
 
 import torch
@@ -132,3 +133,47 @@ def test_a_capture_that_fails_at_first_sight_is_tried_again_once_after_a_plain_b
             always(x)
     assert len(always.failed) == 1
     assert sum(r.levelno == logging.WARNING and "capturing a CUDA graph" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_captures_on_one_device_share_one_side_stream(monkeypatch):
+    """PyTorch's allocator gives a block of the graphs' shared pool only to allocations on the stream
+    it was allocated on: were each capture on a stream of its own, every graph would grow the pool.
+    CUDA's stream, graph and stream switch are stand-ins here (CI has no GPU)."""
+    from echoshot_ai_server.engine import graphs
+
+    class Stream:
+        def __init__(self, device=None):
+            self.device = device
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def capture_begin(self, pool=None, capture_error_mode=None):
+            pass
+
+        def capture_end(self):
+            pass
+
+        def replay(self):
+            pass
+
+    captured_on = []
+
+    @contextlib.contextmanager
+    def on(stream):
+        captured_on.append(stream)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: object.__new__(Stream))
+    monkeypatch.setattr(graphs, "_capture_streams", {}, raising=False)
+    for shape in ((1, 3, 8, 8), (2, 3, 8, 8), (1, 3, 16, 8)):
+        replay, output = graphs.capture_cuda_graph(lambda x: x * 2, torch.ones(shape), pool=None)
+        assert torch.equal(output, torch.full(shape, 2.0))
+    assert len(captured_on) == 3 and all(stream is captured_on[0] for stream in captured_on)
+    # another device captures on a stream of its own
+    graphs.capture_cuda_graph(lambda x: x * 2, torch.ones((1, 3, 8, 8), device="meta"), pool=None)
+    assert captured_on[-1] is not captured_on[0] and captured_on[-1].device == torch.device("meta")
