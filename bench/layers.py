@@ -121,9 +121,8 @@ def layer_runs(fused, size) -> dict:
     return runs
 
 
-def key_of(conv: PackedConv, rows: int) -> tuple[int, int, int, int]:
-    klass = fused_trunk.size_class(rows) if conv.tuned_class is None else conv.tuned_class
-    return conv.cin, conv.cout, klass, int(conv.phases > 1)
+def key_of(name: str, conv: PackedConv, rows: int) -> tuple[int, int, int, int]:
+    return conv.tuning_key(rows, project=name == "conv_hr")  # conv_hr runs storing conv_last's shares
 
 
 def config_sweep(fused, size, only: set[str]) -> dict:
@@ -142,7 +141,7 @@ def config_sweep(fused, size, only: set[str]) -> dict:
     # compile every (layer, configuration) side by side first; failures show when timed
     launches = {}
     for name, (conv, run) in runs.items():
-        key = key_of(conv, rows)
+        key = key_of(name, conv, rows)
         for label, cfg in configs.items():
             fused_trunk.TUNED[key] = cfg
             with fused_trunk.launches_recorded() as recorded:
@@ -166,7 +165,7 @@ def config_sweep(fused, size, only: set[str]) -> dict:
     print(f"compiled {len(launches)} kernels in {time.perf_counter() - started:.0f} s", flush=True)
     result = {}
     for name, (conv, run) in runs.items():
-        key = key_of(conv, rows)
+        key = key_of(name, conv, rows)
         row = {"shipped": str(shipped.get(key))}
         row["shipped_us"] = round(queued(run, 20) * 1e6, 1)
         row["kernels"] = {label: built[name, label] for label in configs}

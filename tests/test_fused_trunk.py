@@ -293,6 +293,18 @@ def test_kernels_are_tuned_per_size_class_not_per_frame_size():
     assert size_class(rows(1280, 720)) == size_class(rows(1920, 1080)) == 1 == len(SIZE_CLASS_ROWS)
 
 
+def test_each_kind_of_convolution_has_its_own_tuning_key():
+    from echoshot_ai_server.engine.fused_trunk import SIZE_CLASS_ROWS, PackedConv
+
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+    small, large = 1000, SIZE_CLASS_ROWS[-1]
+    assert PackedConv.of(conv, torch.float32).tuning_key(small) == (64, 64, 0, 0)
+    assert PackedConv.of(conv, torch.float32).tuning_key(large) == (64, 64, 1, 0)
+    # the tail's: the larger class's whatever the rows, up-sampling phases and conv_hr storing shares apart
+    assert PackedConv.up(conv, torch.float32, tuned_class=1).tuning_key(small) == (64, 64, 1, 1)
+    assert PackedConv.of(conv, torch.float32, tuned_class=1).tuning_key(small, project=True) == (64, 64, 1, 2)
+
+
 def test_kernel_cache_folders_are_keyed_by_gpu_and_versions(monkeypatch, tmp_path):
     from types import SimpleNamespace
 

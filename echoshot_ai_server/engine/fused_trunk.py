@@ -369,6 +369,11 @@ class PackedConv:
         """Nearest 2x followed by `conv`, as four phases on the smaller image."""
         return cls(*phase_weights(conv), dtype, phases=4, tuned_class=tuned_class)
 
+    def tuning_key(self, rows: int, project: bool = False) -> tuple[int, int, int, int]:
+        """Its key in `TUNED` on a buffer of `rows` rows (`project`: storing the next one's shares)."""
+        klass = size_class(rows) if self.tuned_class is None else self.tuned_class
+        return self.cin, self.cout, klass, kind_of(shuffle=self.phases > 1, project=project)
+
     def __call__(self, src: torch.Tensor, out: torch.Tensor, frame: tuple[int, int], *, lrelu=False,
                  res1=None, scale=1.0, res2=None, scale2=1.0, grow=0, sums_in=False,
                  project: "TapShares | None" = None):
@@ -379,7 +384,8 @@ class PackedConv:
         `out` takes the per-tap shares of that next convolution (`TapShares.buffer`) instead."""
         h, w = frame
         rows = src.shape[0]
-        klass = size_class(rows) if self.tuned_class is None else self.tuned_class
+        key = self.tuning_key(rows, project=project is not None)
+        klass = key[2]
         shuffle = self.phases > 1
         plain_out = src if shuffle or project is not None else out  # a descriptor the kernel does not use
         x_d, w_d, out_d = (_descriptor(t) for t in (src, self.weight, plain_out))
@@ -399,7 +405,6 @@ class PackedConv:
             config = triton.Config({"BLOCK_M": 32, "BLOCK_K": 16, "PERSISTENT": True})
             grid = (3, self.phases)
         else:
-            key = (self.cin, self.cout, klass, kind_of(shuffle, flags["PROJECT"]))
             if key not in TUNED:
                 # a shape with no tuned tile yet: the autotuner picks one, used directly from then on. It
                 # runs the kernel many times, so a step that adds partial sums in place gets them back
