@@ -283,7 +283,7 @@ def test_kernels_are_tuned_per_size_class_not_per_frame_size():
     from echoshot_ai_server.engine.fused_trunk import SIZE_CLASS_ROWS, conv3x3_kernel, conv3x3_tuned, size_class
 
     # what the autotuner keys on, and what the compiler may specialise on: never the frame's size
-    assert conv3x3_tuned.keys == ["CIN", "COUT", "size_class", "SHUFFLE", "PROJECT", "ROW_TAPS"]
+    assert conv3x3_tuned.keys == ["CIN", "COUT", "size_class", "SHUFFLE", "PROJECT"]
     sizes = {"rows", "frame_rows", "row_pitch", "H", "W", "size_class"}
     unspecialised = {conv3x3_kernel.arg_names[i] if isinstance(i, int) else i for i in conv3x3_kernel.do_not_specialize}
     assert sizes <= unspecialised
@@ -300,7 +300,6 @@ def test_each_kind_of_convolution_has_its_own_tuning_key():
     small, large = 1000, SIZE_CLASS_ROWS[-1]
     assert PackedConv.of(conv, torch.float32).tuning_key(small) == (64, 64, 0, 0)
     assert PackedConv.of(conv, torch.float32).tuning_key(large) == (64, 64, 1, 0)
-    assert PackedConv.of(conv, torch.float32, row_taps=True).tuning_key(large) == (64, 64, 1, 3)
     # the tail's: the larger class's whatever the rows, up-sampling phases and conv_hr storing shares apart
     assert PackedConv.up(conv, torch.float32, tuned_class=1).tuning_key(small) == (64, 64, 1, 1)
     assert PackedConv.of(conv, torch.float32, tuned_class=1).tuning_key(small, project=True) == (64, 64, 1, 2)

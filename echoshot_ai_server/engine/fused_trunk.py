@@ -60,8 +60,7 @@ def conv3x3_kernel(
     out_desc, out2_desc,  # [rows, <= COUT + COUT2] output (a channel slice of a buffer): columns [0, COUT), the rest
     r1_desc, r2_desc,  # [rows, COUT] residuals (channel slices of buffers)
     out_ptr,  # SHUFFLE: the padded flat buffer of the frames at twice the size, [rows at 2x, COUT];
-    # PROJECT: the next convolution's per-tap shares, [9, rows, PLANE] (see `TapShares`); ROW_TAPS: `out`
-    out_pitch,  # ROW_TAPS: elements from one row of `out_ptr` to the next
+    # PROJECT: the next convolution's per-tap shares, [9, rows, PLANE] (see `TapShares`)
     proj_ptr,  # PROJECT: [COUT, PROJECT] the next convolution's weights, column t * TAP_OUTS + c for tap t
     rows, frame_rows, row_pitch, H, W,  # buffer rows, (H + 2) * (W + 2), W + 2, the frame's size
     size_class,  # read by the autotuner only
@@ -77,7 +76,6 @@ def conv3x3_kernel(
     SHUFFLE: tl.constexpr = False,  # nearest 2x + this convolution: phase (a, b) = program_id(1) = 2a + b
     PROJECT: tl.constexpr = 0,  # > 0: the output times `proj` is stored instead of the output
     TAP_OUTS: tl.constexpr = 0, PLANE: tl.constexpr = 0,  # PROJECT: the next convolution's outputs, their plane's width
-    ROW_TAPS: tl.constexpr = False,  # the three taps of a row from one load of the input (see below)
 ):
     k_steps: tl.constexpr = (CIN + BLOCK_K - 1) // BLOCK_K
     # SHUFFLE: phase (a, b) sees only rows a - 1, a and columns b - 1, b of the small image around each
@@ -87,46 +85,25 @@ def conv3x3_kernel(
     phase = tl.program_id(1) if SHUFFLE else 0
     # Persistent programs walk over several tiles; the loop nest is then flattened so that the
     # next tile's loads are already in flight during this tile's epilogue.
-    # ROW_TAPS: the taps of one row of the 3x3 window (dx = -1, 0, 1) read the same input rows shifted
-    # by one, so the kernel loads each row's input once and multiplies it by the three taps' weights into
-    # three accumulators; the left and right ones are then moved down and up by one row (through shared
-    # memory) and added. A tile computes BLOCK_M rows from one before its first output to one after its
-    # last: BLOCK_M - 2 outputs, a third of the input loads of nine taps.
-    outputs: tl.constexpr = BLOCK_M - 2 if ROW_TAPS else BLOCK_M
-    # Persistent programs walk over several tiles; the loop nest is then flattened so that the
-    # next tile's loads are already in flight during this tile's epilogue.
-    for tile in tl.range(tl.program_id(0), tl.cdiv(rows, outputs), tl.num_programs(0), flatten=PERSISTENT):
-        row0 = tile * outputs - 1 if ROW_TAPS else tile * BLOCK_M
+    for tile in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_M), tl.num_programs(0), flatten=PERSISTENT):
+        row0 = tile * BLOCK_M
         acc = tl.zeros((BLOCK_M, COUT), dtype=tl.float32)
         if COUT2 > 0:
             acc2 = tl.zeros((BLOCK_M, COUT2), dtype=tl.float32)
-        if ROW_TAPS:
-            left = tl.zeros((BLOCK_M, COUT), dtype=tl.float32)
-            right = tl.zeros((BLOCK_M, COUT), dtype=tl.float32)
-            for step in range(3 * k_steps):
-                window_row = step // k_steps
-                k0 = (step % k_steps) * BLOCK_K
-                a = x_desc.load([row0 + (window_row - 1) * row_pitch, k0])
-                left = tl.dot(a, w_desc.load([3 * window_row * CIN + k0, 0]), left)
-                acc = tl.dot(a, w_desc.load([(3 * window_row + 1) * CIN + k0, 0]), acc)
-                right = tl.dot(a, w_desc.load([(3 * window_row + 2) * CIN + k0, 0]), right)
-            i = tl.arange(0, BLOCK_M)[:, None] + tl.zeros((1, COUT), dtype=tl.int32)
-            acc += tl.gather(left, tl.maximum(i - 1, 0), 0) + tl.gather(right, tl.minimum(i + 1, BLOCK_M - 1), 0)
-        else:
-            # One loop over (tap, channel step) so that Triton pipelines the TMA loads across taps. Channels
-            # past CIN read as zeros (outside the descriptor), so the weight rows they meet do not count.
-            for step in range(taps * k_steps):
-                tap = step // k_steps
-                k0 = (step % k_steps) * BLOCK_K
-                if SHUFFLE:
-                    shift = (phase // 2 - 1 + tap // 2) * row_pitch + (phase % 2 - 1 + tap % 2)
-                else:
-                    shift = (tap // 3 - 1) * row_pitch + (tap % 3 - 1)
-                a = x_desc.load([row0 + shift, k0])
-                b = w_desc.load([(phase * taps + tap) * CIN + k0, 0])
-                acc = tl.dot(a, b, acc)
-                if COUT2 > 0:
-                    acc2 = tl.dot(a, w2_desc.load([(phase * taps + tap) * CIN + k0, COUT]), acc2)
+        # One loop over (tap, channel step) so that Triton pipelines the TMA loads across taps. Channels
+        # past CIN read as zeros (outside the descriptor), so the weight rows they meet do not count.
+        for step in range(taps * k_steps):
+            tap = step // k_steps
+            k0 = (step % k_steps) * BLOCK_K
+            if SHUFFLE:
+                shift = (phase // 2 - 1 + tap // 2) * row_pitch + (phase % 2 - 1 + tap % 2)
+            else:
+                shift = (tap // 3 - 1) * row_pitch + (tap % 3 - 1)
+            a = x_desc.load([row0 + shift, k0])
+            b = w_desc.load([(phase * taps + tap) * CIN + k0, 0])
+            acc = tl.dot(a, b, acc)
+            if COUT2 > 0:
+                acc2 = tl.dot(a, w2_desc.load([(phase * taps + tap) * CIN + k0, COUT]), acc2)
         if BIAS:
             acc += tl.load(b_ptr + phase * COUT + tl.arange(0, COUT))[None, :]
             if COUT2 > 0:
@@ -174,11 +151,6 @@ def conv3x3_kernel(
                     (row.to(tl.int64) * PLANE)[:, None] + (j % TAP_OUTS)[None, :]
                 tl.store(out_ptr + target, shares.to(out_ptr.dtype.element_ty),
                          mask=(j < 9 * TAP_OUTS)[None, :] & (row < rows)[:, None])
-            elif ROW_TAPS:  # the tile's first and last rows are its neighbours' outputs
-                at = tl.arange(0, BLOCK_M)
-                keep = (at >= 1) & (at <= BLOCK_M - 2) & (row >= 0) & (row < rows)
-                tl.store(out_ptr + (row.to(tl.int64) * out_pitch)[:, None] + tl.arange(0, COUT)[None, :],
-                         acc.to(out_ptr.dtype.element_ty), mask=keep[:, None])
             else:
                 out_desc.store([row0, 0], acc.to(out_desc.dtype))
                 if COUT2 > 0:  # partial sums only (GROW <= COUT)
@@ -234,7 +206,7 @@ conv3x3_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "PERSISTENT": per_sm > 0, "PER_SM": per_sm}, num_warps=w,
                            num_stages=s, pre_hook=_set_block_shapes)
              for bm, bk, w, s, per_sm in TUNING_CONFIGS],
-    key=["CIN", "COUT", "size_class", "SHUFFLE", "PROJECT", "ROW_TAPS"],
+    key=["CIN", "COUT", "size_class", "SHUFFLE", "PROJECT"],
     **_CACHE_RESULTS,
 )(conv3x3_kernel)
 
@@ -292,7 +264,7 @@ def save_tuned(path: Path) -> int:
     a pre-hook, as these do."""
     known = dict(TUNED)
     for key, cfg in conv3x3_tuned.cache.items():
-        known.setdefault((*key[:3], kind_of(shuffle=key[3], project=key[4], row_taps=key[5])), cfg)
+        known.setdefault((*key[:3], kind_of(shuffle=key[3], project=key[4])), cfg)
     entries = [{"key": list(key), "kwargs": cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                 "maxnreg": cfg.maxnreg} for key, cfg in known.items()]
     # Workers of one host (one per GPU) share the file: it is replaced whole, never seen half written.
@@ -302,10 +274,9 @@ def save_tuned(path: Path) -> int:
     return len(entries)
 
 
-def kind_of(shuffle, project, row_taps=False) -> int:
-    """A convolution's kind in the tuning keys: 0 plain, 1 up-sampling phases, 2 storing shares,
-    3 a row's taps from one load (`ROW_TAPS`)."""
-    return 1 if shuffle else 2 if project else 3 if row_taps else 0
+def kind_of(shuffle, project) -> int:
+    """A convolution's kind in the tuning keys: 0 plain, 1 up-sampling phases, 2 storing shares."""
+    return 1 if shuffle else 2 if project else 0
 
 
 def measured_defaults() -> Path:
@@ -355,7 +326,7 @@ def size_class(rows: int) -> int:
 
 
 def launch_grid(rows: int, meta: dict) -> tuple[int]:
-    tiles = triton.cdiv(rows, meta["BLOCK_M"] - 2 if meta.get("ROW_TAPS") else meta["BLOCK_M"])
+    tiles = triton.cdiv(rows, meta["BLOCK_M"])
     if meta.get("PER_SM", 0) == 0:
         return (tiles,)
     return (min(tiles, meta["PER_SM"] * torch.cuda.get_device_properties(0).multi_processor_count),)
@@ -372,14 +343,11 @@ class PackedConv:
     being zeros."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, phases: int = 1,
-                 tuned_class: int | None = None, row_taps: bool = False):
+                 tuned_class: int | None = None):
         """`bias` None: none added (a dense step's partial sums carry it); `tuned_class`: run with this
-        size class's tile shape whatever the rows (None: by the rows); `row_taps`: each row of the
-        window's taps from one load of the input (`ROW_TAPS`; a plain convolution with one block of
-        columns only)."""
+        size class's tile shape whatever the rows (None: by the rows)."""
         cout, cin = weight.shape[0] // phases, weight.shape[1]
         self.cin, self.cout, self.phases, self.tuned_class = cin, cout, phases, tuned_class
-        self.row_taps = row_taps
         # the kernel's blocks of output columns are powers of two: 96 columns are 64 + 32
         self.cout1 = 1 << (cout.bit_length() - 1)
         self.cout2 = cout - self.cout1
@@ -393,9 +361,8 @@ class PackedConv:
         self.bias = (bias.detach() if self.has_bias else weight.new_zeros(cout * phases)).float().contiguous()
 
     @classmethod
-    def of(cls, conv: nn.Conv2d, dtype: torch.dtype, tuned_class: int | None = None,
-           row_taps: bool = False) -> "PackedConv":
-        return cls(conv.weight, conv.bias, dtype, tuned_class=tuned_class, row_taps=row_taps)
+    def of(cls, conv: nn.Conv2d, dtype: torch.dtype, tuned_class: int | None = None) -> "PackedConv":
+        return cls(conv.weight, conv.bias, dtype, tuned_class=tuned_class)
 
     @classmethod
     def up(cls, conv: nn.Conv2d, dtype: torch.dtype, tuned_class: int | None = None) -> "PackedConv":
@@ -405,7 +372,7 @@ class PackedConv:
     def tuning_key(self, rows: int, project: bool = False) -> tuple[int, int, int, int]:
         """Its key in `TUNED` on a buffer of `rows` rows (`project`: storing the next one's shares)."""
         klass = size_class(rows) if self.tuned_class is None else self.tuned_class
-        return self.cin, self.cout, klass, kind_of(shuffle=self.phases > 1, project=project, row_taps=self.row_taps)
+        return self.cin, self.cout, klass, kind_of(shuffle=self.phases > 1, project=project)
 
     def __call__(self, src: torch.Tensor, out: torch.Tensor, frame: tuple[int, int], *, lrelu=False,
                  res1=None, scale=1.0, res2=None, scale2=1.0, grow=0, sums_in=False,
@@ -425,12 +392,12 @@ class PackedConv:
         w2_d, out2_d = (_descriptor(self.weight), _descriptor(plain_out)) if self.cout2 else (w_d, out_d)
         r1_d, r2_d = (_descriptor(t) if t is not None else out_d for t in (res1, res2))
         descs = (x_d, w_d, w2_d, out_d, out2_d, r1_d, r2_d)
-        args = (x_d, w_d, w2_d, self.bias, out_d, out2_d, r1_d, r2_d, out, out.stride(0) if out.dim() == 2 else 0,
+        args = (x_d, w_d, w2_d, self.bias, out_d, out2_d, r1_d, r2_d, out,
                 self.bias if project is None else project.weight, rows, (h + 2) * (w + 2), w + 2, h, w, klass,
                 0.2, scale, scale2)
         flags = dict(CIN=self.cin, COUT=self.cout1, COUT2=self.cout2, BIAS=self.has_bias, LRELU=lrelu,
                      RES1=res1 is not None, RES2=res2 is not None, GROW=grow, SUMS_IN=sums_in, SHUFFLE=shuffle,
-                     PROJECT=0, TAP_OUTS=0, PLANE=0, ROW_TAPS=self.row_taps)
+                     PROJECT=0, TAP_OUTS=0, PLANE=0)
         if project is not None:
             flags.update(PROJECT=project.weight.shape[1], TAP_OUTS=project.outs, PLANE=project.plane)
         if not src.is_cuda:
@@ -450,7 +417,7 @@ class PackedConv:
                     return
                 out.copy_(saved)
             config = TUNED[key]
-            grid = launch_grid(rows, {**config.kwargs, **flags}) + (self.phases,)
+            grid = launch_grid(rows, config.kwargs) + (self.phases,)
         _set_block_shapes({**config.kwargs, **flags, **dict(zip(DESCRIPTORS, descs))})
         launch = dict(**flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
         if config.maxnreg is not None:
@@ -573,7 +540,7 @@ class FusedRRDBNet(nn.Module):
         self.dtype = dtype = model.conv_first.weight.dtype
         self.feat, self.grow = _widths(model)
         self.blocks = [
-            [(dense_steps(rdb, self.feat, self.grow, dtype), PackedConv.of(rdb.conv5, dtype, row_taps=True))
+            [(dense_steps(rdb, self.feat, self.grow, dtype), PackedConv.of(rdb.conv5, dtype))
              for rdb in (block.rdb1, block.rdb2, block.rdb3)]
             for block in model.body
         ]
