@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from model_variants import timed as queued  # noqa: E402
 from run import matmul_tflops  # noqa: E402
 
 W, H, N = 640, 480, 4
@@ -36,20 +37,9 @@ LAYERS = {  # name: (CIN, COUT)
 }
 
 
-def seconds(run, *operands, launches: int = 20, rounds: int = 5) -> float:
-    """Median seconds of one `run(*operands)` among `launches` queued back to back."""
-    run(*operands)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(launches):
-            run(*operands)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / launches)
-    return statistics.median(times)
+def seconds(run, *operands, rounds: int = 5) -> float:
+    """Median over `rounds` of the seconds of one `run(*operands)` among 20 queued back to back."""
+    return statistics.median(queued(lambda: run(*operands), 20) for _ in range(rounds))
 
 
 def kernel_names(run, *operands) -> list[str]:
