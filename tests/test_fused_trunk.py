@@ -305,6 +305,29 @@ def test_each_kind_of_convolution_has_its_own_tuning_key():
     assert PackedConv.of(conv, torch.float32, tuned_class=1).tuning_key(small, project=True) == (64, 64, 1, 2)
 
 
+def test_the_tile_sweep_times_each_layer_under_the_key_it_is_launched_with():
+    import importlib.util
+
+    from echoshot_ai_server.engine.fused_trunk import FusedRRDBNet
+
+    # bench/layers.py sets a layer's tile shape in TUNED under this key before timing it; a key the layer
+    # does not look up (conv_hr as a plain convolution, once) times the shipped shape under every label
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("layers_bench", REPO_ROOT / "bench" / "layers.py")
+        layers = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(layers)
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+    fused = FusedRRDBNet(build_model(RRDBNetArch(num_feat=64, num_block=1, num_grow_ch=32)))
+    rows = 4 * 482 * 642
+    steps, conv5 = fused.blocks[0][0]
+    assert layers.key_of("conv_hr", fused.conv_hr, rows) == (64, 64, 1, 2)  # storing conv_last's shares
+    assert layers.key_of("up2", fused.up2, rows) == (64, 64, 1, 1)
+    assert layers.key_of("conv5", conv5, rows) == (192, 64, 0, 0)
+    assert layers.key_of("dense step 1", steps[1], rows) == (32, 96, 0, 0)
+
+
 def test_kernel_cache_folders_are_keyed_by_gpu_and_versions(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
