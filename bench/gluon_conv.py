@@ -1,0 +1,252 @@
+"""conv5 of a dense block written in Gluon: is `tl.dot`'s pipeline what holds it at 66 % of cuDNN's rate?
+
+conv5 (192 -> 64 channels, K = 1728) multiplies each tile of pixels by 64 output columns. On Hopper a
+warpgroup MMA with both operands in shared memory reads 4 KB a 64x64x16 product (A 2 KB, B 2 KB),
+as many bytes as shared memory delivers in the 32 cycles the product takes: at N = 64 the MMA
+waits on shared memory. Swapped (output channels as M = 64, the tile's pixels as N = 256) a product
+reads 10 KB for 128 cycles of arithmetic. The Triton kernel tried that through `tl.dot` (BENCHMARKS,
+slower); here it is written out in Gluon, with its own TMA pipeline (no warp specialisation):
+persistent programs, the loads of the next tile in flight during a tile's epilogue. `SWAP` = False
+is the same kernel in the shipped orientation, to tell Gluon's code from the swap.
+
+On the GPU: each configuration against the shipped kernel (pixels and µs, conv5 of the first
+dense block on 4 frames of 640x480 with the model's weights):
+
+    python bench/gluon_conv.py --json PATH
+Without a GPU: `python bench/gluon_conv.py --compile-only` compiles every configuration for sm90.
+"""
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
+    warpgroup_mma_wait
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+# (SWAP, pixels a tile, channels a step, stages)
+CONFIGS = [
+    (True, 256, 64, 3), (True, 256, 64, 4), (True, 256, 32, 5), (True, 256, 32, 8), (True, 256, 64, 2),
+    (True, 128, 64, 5), (True, 128, 32, 8),
+    (False, 256, 64, 3), (False, 256, 64, 4), (False, 256, 32, 5), (False, 128, 64, 5),
+]
+
+
+@gluon.jit
+def _issue(j, x_desc, w_desc, a_bufs, b_bufs, ready, pid, nprog, row_pitch,
+           CIN: gl.constexpr, BP: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, SWAP: gl.constexpr):
+    """Start the loads of step j of this program (its tile j // steps): the pixels' rows for one tap and
+    channel block, and the weights that multiply them."""
+    KS: gl.constexpr = CIN // BK
+    steps: gl.constexpr = 9 * KS
+    tile = pid + (j // steps) * nprog
+    step = j % steps
+    tap = step // KS
+    k0 = (step % KS) * BK
+    shift = (tap // 3 - 1) * row_pitch + (tap % 3 - 1)
+    s = j % S
+    bar = ready.index(s)
+    mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(x_desc, [tile * BP + shift, k0], bar, b_bufs.index(s) if SWAP else a_bufs.index(s))
+    if SWAP:  # weights transposed: [COUT, 9 * CIN]
+        tma.async_copy_global_to_shared(w_desc, [0, tap * CIN + k0], bar, a_bufs.index(s))
+    else:  # [9 * CIN, COUT]
+        tma.async_copy_global_to_shared(w_desc, [tap * CIN + k0, 0], bar, b_bufs.index(s))
+
+
+@gluon.jit
+def conv5_kernel(x_desc, w_desc, bias_ptr, out_ptr, res_ptr, stride, rows, frame_rows, row_pitch, H, W, scale,
+                 CIN: gl.constexpr, COUT: gl.constexpr, BP: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
+                 SWAP: gl.constexpr):
+    """out[row, :COUT] = (conv3x3(x)[row] + bias) * scale + res[row] on the padded rows (zeros on the ring)."""
+    KS: gl.constexpr = CIN // BK
+    steps: gl.constexpr = 9 * KS
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    tiles = gl.cdiv(rows, BP)
+    my_tiles = gl.cdiv(tiles - pid, nprog)
+    total = my_tiles * steps
+
+    if SWAP:
+        a_bufs = gl.allocate_shared_memory(gl.float16, [S, COUT, BK], w_desc.layout)
+        b_bufs = gl.allocate_shared_memory(gl.float16, [S, BP, BK], x_desc.layout)
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BP, 16])
+        acc = gl.zeros([COUT, BP], gl.float32, acc_layout)
+        # the epilogue's layout: each thread 8 consecutive channels of a pixel (16-byte loads and stores)
+        out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])
+    else:
+        a_bufs = gl.allocate_shared_memory(gl.float16, [S, BP, BK], x_desc.layout)
+        b_bufs = gl.allocate_shared_memory(gl.float16, [S, BK, COUT], w_desc.layout)
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, COUT, 16])
+        acc = gl.zeros([BP, COUT], gl.float32, acc_layout)
+        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    ready = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
+    for stage in gl.static_range(S):
+        mbarrier.init(ready.index(stage), count=1)
+    fence_async_shared()
+
+    for j in gl.static_range(S - 1):
+        if j < total:
+            _issue(j, x_desc, w_desc, a_bufs, b_bufs, ready, pid, nprog, row_pitch, CIN, BP, BK, S, SWAP)
+
+    for i in range(total):
+        s = i % S
+        step = i % steps
+        mbarrier.wait(ready.index(s), (i // S) & 1)
+        if SWAP:
+            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, use_acc=step != 0,
+                                is_async=True)
+        else:
+            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s), acc, use_acc=step != 0, is_async=True)
+        # the product before this one is done: its stage takes the load S - 1 steps ahead
+        acc = warpgroup_mma_wait(1, deps=[acc])
+        if i + S - 1 < total:
+            _issue(i + S - 1, x_desc, w_desc, a_bufs, b_bufs, ready, pid, nprog, row_pitch, CIN, BP, BK, S, SWAP)
+        if step == steps - 1:
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            row0 = (pid + (i // steps) * nprog) * BP
+            result = gl.convert_layout(acc, out_layout)
+            if SWAP:
+                channel = gl.arange(0, COUT, layout=gl.SliceLayout(1, out_layout))[:, None]
+                row = row0 + gl.arange(0, BP, layout=gl.SliceLayout(0, out_layout))[None, :]
+            else:
+                channel = gl.arange(0, COUT, layout=gl.SliceLayout(0, out_layout))[None, :]
+                row = row0 + gl.arange(0, BP, layout=gl.SliceLayout(1, out_layout))[:, None]
+            in_frame = row % frame_rows
+            y = in_frame // row_pitch
+            x = in_frame % row_pitch
+            inside = (y >= 1) & (y <= H) & (x >= 1) & (x <= W)
+            live = (row < rows) & (channel < COUT)
+            at = row.to(gl.int64) * stride + channel
+            res = gl.load(res_ptr + at, mask=live, other=0.0).to(gl.float32)
+            value = (result + gl.load(bias_ptr + channel)) * scale + res
+            value = gl.where(inside, value, 0.0)
+            gl.store(out_ptr + at, value.to(gl.float16), mask=live)
+
+    for stage in gl.static_range(S):
+        mbarrier.invalidate(ready.index(stage))
+
+
+def descriptors(x, weight, swap: bool, bp: int, bk: int):
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    layout = gl.NVMMASharedLayout.get_default_for
+    x_d = TensorDescriptor.from_tensor(x, [bp, bk], layout([bp, bk], gl.float16))
+    block = [weight.shape[0], bk] if swap else [bk, weight.shape[1]]
+    return x_d, TensorDescriptor.from_tensor(weight, block, layout(block, gl.float16))
+
+
+def launch(x, weight, bias, out, res, frame, config, programs: int, scale=0.2):
+    swap, bp, bk, stages = config
+    h, w = frame
+    x_d, w_d = descriptors(x, weight, swap, bp, bk)
+    rows = x.shape[0]
+    grid = (min(programs, triton.cdiv(rows, bp)),)
+    conv5_kernel[grid](x_d, w_d, bias, out, res, out.stride(0), rows, (h + 2) * (w + 2), w + 2, h, w, scale,
+                       CIN=x.shape[1], COUT=bias.shape[0], BP=bp, BK=bk, S=stages, SWAP=swap, num_warps=4)
+
+
+def compile_only() -> int:
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    for swap, bp, bk, stages in CONFIGS:
+        cout, cin = 64, 192
+        x_block, w_block = [bp, bk], ([cout, bk] if swap else [bk, cout])
+        layout = gl.NVMMASharedLayout.get_default_for
+        signature = {
+            "x_desc": f"tensordesc<fp16[{bp}, {bk}],{layout(x_block, gl.float16)!r}>",
+            "w_desc": f"tensordesc<fp16[{w_block[0]}, {w_block[1]}],{layout(w_block, gl.float16)!r}>",
+            "bias_ptr": "*fp32", "out_ptr": "*fp16", "res_ptr": "*fp16", "stride": "i32", "rows": "i32",
+            "frame_rows": "i32", "row_pitch": "i32", "H": "i32", "W": "i32", "scale": "fp32",
+            "CIN": "constexpr", "COUT": "constexpr", "BP": "constexpr", "BK": "constexpr", "S": "constexpr",
+            "SWAP": "constexpr"}
+        constants = {"CIN": cin, "COUT": cout, "BP": bp, "BK": bk, "S": stages, "SWAP": swap}
+        source = GluonASTSource(conv5_kernel, signature, constants)
+        try:
+            kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            mma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", kernel.asm["ptx"])))
+            print(swap, bp, bk, stages, "shared", kernel.metadata.shared, "MMA", mma, flush=True)
+        except Exception as exc:  # report every configuration
+            print(swap, bp, bk, stages, "failed:", str(exc).splitlines()[-1][:300], flush=True)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--compile-only", action="store_true")
+    parser.add_argument("--size", default="640x480")
+    args = parser.parse_args()
+    if args.compile_only:
+        return compile_only()
+
+    import torch
+
+    from echoshot_ai_server.app.wiring import load_engine
+    from echoshot_ai_server.config import Settings
+    from echoshot_ai_server.engine import fused_trunk
+    from model_variants import timed
+    from run import matmul_tflops
+
+    fused_trunk.load_tuned(fused_trunk.measured_defaults(), any_kernel=True)
+    [upscaler] = load_engine(Settings(), "gpu")
+    fused = upscaler.forward
+    conv5 = fused.blocks[0][0][1]
+    w, h = (int(v) for v in args.size.split("x"))
+    rows = 4 * (h + 2) * (w + 2)
+    torch.manual_seed(0)
+    buf = fused_trunk.zero_ring(torch.randn(rows, 192, device="cuda", dtype=torch.float16) * 0.5, 4, h, w)
+    nxt = torch.zeros(rows, 192, device="cuda", dtype=torch.float16)
+    flop = 2 * 4 * h * w * 1728 * 64
+    report = {"card": torch.cuda.get_device_name(0), "bf16_tflops": round(matmul_tflops(), 1), "size": args.size,
+              "results": []}
+
+    def shipped():
+        conv5(buf, nxt[:, :64], (h, w), res1=buf[:, :64], scale=0.2)
+
+    shipped()
+    reference = nxt[:, :64].clone()
+    seconds = timed(shipped, 20)
+    report["shipped_us"] = round(seconds * 1e6, 1)
+    report["shipped_tflops"] = round(flop / seconds / 1e12, 1)
+    print("shipped", report["shipped_us"], "us", report["shipped_tflops"], "TFLOP/s", flush=True)
+    weights = {False: conv5.weight, True: conv5.weight.t().contiguous()}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for config in CONFIGS:
+        row = {"swap": config[0], "pixels": config[1], "channels_a_step": config[2], "stages": config[3]}
+        try:
+            out = torch.zeros(rows, 192, device="cuda", dtype=torch.float16)
+            run = lambda: launch(buf, weights[config[0]], conv5.bias, out[:, :64], buf[:, :64], (h, w), config, sms)  # noqa: E731
+            run()
+            torch.cuda.synchronize()
+            difference = (out[:, :64].float() - reference.float()).abs()
+            row["max_diff"] = float(difference.max())
+            row["mean_diff"] = float(difference.mean())
+            seconds = timed(run, 20)
+            row["us"] = round(seconds * 1e6, 1)
+            row["tflops"] = round(flop / seconds / 1e12, 1)
+        except Exception as exc:
+            row["error"] = str(exc).splitlines()[-1][:300]
+        report["results"].append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+    report["shipped_again_us"] = round(timed(shipped, 20) * 1e6, 1)  # the clocks drift
+    print("shipped again", report["shipped_again_us"], "us", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
