@@ -5,9 +5,8 @@ drains (the last tiles of a layer, the next kernel's start). Two independent seq
 on two streams can fill those gaps and share an SM where both kernels fit. Variants, each through
 the worker's `upscale_tensor` (pre- and post-processing included), batch 4:
 
-- `one stream`: each batch whole (`FusedRRDBNet.halves` off);
-- `halves on two streams`: the engine as it runs (engine/streams.py): frames 0-1 and 2-3 of each batch
-  on two streams;
+- `one stream`: the engine as it runs;
+- `halves on two streams`: frames 0-1 and 2-3 of each batch on two streams (the same memory);
 - `two batches on two streams`: two batches of 4 at once (twice the memory; the most it could give);
 - `one stream, batch 2`: what a half alone costs.
 
@@ -34,6 +33,26 @@ from run import matmul_tflops  # noqa: E402
 MFLOP_PER_PIXEL = 35.85
 
 
+class OnStreams:
+    """`forward` with a batch's frames split into `parts` runs, each on a stream of its own."""
+
+    def __init__(self, forward, parts: int):
+        self.forward, self.parts = forward, parts
+        self.streams = [torch.cuda.Stream() for _ in range(parts)]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        main = torch.cuda.current_stream()
+        outs = []
+        for stream, part in zip(self.streams, x.chunk(self.parts)):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                outs.append(self.forward(part))
+        for stream, out in zip(self.streams, outs):
+            main.wait_stream(stream)
+            out.record_stream(main)  # allocated on its stream, read by the main one below
+        return torch.cat(outs)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, required=True)
@@ -44,6 +63,7 @@ def main() -> int:
     [upscaler] = load_engine(Settings(), "gpu")
     upscaler.graphs = None
     fused = upscaler.forward
+    halves = OnStreams(fused, 2)
     rng = np.random.default_rng(0)
     report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "bf16_tflops": round(matmul_tflops(), 1), "sizes": {}}
@@ -53,8 +73,8 @@ def main() -> int:
         first, second = frames[:4], frames[4:]
         streams = [torch.cuda.Stream(), torch.cuda.Stream()]
 
-        def run(halves, batch):
-            fused.halves = halves
+        def run(split, batch):
+            upscaler.forward = halves if split else fused
             return upscaler.upscale_tensor(batch, 4)
 
         def two_batches():

@@ -14,12 +14,12 @@ Each layer under every tuning configuration: `bench/layers.py --configs`. Commit
 this script also tried the convolutions swapped (output channels as the MMA's M, pixels as N):
 BENCHMARKS.md has the figures.
 
-For each: frames per second at 640x480 and 1280x720 (x4), each dense step and conv5 alone at
-640x480 (µs, 20 launches back to back), and the largest difference of its pixels from the first
-variant's. Retuned tile shapes are written to `--tuned-out` (the format of engine/tuned/).
+For each: frames per second at 640x480 and 1280x720 (x4; `--sizes` for others), each dense step and
+conv5 alone at the first size (µs, 20 launches back to back), and the largest difference of its pixels
+from the first variant's. Retuned tile shapes are written to `--tuned-out` (the format of engine/tuned/).
 
     python bench/trunk_variants.py [--before old.py [--before-tiles tuned|shipped] [--rounds N]] [--retune none|dense]
-        --json PATH [--tuned-out PATH]
+        [--sizes 640x480,1280x720] --json PATH [--tuned-out PATH]
 """
 
 import argparse
@@ -43,7 +43,6 @@ from model_variants import timed as queued  # noqa: E402  (GPU seconds of a run 
 from run import matmul_tflops  # noqa: E402
 
 MFLOP_PER_PIXEL = 35.85
-SIZES = ((640, 480), (1280, 720))
 DENSE_KEYS = ((64, 128), (32, 96), (32, 64), (32, 32))  # (CIN, COUT) of dense steps 0-3
 FEAT, GROW = 64, 32
 
@@ -90,11 +89,13 @@ def main() -> int:
     parser.add_argument("--before-tuned", type=Path, help="with --before-tiles shipped: the older engine's tuned file")
     parser.add_argument("--retune", choices=("none", "dense"), default="none")
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--sizes", default="640x480,1280x720", help="frame sizes (batches of 4), the first also per layer")
     parser.add_argument("--tuned-out", type=Path)
     parser.add_argument("--rounds", type=int, default=1,
                         help="with --before: measure before and now this many times, alternately "
                              "(the GPU's clocks drift)")
     args = parser.parse_args()
+    sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     fused_trunk.load_tuned(fused_trunk.measured_defaults(), any_kernel=True)
 
     [upscaler] = load_engine(Settings(), "gpu")
@@ -102,7 +103,7 @@ def main() -> int:
     eager = upscaler.model
     rng = np.random.default_rng(0)
     frames = {size: torch.from_numpy(rng.integers(0, 256, (4, size[1], size[0], 3), dtype=np.uint8)).cuda()
-              for size in SIZES}
+              for size in sizes}
     report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "bf16_tflops": round(matmul_tflops(), 1),
               "variants": {}}
@@ -111,7 +112,7 @@ def main() -> int:
     def measure(name: str, module, in_place: bool) -> None:
         upscaler.forward = fused = module.FusedRRDBNet(eager)
         row = {"fps": {}, "tflops": {}, "diff_uint8": {}}
-        for size in SIZES:
+        for size in sizes:
             label = f"{size[0]}x{size[1]}"
             started = time.perf_counter()
             out = upscaler.upscale_tensor(frames[size], 4)  # the first batch: tuning, if any, included
@@ -123,8 +124,9 @@ def main() -> int:
             fps = 4 / timed(lambda: upscaler.upscale_tensor(frames[size], 4), 8)
             row["fps"][label] = round(fps, 2)
             row["tflops"][label] = round(MFLOP_PER_PIXEL * size[0] * size[1] * fps / 1e6, 1)
-        *row["dense_steps_us_640x480"], row["conv5_us_640x480"] = step_times(module, fused, SIZES[0], in_place)
-        row["dense_steps_total_us"] = round(sum(row["dense_steps_us_640x480"]), 1)
+        first = "x".join(map(str, sizes[0]))
+        *row[f"dense_steps_us_{first}"], row[f"conv5_us_{first}"] = step_times(module, fused, sizes[0], in_place)
+        row["dense_steps_total_us"] = round(sum(row[f"dense_steps_us_{first}"]), 1)
         report["variants"][name] = row
         print(f"{name:45s} {json.dumps(row)}", flush=True)
         args.json.write_text(json.dumps(report, indent=2))
