@@ -1,18 +1,22 @@
-"""conv5 of a dense block written in Gluon: is `tl.dot`'s pipeline what holds it at 66 % of cuDNN's rate?
+"""The trunk's layers in Gluon against the Triton kernel: conv5 and dense steps 2-3, alone.
 
-conv5 (192 -> 64 channels, K = 1728) multiplies each tile of pixels by 64 output columns. On Hopper a
-warpgroup MMA with both operands in shared memory reads 4 KB a 64x64x16 product (A 2 KB, B 2 KB),
-as many bytes as shared memory delivers in the 32 cycles the product takes: at N = 64 the MMA
-waits on shared memory. Swapped (output channels as M = 64, the tile's pixels as N = 256) a product
-reads 10 KB for 128 cycles of arithmetic. The Triton kernel tried that through `tl.dot` (BENCHMARKS,
-slower); here it is written out in Gluon, with its own TMA pipeline (no warp specialisation):
-persistent programs, the loads of the next tile in flight during a tile's epilogue. `SWAP` = False
-is the same kernel in the shipped orientation, to tell Gluon's code from the swap.
+Three kinds of kernel, each persistent with TMA loads:
 
-On the GPU: each configuration against the shipped kernel (pixels and µs, conv5 of the first
-dense block on 4 frames of 640x480 with the model's weights):
+- `plain`: conv5 (192 -> 64 channels, K = 1728) with its own software pipeline in one partition;
+- `swapped`: the same with output channels as the MMA's M (64) and the tile's pixels as its N. On
+  Hopper a warpgroup MMA with both operands in shared memory reads 4 KB a 64x64x16 product, as many
+  bytes as shared memory delivers in the 32 cycles the product takes, so at N = 64 it might wait on
+  shared memory; swapped, a product reads 10 KB for 128 cycles;
+- `warp-specialised`: the engine's kernel (engine/warp_specialised_conv.py): a producer warp, two
+  consumer warpgroups taking tiles in turn, epilogue operands in and results out by TMA. Also for
+  dense steps 2 and 3 (`--layer step2|step3`), which add partial sums in place.
 
-    python bench/gluon_conv.py --json PATH
+On the GPU: each configuration against the Triton kernel (pixels and µs, the layer of the first
+dense block on 4 frames of 640x480 with the model's weights; the Triton kernel again at the end,
+the clocks drift):
+
+    python bench/gluon_conv.py [--layer conv5|step2|step3] [--kinds plain,swapped,warp-specialised]
+        [--size 640x480] --json PATH
 Without a GPU: `python bench/gluon_conv.py --compile-only` compiles every configuration for sm90.
 """
 
@@ -31,8 +35,10 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
+from echoshot_ai_server.engine import warp_specialised_conv  # noqa: E402
+
 # (kind, pixels a tile, channels a step, stages): kinds "swapped" and "plain" (`conv5_kernel`),
-# "warp-specialised" (`conv5_ws_kernel`, plain orientation)
+# "warp-specialised" (the engine's `warp_specialised_conv.conv3x3_ws_kernel`)
 CONFIGS = [
     ("swapped", 256, 64, 3), ("swapped", 256, 64, 4), ("swapped", 256, 32, 5), ("swapped", 256, 32, 8),
     ("swapped", 256, 64, 2), ("swapped", 128, 64, 5), ("swapped", 128, 32, 8),
@@ -142,107 +148,6 @@ def conv5_kernel(x_desc, w_desc, bias_ptr, out_ptr, res_ptr, stride, rows, frame
         mbarrier.invalidate(ready.index(stage))
 
 
-@gluon.jit
-def _ws_producer(x_desc, w_desc, a_bufs, b_bufs, ready, empty, rows, row_pitch,
-                 CIN: gl.constexpr, BP: gl.constexpr, BK: gl.constexpr, S: gl.constexpr):
-    """One warp: the loads of every step of every tile of this program, each into a stage once the
-    consumer that read it last has released it."""
-    steps: gl.constexpr = 9 * (CIN // BK)
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    total = gl.cdiv(gl.cdiv(rows, BP) - pid, nprog) * steps
-    for j in range(total):
-        mbarrier.wait(empty.index(j % S), ((j // S) & 1) ^ 1)
-        _issue(j, x_desc, w_desc, a_bufs, b_bufs, ready, pid, nprog, row_pitch, CIN, BP, BK, S, False)
-
-
-@gluon.jit
-def _ws_consumer(C: gl.constexpr, a_bufs, b_bufs, ready, empty, turn, epilogue, landed, res_desc, out_desc, bias_ptr,
-                 rows, frame_rows, row_pitch, H, W, scale,
-                 CIN: gl.constexpr, COUT: gl.constexpr, BP: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
-                 GROW: gl.constexpr):
-    """A warpgroup taking every other tile of this program (C = 0: the even ones). The two take turns
-    at the tensor cores (`turn`), so that one's epilogue runs while the other multiplies. A tile's
-    residual arrives by TMA during its main loop, into the buffer its result leaves from by TMA."""
-    steps: gl.constexpr = 9 * (CIN // BK)
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, COUT, 16])
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    my_tiles = gl.cdiv(gl.cdiv(rows, BP) - pid, nprog)
-    buffer = epilogue.index(C)
-    k = 0
-    for local in range(C, my_tiles, 2):
-        if C == 1:
-            mbarrier.wait(turn.index(1), k & 1)
-        elif k > 0:
-            mbarrier.wait(turn.index(0), (k - 1) & 1)
-        row0 = (pid + local * nprog) * BP
-        tma.store_wait(0)  # the previous tile's result has left the buffer
-        mbarrier.expect(landed.index(C), res_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(res_desc, [row0, 0], landed.index(C), buffer)
-        acc = gl.zeros([BP, COUT], gl.float32, acc_layout)
-        g0 = local * steps
-        for step in range(steps):
-            g = g0 + step
-            mbarrier.wait(ready.index(g % S), (g // S) & 1)
-            acc = warpgroup_mma(a_bufs.index(g % S), b_bufs.index(g % S), acc, use_acc=step != 0, is_async=True)
-            acc = warpgroup_mma_wait(1, deps=[acc])
-            if step > 0:
-                mbarrier.arrive(empty.index((g - 1) % S), count=1)
-        # every load of this tile has been seen: the other warpgroup may start on its next tile
-        mbarrier.arrive(turn.index(1 - C), count=1)
-        acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(empty.index((g0 + steps - 1) % S), count=1)
-        row = row0 + gl.arange(0, BP, layout=gl.SliceLayout(1, acc_layout))[:, None]
-        in_frame = row % frame_rows
-        y = in_frame // row_pitch
-        x = in_frame % row_pitch
-        inside = (y >= 1) & (y <= H) & (x >= 1) & (x <= W)
-        column = gl.arange(0, COUT, layout=gl.SliceLayout(0, acc_layout))[None, :]
-        mbarrier.wait(landed.index(C), k & 1)
-        if GROW > 0:  # a dense step: the partial sums in place, LeakyReLU on its own convolution's columns
-            value = acc + buffer.load(acc_layout).to(gl.float32)
-            value = gl.maximum(value, value * gl.where(column < GROW, 0.2, 1.0))
-        else:  # conv5: (conv + bias) * scale + the block's input
-            value = (acc + gl.load(bias_ptr + column)) * scale + buffer.load(acc_layout).to(gl.float32)
-        buffer.store(gl.where(inside, value, 0.0).to(gl.float16))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(out_desc, [row0, 0], buffer)
-        k += 1
-    tma.store_wait(0)
-
-
-@gluon.jit
-def conv5_ws_kernel(x_desc, w_desc, res_desc, out_desc, bias_ptr, rows, frame_rows, row_pitch, H, W, scale,
-                    CIN: gl.constexpr, COUT: gl.constexpr, BP: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
-                    GROW: gl.constexpr = 0):
-    """`conv5_kernel` (not swapped) warp-specialised: a producer warp and two consumer warpgroups. With
-    GROW > 0 a dense step after the first instead (`fused_trunk.dense_steps`): res = out = its partial
-    sums, added in place, and its first GROW columns LeakyReLU'd."""
-    a_bufs = gl.allocate_shared_memory(gl.float16, [S, BP, BK], x_desc.layout)
-    b_bufs = gl.allocate_shared_memory(gl.float16, [S, BK, COUT], w_desc.layout)
-    epilogue = gl.allocate_shared_memory(gl.float16, [2, BP, COUT], out_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    landed = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for stage in gl.static_range(S):
-        mbarrier.init(ready.index(stage), count=1)
-        mbarrier.init(empty.index(stage), count=1)
-    for c in gl.static_range(2):
-        mbarrier.init(turn.index(c), count=1)
-        mbarrier.init(landed.index(c), count=1)
-    fence_async_shared()
-    gl.warp_specialize([
-        (_ws_consumer, (0, a_bufs, b_bufs, ready, empty, turn, epilogue, landed, res_desc, out_desc, bias_ptr, rows,
-                        frame_rows, row_pitch, H, W, scale, CIN, COUT, BP, BK, S, GROW)),
-        (_ws_consumer, (1, a_bufs, b_bufs, ready, empty, turn, epilogue, landed, res_desc, out_desc, bias_ptr, rows,
-                        frame_rows, row_pitch, H, W, scale, CIN, COUT, BP, BK, S, GROW)),
-        (_ws_producer, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, rows, row_pitch, CIN, BP, BK, S)),
-    ], [4, 1], [232, 40])
-
-
 def descriptors(x, weight, swap: bool, bp: int, bk: int):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -261,11 +166,9 @@ def launch(x, weight, bias, out, res, frame, config, programs: int, scale=0.2, g
     frame_args = (rows, (h + 2) * (w + 2), w + 2, h, w, scale)
     shape = dict(CIN=x.shape[1], COUT=bias.shape[0], BP=bp, BK=bk, S=stages, num_warps=4)
     if kind == "warp-specialised":
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-        layout = gl.NVMMASharedLayout.get_default_for([bp, out.shape[1]], gl.float16)
-        res_d, out_d = (TensorDescriptor.from_tensor(t, [bp, out.shape[1]], layout) for t in (res, out))
-        conv5_ws_kernel[grid](x_d, w_d, res_d, out_d, bias, *frame_args, **shape, GROW=grow)
+        grid, args, constants = warp_specialised_conv.launch_args(x, weight, bias, out, res, frame, config[1:],
+                                                                  scale=scale, grow=grow)
+        warp_specialised_conv.conv3x3_ws_kernel[grid](*args, **constants)
     else:
         assert grow == 0, "dense steps: warp-specialised only"
         conv5_kernel[grid](x_d, w_d, bias, out, res, out.stride(0), *frame_args, **shape, SWAP=kind == "swapped")
@@ -275,30 +178,23 @@ def compile_only() -> int:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    layout = gl.NVMMASharedLayout.get_default_for
     for (kind, bp, bk, stages), cin, cout in [(c, 192, 64) for c in CONFIGS] + [(c, 32, n) for c in DENSE_CONFIGS
                                                                                  for n in (64, 32)]:
-        swap = kind == "swapped"
-        x_block, w_block = [bp, bk], ([cout, bk] if swap else [bk, cout])
-        layout = gl.NVMMASharedLayout.get_default_for
-        signature = {
-            "x_desc": f"tensordesc<fp16[{bp}, {bk}],{layout(x_block, gl.float16)!r}>",
-            "w_desc": f"tensordesc<fp16[{w_block[0]}, {w_block[1]}],{layout(w_block, gl.float16)!r}>",
-            "bias_ptr": "*fp32", "out_ptr": "*fp16", "res_ptr": "*fp16", "stride": "i32", "rows": "i32",
-            "frame_rows": "i32", "row_pitch": "i32", "H": "i32", "W": "i32", "scale": "fp32",
-            "CIN": "constexpr", "COUT": "constexpr", "BP": "constexpr", "BK": "constexpr", "S": "constexpr"}
-        constants = {"CIN": cin, "COUT": cout, "BP": bp, "BK": bk, "S": stages}
         if kind == "warp-specialised":
-            constants["GROW"], signature["GROW"] = (32 if cin != 192 else 0), "constexpr"
-        kernel = conv5_kernel
-        if kind == "warp-specialised":
-            kernel = conv5_ws_kernel
-            tile = f"tensordesc<fp16[{bp}, {cout}],{layout([bp, cout], gl.float16)!r}>"
-            signature = {"x_desc": signature["x_desc"], "w_desc": signature["w_desc"], "res_desc": tile,
-                         "out_desc": tile, **{name: ty for name, ty in signature.items()
-                                              if name not in ("x_desc", "w_desc", "out_ptr", "res_ptr", "stride")}}
+            source = warp_specialised_conv.source_for(cin, cout, (bp, bk, stages), grow=32 if cin != 192 else 0)
         else:
-            signature["SWAP"], constants["SWAP"] = "constexpr", swap
-        source = GluonASTSource(kernel, signature, constants)
+            swap = kind == "swapped"
+            x_block, w_block = [bp, bk], ([cout, bk] if swap else [bk, cout])
+            signature = {
+                "x_desc": f"tensordesc<fp16[{bp}, {bk}],{layout(x_block, gl.float16)!r}>",
+                "w_desc": f"tensordesc<fp16[{w_block[0]}, {w_block[1]}],{layout(w_block, gl.float16)!r}>",
+                "bias_ptr": "*fp32", "out_ptr": "*fp16", "res_ptr": "*fp16", "stride": "i32", "rows": "i32",
+                "frame_rows": "i32", "row_pitch": "i32", "H": "i32", "W": "i32", "scale": "fp32",
+                "CIN": "constexpr", "COUT": "constexpr", "BP": "constexpr", "BK": "constexpr", "S": "constexpr",
+                "SWAP": "constexpr"}
+            constants = {"CIN": cin, "COUT": cout, "BP": bp, "BK": bk, "S": stages, "SWAP": swap}
+            source = GluonASTSource(conv5_kernel, signature, constants)
         try:
             kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
             mma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", kernel.asm["ptx"])))

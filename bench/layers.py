@@ -8,7 +8,9 @@ Model alone, batch 4, uint8 frames on the GPU through the worker's `upscale_tens
 - `configs` (with `--configs`): each convolution alone on buffers of its real shapes (`--sweep-size`;
   µs, 20 launches back to back) under each tuning configuration and others that leave room for more
   programs on an SM, next to its shipped tile shape, with each kernel's registers, spills and shared
-  memory. Configurations that do not fit are listed as failed. Compiled side by side first.
+  memory. Configurations that do not fit are listed as failed. Compiled side by side first. The sweep
+  is of the Triton kernel: the layers that run warp-specialised on Hopper (conv5, dense steps 2-3;
+  engine/warp_specialised_conv.py) are swept and timed in it too.
 
     python bench/layers.py --json PATH [--configs [--sweep-size 640x480] [--layers "dense step 3,conv_hr"]]
     ncu --launch-skip 5 --launch-count 1 python bench/layers.py --json unused --only-run "dense step 1"
@@ -130,6 +132,7 @@ def config_sweep(fused, size, only: set[str]) -> dict:
     of one tuning key (the up-sampling phases and conv_hr) are timed apart."""
     w, h = size
     rows = 4 * (h + 2) * (w + 2)
+    fused_trunk.WARP_SPECIALISED = False  # the sweep is of the Triton kernel's tile shapes, for every layer
     runs = {name: run for name, run in layer_runs(fused, size).items()
             if run[0] is not None and (not only or name in only)}
     configs = {}
@@ -183,6 +186,7 @@ def config_sweep(fused, size, only: set[str]) -> dict:
         print(f"{name:14s} shipped {row['shipped_us']:8.1f} / {row['shipped_us_again']:8.1f} µs  "
               f"best {best[0]:8.1f} µs "
               f"({best[1]}: {built[name, best[1]]})", flush=True)
+    fused_trunk.WARP_SPECIALISED = True
     return result
 
 

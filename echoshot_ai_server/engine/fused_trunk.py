@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from echoshot_ai_server.engine import warp_specialised_conv
 from echoshot_ai_server.engine.subpixel import UpConv, phase_weights
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,12 @@ conv3x3_tuned = triton.autotune(
     key=["CIN", "COUT", "size_class", "SHUFFLE", "PROJECT"],
     **_CACHE_RESULTS,
 )(conv3x3_kernel)
+
+
+# On Hopper, conv5 and dense steps 2-3 run as warp-specialised Gluon kernels (warp_specialised_conv);
+# False: every layer in `conv3x3_kernel` (to compare them: bench/trunk_variants.py).
+WARP_SPECIALISED = True
+_ws_failed: set = set()  # specialisations of the Gluon kernel that did not compile: the Triton kernel serves them
 
 
 # While set (`launches_recorded`), launches with known tile shapes are recorded instead of run, so
@@ -382,11 +389,13 @@ class PackedConv:
         A dense step (`grow` > 0, see `dense_step_views`) activates only its first `grow` columns; with
         `sums_in` it adds the partial sums that `out` holds before it overwrites them. With `project`,
         `out` takes the per-tap shares of that next convolution (`TapShares.buffer`) instead."""
+        shuffle = self.phases > 1
+        if self._warp_specialised(src, out, frame, lrelu, res1, scale, res2, grow, sums_in, shuffle or project is not None):
+            return
         h, w = frame
         rows = src.shape[0]
         key = self.tuning_key(rows, project=project is not None)
         klass = key[2]
-        shuffle = self.phases > 1
         plain_out = src if shuffle or project is not None else out  # a descriptor the kernel does not use
         x_d, w_d, out_d = (_descriptor(t) for t in (src, self.weight, plain_out))
         w2_d, out2_d = (_descriptor(self.weight), _descriptor(plain_out)) if self.cout2 else (w_d, out_d)
@@ -426,6 +435,36 @@ class PackedConv:
             _recorded.append((conv3x3_kernel, grid, args, launch))
             return
         conv3x3_kernel[grid](*args, **launch)
+
+
+    def _warp_specialised(self, src, out, frame, lrelu, res1, scale, res2, grow, sums_in, other_kind) -> bool:
+        """Launch (or record) this convolution in the warp-specialised Gluon kernel where one serves it;
+        returns whether it did. Not inside a CUDA graph's capture (small batches, engine/graphs.py): one
+        with these kernels failed ("beginAllocateToPool: already recording"), and such batches are
+        paced by their launches, not by the GPU."""
+        if not WARP_SPECIALISED or other_kind or self.cout2 or res2 is not None:
+            return False
+        if src.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
+        tile = warp_specialised_conv.tile_for(self.cin, self.cout, bias=self.has_bias, lrelu=lrelu, grow=grow,
+                                              sums_in=sums_in, residuals=int(res1 is not None))
+        key = (self.cin, self.cout, tile)
+        if tile is None or key in _ws_failed or not warp_specialised_conv.available(src.device):
+            return False
+        grid, args, constants = warp_specialised_conv.launch_args(
+            src, self.weight, self.bias, out, out if sums_in else res1, frame, tile, scale=scale, grow=grow)
+        kernel = warp_specialised_conv.conv3x3_ws_kernel
+        if _recorded is not None:
+            _recorded.append((kernel, grid, args, constants))
+            return True
+        try:
+            kernel[grid](*args, **constants)
+        except Exception:  # a Triton whose Gluon does not take this kernel: the Triton kernel is as exact
+            log.warning("the warp-specialised kernel for %s does not compile here; the Triton kernel serves it",
+                        key, exc_info=True)
+            _ws_failed.add(key)
+            return False
+        return True
 
 
 TAPS_BLOCK = 1024  # pixels per program of `taps_sum_kernel`
