@@ -2,8 +2,8 @@
 
 For each frame size (batch 4, model alone, frames already on the GPU): frames per second and the
 CPU time the process spends per batch, with the fused engine's kernels launched one by one and with
-the batch replayed as a CUDA graph; the first three batches of a size through the graphs (after the
-warm-up a new shape is captured at its first batch, then replayed) timed one by one; the largest
+the batch replayed as a CUDA graph; the first three batches of a size through the graphs (a new shape
+runs as it is once and is captured right after, then replayed) timed one by one; the largest
 difference between the two ways' pixels; and the memory the graphs' shared pool holds after each size
 (the sizes grow, so a pool shared as intended grows by the difference only, not by each graph's need).
 

@@ -439,12 +439,8 @@ class PackedConv:
 
     def _warp_specialised(self, src, out, frame, lrelu, res1, scale, res2, grow, sums_in, other_kind) -> bool:
         """Launch (or record) this convolution in the warp-specialised Gluon kernel where one serves it;
-        returns whether it did. Not inside a CUDA graph's capture (small batches, engine/graphs.py): one
-        with these kernels failed ("beginAllocateToPool: already recording"), and such batches are
-        paced by their launches, not by the GPU."""
+        returns whether it did."""
         if not WARP_SPECIALISED or other_kind or self.cout2 or res2 is not None:
-            return False
-        if src.is_cuda and torch.cuda.is_current_stream_capturing():
             return False
         tile = warp_specialised_conv.tile_for(self.cin, self.cout, bias=self.has_bias, lrelu=lrelu, grow=grow,
                                               sums_in=sums_in, residuals=int(res1 is not None))

@@ -60,41 +60,43 @@ def capture_cuda_graph(forward: Callable[[torch.Tensor], torch.Tensor], static_i
 class GraphedForward:
     """`forward` with small input shapes replayed as CUDA graphs (see the module's docstring).
 
-    Until the engine is `warm`, the first batch of a shape runs as it is (kernels load, tile shapes get
-    tuned), the second is captured; once warm (the start-up's warm-up has run), a new shape is
-    captured at its first batch, and only if that fails runs as it is once and is captured at its
-    second. Every later batch is replayed. A shape whose capture fails twice runs as it is from then
-    on. `capture` is the capturing function (CUDA graphs; tests pass their own)."""
+    A shape's first batch runs as it is, and its graph is captured right after it; every later batch of
+    that shape is replayed. The first run matters: cuDNN (the head's convolution) sets up a shape it
+    has not seen by allocating memory of its own, which a capture forbids, so a capture at a shape's
+    first batch fails on some machines. A failed capture leaves PyTorch's allocator recording into the
+    graphs' pool, after which every capture fails: from the first failure on, nothing more is captured
+    and every batch runs as it is. `capture` is the capturing function (CUDA graphs; tests pass their own)."""
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], *, max_pixels: int = GRAPH_MAX_PIXELS,
                  keep: int = GRAPHS_KEPT, capture=capture_cuda_graph, bypass: Callable[[], bool] = lambda: False):
         """`bypass`: while it returns True, every batch runs as it is (the warm-up's dry pass)."""
         self.forward, self.max_pixels, self.keep = forward, max_pixels, keep
         self.capture, self.bypass = capture, bypass
-        self.warm = False  # set once the engine's kernels are loaded and its tile shapes known
         self.seen: set = set()
-        self.failed: set = set()
+        self.broken = False  # a capture failed: none is tried again
         self.graphs: OrderedDict = OrderedDict()  # key -> (static input, replay, output)
         self.pool = None
         self.lock = threading.Lock()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        if n * h * w > self.max_pixels or self.bypass():
+        if n * h * w > self.max_pixels or self.broken or self.bypass():
             return self.forward(x)
         key = (tuple(x.shape), x.stride(), x.dtype, x.device)
-        if key in self.failed:
-            return self.forward(x)
         with self.lock:
             entry = self.graphs.get(key)
             if entry is None:
-                if key not in self.seen and not self.warm:
+                first = None
+                if key not in self.seen:  # a shape evicted earlier has run before: captured at once
                     self.seen.add(key)
-                    return self.forward(x)
+                    first = self.forward(x)
                 entry = self._capture(key, x)
+                if first is not None:
+                    return first
                 if entry is None:
                     return self.forward(x)
-            self.graphs.move_to_end(key)
+            else:
+                self.graphs.move_to_end(key)
             static_input, replay, output = entry
             static_input.copy_(x)
             replay()
@@ -107,13 +109,9 @@ class GraphedForward:
         try:
             replay, output = self.capture(self.forward, static_input, self.pool)
         except Exception:  # the batch is as right without a graph, only slower
-            if key not in self.seen:  # at first sight: once more after a plain batch
-                self.seen.add(key)
-                log.info("capturing a CUDA graph for input %s at its first batch failed; tried again at its second",
-                         tuple(x.shape), exc_info=True)
-                return None
-            log.warning("capturing a CUDA graph for input %s failed; it runs without one", tuple(x.shape), exc_info=True)
-            self.failed.add(key)
+            log.warning("capturing a CUDA graph for input %s failed; from now on every batch runs without one",
+                        tuple(x.shape), exc_info=True)
+            self.broken = True
             return None
         if len(self.graphs) >= self.keep:
             self.graphs.popitem(last=False)

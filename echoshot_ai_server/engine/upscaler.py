@@ -165,8 +165,6 @@ class Upscaler:
             self.upscale(batch, self.model_scale)
         if self.torch_device.type == "cuda":
             torch.cuda.synchronize()
-        if self.graphs is not None:  # kernels loaded, tile shapes known: a new shape is captured at once
-            self.graphs.warm = True
         if self.engine == "fused" and tuned is not None:
             from echoshot_ai_server.engine.fused_trunk import save_tuned
 
