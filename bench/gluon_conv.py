@@ -86,21 +86,18 @@ def conv5_kernel(x_desc, w_desc, bias_ptr, out_ptr, res_ptr, stride, rows, frame
     my_tiles = gl.cdiv(tiles - pid, nprog)
     total = my_tiles * steps
 
-    if SWAP:
-        a_bufs = gl.allocate_shared_memory(gl.float16, [S, COUT, BK], w_desc.layout)
-        b_bufs = gl.allocate_shared_memory(gl.float16, [S, BP, BK], x_desc.layout)
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, BP, 16])
-        acc = gl.zeros([COUT, BP], gl.float32, acc_layout)
-        # the epilogue's layout: each thread 8 consecutive channels of a pixel (16-byte loads and stores)
-        out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])
-    else:
-        a_bufs = gl.allocate_shared_memory(gl.float16, [S, BP, BK], x_desc.layout)
-        b_bufs = gl.allocate_shared_memory(gl.float16, [S, BK, COUT], w_desc.layout)
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, COUT, 16])
-        acc = gl.zeros([BP, COUT], gl.float32, acc_layout)
-        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    # swapped: the weights' tile is the MMA's A operand and the pixels' tile its B, read transposed
+    a_desc = w_desc if SWAP else x_desc
+    b_desc = x_desc if SWAP else w_desc
+    m: gl.constexpr = COUT if SWAP else BP
+    n: gl.constexpr = BP if SWAP else COUT
+    a_bufs = gl.allocate_shared_memory(gl.float16, [S, m, BK], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.float16, [S, BP, BK] if SWAP else [S, BK, COUT], b_desc.layout)
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+    acc = gl.zeros([m, n], gl.float32, acc_layout)
+    # the epilogue's layout: each thread 8 consecutive channels of a pixel (16-byte loads and stores)
+    out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1]) if SWAP else \
+        gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     ready = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
     for stage in gl.static_range(S):
         mbarrier.init(ready.index(stage), count=1)
