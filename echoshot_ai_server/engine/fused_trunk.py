@@ -436,7 +436,6 @@ class PackedConv:
             return
         conv3x3_kernel[grid](*args, **launch)
 
-
     def _warp_specialised(self, src, out, frame, lrelu, res1, scale, res2, grow, sums_in, other_kind) -> bool:
         """Launch (or record) this convolution in the warp-specialised Gluon kernel where one serves it;
         returns whether it did."""
