@@ -145,30 +145,21 @@ def conv5_kernel(x_desc, w_desc, bias_ptr, out_ptr, res_ptr, stride, rows, frame
         mbarrier.invalidate(ready.index(stage))
 
 
-def descriptors(x, weight, swap: bool, bp: int, bk: int):
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    layout = gl.NVMMASharedLayout.get_default_for
-    x_d = TensorDescriptor.from_tensor(x, [bp, bk], layout([bp, bk], gl.float16))
-    block = [weight.shape[0], bk] if swap else [bk, weight.shape[1]]
-    return x_d, TensorDescriptor.from_tensor(weight, block, layout(block, gl.float16))
-
-
 def launch(x, weight, bias, out, res, frame, config, programs: int, scale=0.2, grow=0):
     kind, bp, bk, stages = config
-    h, w = frame
-    x_d, w_d = descriptors(x, weight, kind == "swapped", bp, bk)
-    rows = x.shape[0]
-    grid = (min(programs, triton.cdiv(rows, bp)),)
-    frame_args = (rows, (h + 2) * (w + 2), w + 2, h, w, scale)
-    shape = dict(CIN=x.shape[1], COUT=bias.shape[0], BP=bp, BK=bk, S=stages, num_warps=4)
     if kind == "warp-specialised":
         grid, args, constants = warp_specialised_conv.launch_args(x, weight, bias, out, res, frame, config[1:],
                                                                   scale=scale, grow=grow)
         warp_specialised_conv.conv3x3_ws_kernel[grid](*args, **constants)
-    else:
-        assert grow == 0, "dense steps: warp-specialised only"
-        conv5_kernel[grid](x_d, w_d, bias, out, res, out.stride(0), *frame_args, **shape, SWAP=kind == "swapped")
+        return
+    assert grow == 0, "dense steps: warp-specialised only"
+    h, w = frame
+    rows = x.shape[0]
+    x_d = warp_specialised_conv.descriptor(x, (bp, bk))
+    w_d = warp_specialised_conv.descriptor(weight, (weight.shape[0], bk) if kind == "swapped" else (bk, weight.shape[1]))
+    conv5_kernel[(min(programs, triton.cdiv(rows, bp)),)](
+        x_d, w_d, bias, out, res, out.stride(0), rows, (h + 2) * (w + 2), w + 2, h, w, scale,
+        CIN=x.shape[1], COUT=bias.shape[0], BP=bp, BK=bk, S=stages, num_warps=4, SWAP=kind == "swapped")
 
 
 def compile_only() -> int:

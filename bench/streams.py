@@ -41,16 +41,20 @@ class OnStreams:
         self.streams = [torch.cuda.Stream() for _ in range(parts)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.each(x.chunk(self.parts)))
+
+    def each(self, inputs) -> list:
+        """`forward` of each input, each on its stream, all joined to the current stream."""
         main = torch.cuda.current_stream()
         outs = []
-        for stream, part in zip(self.streams, x.chunk(self.parts)):
+        for stream, part in zip(self.streams, inputs):
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
                 outs.append(self.forward(part))
         for stream, out in zip(self.streams, outs):
             main.wait_stream(stream)
-            out.record_stream(main)  # allocated on its stream, read by the main one below
-        return torch.cat(outs)
+            out.record_stream(main)  # allocated on its stream, read by the main one from now on
+        return outs
 
 
 def main() -> int:
@@ -71,23 +75,12 @@ def main() -> int:
         w, h = (int(v) for v in size.split("x"))
         frames = torch.from_numpy(rng.integers(0, 256, (8, h, w, 3), dtype=np.uint8)).cuda()
         first, second = frames[:4], frames[4:]
-        streams = [torch.cuda.Stream(), torch.cuda.Stream()]
 
         def run(split, batch):
             upscaler.forward = halves if split else fused
             return upscaler.upscale_tensor(batch, 4)
 
-        def two_batches():
-            main = torch.cuda.current_stream()
-            outs = []
-            for stream, batch in zip(streams, (first, second)):
-                stream.wait_stream(main)
-                with torch.cuda.stream(stream):
-                    outs.append(run(False, batch))
-            for stream, out in zip(streams, outs):
-                main.wait_stream(stream)
-                out.record_stream(main)
-            return outs
+        batches_on_streams = OnStreams(lambda batch: run(False, batch), 2)
 
         def run_batch_of_two():
             upscaler.batch_frames = 2  # else the batch is padded to the planned 4 frames
@@ -104,7 +97,7 @@ def main() -> int:
         variants = {
             "one stream": (lambda: run(False, first), 4),
             "halves on two streams": (lambda: run(True, first), 4),
-            "two batches on two streams": (two_batches, 8),
+            "two batches on two streams": (lambda: batches_on_streams.each((first, second)), 8),
             "one stream, batch 2": (lambda: run_batch_of_two(), 2),
         }
         for name, (fn, count) in variants.items():

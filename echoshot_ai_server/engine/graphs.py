@@ -86,13 +86,12 @@ class GraphedForward:
         with self.lock:
             entry = self.graphs.get(key)
             if entry is None:
-                first = None
-                if key not in self.seen:  # a shape evicted earlier has run before: captured at once
+                if key not in self.seen:  # its first batch: as it is, captured right after
                     self.seen.add(key)
-                    first = self.forward(x)
-                entry = self._capture(key, x)
-                if first is not None:
-                    return first
+                    out = self.forward(x)
+                    self._capture(key, x)
+                    return out
+                entry = self._capture(key, x)  # a shape evicted earlier has run before: captured at once
                 if entry is None:
                     return self.forward(x)
             else:

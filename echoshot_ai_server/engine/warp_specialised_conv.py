@@ -19,12 +19,9 @@ compile these for sm90, and `bench/gluon_conv.py` checks them against it on a GP
 """
 
 import functools
-import logging
 
 import torch
 import triton
-
-log = logging.getLogger(__name__)
 
 try:
     from triton.experimental import gluon
@@ -197,7 +194,8 @@ def _programs(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _descriptor(t: torch.Tensor, block: tuple[int, int]) -> "TensorDescriptor":
+def descriptor(t: torch.Tensor, block: tuple[int, int]) -> "TensorDescriptor":
+    """A host TMA descriptor of `t` for blocks of `block`, in the shared-memory layout the kernels expect."""
     return TensorDescriptor.from_tensor(t, list(block), _layout(block, t.dtype))
 
 
@@ -209,7 +207,7 @@ def launch_args(src: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out
     h, w = frame
     rows, cout = src.shape[0], out.shape[1]
     grid = (min(_programs(src.device), triton.cdiv(rows, bp)),)
-    args = (_descriptor(src, (bp, bk)), _descriptor(weight, (bk, cout)), _descriptor(res, (bp, cout)),
-            _descriptor(out, (bp, cout)), bias, rows, (h + 2) * (w + 2), w + 2, h, w, scale, slope)
+    args = (descriptor(src, (bp, bk)), descriptor(weight, (bk, cout)), descriptor(res, (bp, cout)),
+            descriptor(out, (bp, cout)), bias, rows, (h + 2) * (w + 2), w + 2, h, w, scale, slope)
     constants = dict(CIN=src.shape[1], COUT=cout, BP=bp, BK=bk, S=stages, GROW=grow, num_warps=4)
     return grid, args, constants
