@@ -1,4 +1,4 @@
-"""The trunk's layers in Gluon against the Triton kernel: conv5 and dense steps 2-3, alone.
+"""The trunk's layers in Gluon against the Triton kernel, each alone.
 
 Three kinds of kernel, each persistent with TMA loads:
 
@@ -9,13 +9,14 @@ Three kinds of kernel, each persistent with TMA loads:
   shared memory; swapped, a product reads 10 KB for 128 cycles;
 - `warp-specialised`: the engine's kernel (engine/warp_specialised_conv.py): a producer warp, two
   consumer warpgroups taking tiles in turn, epilogue operands in and results out by TMA. Also for
-  dense steps 2 and 3 (`--layer step2|step3`), which add partial sums in place.
+  the dense steps (`--layer step0..step3`; steps 1-3 add partial sums in place), on several tile shapes
+  each, some with all the weights kept in shared memory.
 
 On the GPU: each configuration against the Triton kernel (pixels and µs, the layer of the first
 dense block on 4 frames of 640x480 with the model's weights; the Triton kernel again at the end,
 the clocks drift):
 
-    python bench/gluon_conv.py [--layer conv5|step2|step3] [--kinds plain,swapped,warp-specialised]
+    python bench/gluon_conv.py [--layer conv5|step0|step1|step2|step3] [--kinds plain,swapped,warp-specialised]
         [--size 640x480] --json PATH
 Without a GPU: `python bench/gluon_conv.py --compile-only` compiles every configuration for sm90.
 """
@@ -37,18 +38,31 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from echoshot_ai_server.engine import warp_specialised_conv  # noqa: E402
 
-# (kind, pixels a tile, channels a step, stages): kinds "swapped" and "plain" (`conv5_kernel`),
-# "warp-specialised" (the engine's `warp_specialised_conv.conv3x3_ws_kernel`)
+# (kind, pixels a tile, channels a step, stages[, weights resident]): kinds "swapped" and "plain"
+# (`conv5_kernel`), "warp-specialised" (the engine's `warp_specialised_conv.conv3x3_ws_kernel`)
 CONFIGS = [
     ("swapped", 256, 64, 3), ("swapped", 256, 64, 4), ("swapped", 256, 32, 5), ("swapped", 256, 32, 8),
     ("swapped", 256, 64, 2), ("swapped", 128, 64, 5), ("swapped", 128, 32, 8),
     ("plain", 256, 64, 3), ("plain", 256, 64, 4), ("plain", 256, 32, 5), ("plain", 128, 64, 5),
-    ("warp-specialised", 256, 64, 4), ("warp-specialised", 256, 64, 3), ("warp-specialised", 256, 32, 8),
-    ("warp-specialised", 256, 32, 6), ("warp-specialised", 128, 64, 6), ("warp-specialised", 128, 64, 8),
+    ("warp-specialised", 256, 64, 4, False), ("warp-specialised", 256, 64, 3, False),
+    ("warp-specialised", 256, 32, 8, False), ("warp-specialised", 256, 32, 6, False),
+    ("warp-specialised", 128, 64, 6, False), ("warp-specialised", 128, 64, 8, False),
 ]
-# dense steps 2 and 3 (32 input channels: one channel step a tap), warp-specialised only
-DENSE_CONFIGS = [("warp-specialised", bp, 32, stages) for bp, stages in ((256, 4), (256, 6), (256, 8), (128, 6),
-                                                                         (128, 9), (128, 12))]
+# the other layers: warp-specialised only, by layer
+WS = "warp-specialised"
+LAYER_CONFIGS = {
+    "step0": [(WS, 128, 64, 4, False), (WS, 128, 64, 5, False), (WS, 128, 32, 8, False), (WS, 128, 32, 10, False),
+              (WS, 64, 64, 6, False), (WS, 64, 64, 8, False), (WS, 64, 32, 12, False)],
+    "step1": [(WS, 128, 32, 8, True), (WS, 128, 32, 12, True), (WS, 128, 32, 6, True), (WS, 128, 32, 10, False),
+              (WS, 64, 32, 12, True), (WS, 64, 32, 16, True)],
+    "step2": [(WS, 128, 32, 12, False), (WS, 128, 32, 12, True), (WS, 128, 32, 16, True), (WS, 256, 32, 6, True),
+              (WS, 256, 32, 6, False), (WS, 128, 32, 9, False)],
+    "step3": [(WS, 256, 32, 6, False), (WS, 256, 32, 6, True), (WS, 256, 32, 8, True), (WS, 128, 32, 12, True),
+              (WS, 128, 32, 12, False), (WS, 256, 32, 4, False)],
+}
+# each layer's (input channels, output channels, kind in warp_specialised_conv.TILES)
+SHAPES = {"conv5": (192, 64, "residual"), "step0": (64, 128, "first"),
+          "step1": (32, 96, "sums"), "step2": (32, 64, "sums"), "step3": (32, 32, "sums")}
 
 
 @gluon.jit
@@ -145,17 +159,18 @@ def conv5_kernel(x_desc, w_desc, bias_ptr, out_ptr, res_ptr, stride, rows, frame
         mbarrier.invalidate(ready.index(stage))
 
 
-def launch(x, weight, bias, out, res, frame, config, programs: int, scale=0.2, grow=0):
-    kind, bp, bk, stages = config
-    if kind == "warp-specialised":
-        grid, args, constants = warp_specialised_conv.launch_args(x, weight, bias, out, res, frame, config[1:],
-                                                                  scale=scale, grow=grow)
+def launch(x, weight, bias, out, frame, config, programs: int, kind: str, res1=None, grow=0):
+    if config[0] == WS:
+        grid, args, constants = warp_specialised_conv.launch_args(x, weight, bias, out, frame, config[1:], kind,
+                                                                  res1=res1, scale=0.2 if res1 is not None else 1.0,
+                                                                  grow=grow)
         warp_specialised_conv.conv3x3_ws_kernel[grid](*args, **constants)
         return
-    assert grow == 0, "dense steps: warp-specialised only"
+    kind, bp, bk, stages = config
+    res, scale = res1, 0.2
     h, w = frame
     rows = x.shape[0]
-    x_d = warp_specialised_conv.descriptor(x, (bp, bk))
+    x_d = warp_specialised_conv.descriptor(x, (bp, bk))  # conv5 only
     w_d = warp_specialised_conv.descriptor(weight, (weight.shape[0], bk) if kind == "swapped" else (bk, weight.shape[1]))
     conv5_kernel[(min(programs, triton.cdiv(rows, bp)),)](
         x_d, w_d, bias, out, res, out.stride(0), rows, (h + 2) * (w + 2), w + 2, h, w, scale,
@@ -167,10 +182,13 @@ def compile_only() -> int:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     layout = gl.NVMMASharedLayout.get_default_for
-    for (kind, bp, bk, stages), cin, cout in [(c, 192, 64) for c in CONFIGS] + [(c, 32, n) for c in DENSE_CONFIGS
-                                                                                 for n in (64, 32)]:
-        if kind == "warp-specialised":
-            source = warp_specialised_conv.source_for(cin, cout, (bp, bk, stages), grow=32 if cin != 192 else 0)
+    everything = [("conv5", c) for c in CONFIGS] + [(layer, c) for layer, cs in LAYER_CONFIGS.items() for c in cs]
+    for layer, config in everything:
+        cin, cout, ws_kind = SHAPES[layer]
+        kind, bp, bk, stages = config[:4]
+        if kind == WS:
+            source = warp_specialised_conv.source_for(cin, cout, config[1:], ws_kind,
+                                                      grow=32 if layer.startswith("step") else 0)
         else:
             swap = kind == "swapped"
             x_block, w_block = [bp, bk], ([cout, bk] if swap else [bk, cout])
@@ -186,9 +204,9 @@ def compile_only() -> int:
         try:
             kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
             mma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", kernel.asm["ptx"])))
-            print(kind, cin, cout, bp, bk, stages, "shared", kernel.metadata.shared, "MMA", mma, flush=True)
+            print(layer, *config, "shared", kernel.metadata.shared, "MMA", mma, flush=True)
         except Exception as exc:  # report every configuration
-            print(kind, cin, cout, bp, bk, stages, "failed:", " | ".join(str(exc).splitlines()[-3:])[:400], flush=True)
+            print(layer, *config, "failed:", " | ".join(str(exc).splitlines()[-3:])[:400], flush=True)
     return 0
 
 
@@ -198,7 +216,7 @@ def main() -> int:
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--size", default="640x480")
     parser.add_argument("--kinds", default="swapped,plain,warp-specialised")
-    parser.add_argument("--layer", choices=("conv5", "step2", "step3"), default="conv5")
+    parser.add_argument("--layer", choices=tuple(SHAPES), default="conv5")
     args = parser.parse_args()
     if args.compile_only:
         return compile_only()
@@ -219,25 +237,29 @@ def main() -> int:
     rows = 4 * (h + 2) * (w + 2)
     torch.manual_seed(0)
     start = fused_trunk.zero_ring(torch.randn(rows, 192, device="cuda", dtype=torch.float16) * 0.5, 4, h, w)
+    cin, cout, kind = SHAPES[args.layer]
+    configs = CONFIGS if args.layer == "conv5" else LAYER_CONFIGS[args.layer]
     if args.layer == "conv5":
-        layer, configs, grow, scale = conv5, CONFIGS, 0, 0.2
+        layer, grow = conv5, 0
 
         def views(buf, nxt):  # input, output, residual
             return buf, nxt[:, :64], buf[:, :64]
-
-        def shipped_on(buf, nxt):
-            conv5(buf, nxt[:, :64], (h, w), res1=buf[:, :64], scale=0.2)
     else:
         j = int(args.layer[-1])
-        layer, configs, grow, scale = steps[j], DENSE_CONFIGS, 32, 1.0
+        layer, grow = steps[j], 32
 
-        def views(buf, nxt):  # in place: the partial sums are the residual
+        def views(buf, nxt):  # in place: a dense step's partial sums are in its output's columns
             src, out = fused_trunk.dense_step_views(buf, j, 64, 32)
-            return src, out, out
+            return src, out, None
 
-        def shipped_on(buf, nxt):
-            src, out = fused_trunk.dense_step_views(buf, j, 64, 32)
-            layer(src, out, (h, w), lrelu=True, grow=32, sums_in=True)
+    def shipped_on(buf, nxt):  # the Triton kernel
+        src, out, res1 = views(buf, nxt)
+        fused_trunk.WARP_SPECIALISED = False
+        if grow:
+            layer(src, out, (h, w), lrelu=True, grow=grow, sums_in=j > 0)
+        else:
+            layer(src, out, (h, w), res1=res1, scale=0.2)
+
     flop = 2 * 4 * h * w * layer.weight.shape[0] * layer.weight.shape[1]
     report = {"card": torch.cuda.get_device_name(0), "bf16_tflops": round(matmul_tflops(), 1), "size": args.size,
               "layer": args.layer, "results": []}
@@ -252,12 +274,13 @@ def main() -> int:
     weights = {False: layer.weight, True: layer.weight.t().contiguous()}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for config in (c for c in configs if c[0] in args.kinds.split(",")):
-        row = {"kind": config[0], "pixels": config[1], "channels_a_step": config[2], "stages": config[3]}
+        row = {"kind": config[0], "pixels": config[1], "channels_a_step": config[2], "stages": config[3],
+               "weights_resident": config[4] if len(config) > 4 else False}
         try:
             mine, mine_next = start.clone(), torch.zeros_like(start)
-            src, out, res = views(mine, mine_next)
-            run = lambda: launch(src, weights[config[0] == "swapped"], layer.bias, out, res, (h, w), config, sms,  # noqa: E731
-                                 scale=scale, grow=grow)
+            src, out, res1 = views(mine, mine_next)
+            run = lambda: launch(src, weights[config[0] == "swapped"], layer.bias, out, (h, w), config, sms, kind,  # noqa: E731
+                                 res1=res1, grow=grow)
             run()
             torch.cuda.synchronize()
             difference = (out.float() - reference.float()).abs()

@@ -9,7 +9,7 @@ Model alone, batch 4, uint8 frames on the GPU through the worker's `upscale_tens
   µs, 20 launches back to back) under each tuning configuration and others that leave room for more
   programs on an SM, next to its shipped tile shape, with each kernel's registers, spills and shared
   memory. Configurations that do not fit are listed as failed. Compiled side by side first. The sweep
-  is of the Triton kernel: the layers that run warp-specialised on Hopper (conv5, dense steps 2-3;
+  is of the Triton kernel: the layers that run warp-specialised on Hopper (the dense blocks';
   engine/warp_specialised_conv.py) are swept and timed in it too.
 
     python bench/layers.py --json PATH [--configs [--sweep-size 640x480] [--layers "dense step 3,conv_hr"]]

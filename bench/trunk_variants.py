@@ -8,7 +8,11 @@ Each runs through the worker's `upscale_tensor`:
   tile shapes are tuned in the process (for a kernel whose best tiles differ), with `shipped` it
   takes the shipped ones (`--before-tuned`: its own commit's engine/tuned/sm90.json);
 - `now`: the engine as it is, on the shipped tile shapes (engine/tuned/);
-- `dense steps retuned` (`--retune dense`): the dense steps' tile shapes tuned again in the process.
+- `dense steps retuned` (`--retune dense`): the dense steps' tile shapes tuned again in the process;
+- with `--gluon-sets`: the engine as it is with the warp-specialised Gluon kernels serving only some of
+  the layer kinds of `warp_specialised_conv.TILES` (each set: kinds joined by `+`, `none` or `all`;
+  sets separated by commas; `--tiles KIND=BP/BK/STAGES/RESIDENT` replaces a kind's tile first), to
+  tell what each kind buys. `before` is then not needed.
 
 Each layer under every tuning configuration: `bench/layers.py --configs`. Commit 097e54d's version of
 this script also tried the convolutions swapped (output channels as the MMA's M, pixels as N):
@@ -20,6 +24,8 @@ from the first variant's. Retuned tile shapes are written to `--tuned-out` (the 
 
     python bench/trunk_variants.py [--before old.py [--before-tiles tuned|shipped] [--rounds N]] [--retune none|dense]
         [--sizes 640x480,1280x720] --json PATH [--tuned-out PATH]
+    python bench/trunk_variants.py --gluon-sets none,residual+sums-64+sums-32,all [--tiles first=128/64/4/0]
+        [--rounds N] --json PATH
 """
 
 import argparse
@@ -38,7 +44,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from echoshot_ai_server.app.wiring import load_engine  # noqa: E402
 from echoshot_ai_server.config import Settings  # noqa: E402
-from echoshot_ai_server.engine import fused_trunk  # noqa: E402
+from echoshot_ai_server.engine import fused_trunk, warp_specialised_conv  # noqa: E402
 from model_variants import timed as queued  # noqa: E402  (GPU seconds of a run among 20 queued back to back)
 from run import matmul_tflops  # noqa: E402
 
@@ -82,6 +88,13 @@ def step_times(module, fused, size, in_place: bool) -> list[float]:
     return [round(s * 1e6, 1) for s in result]
 
 
+def tile_label(key) -> str:
+    """A key of `warp_specialised_conv.TILES` as the command line names it: its kind, and for the dense
+    steps after the first their output channels (sums-96, sums-64, sums-32)."""
+    cin, cout, kind = key
+    return f"{kind}-{cout}" if kind == "sums" else kind
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, help="the older fused_trunk.py")
@@ -91,6 +104,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--sizes", default="640x480,1280x720", help="frame sizes (batches of 4), the first also per layer")
     parser.add_argument("--tuned-out", type=Path)
+    parser.add_argument("--gluon-sets", help="e.g. none,residual+sums-64+sums-32,all (kinds: see tile_label)")
+    parser.add_argument("--tiles", default="", help="e.g. first=128/64/4/0,sums-96=128/32/8/1")
     parser.add_argument("--rounds", type=int, default=1,
                         help="with --before: measure before and now this many times, alternately "
                              "(the GPU's clocks drift)")
@@ -131,6 +146,21 @@ def main() -> int:
         print(f"{name:45s} {json.dumps(row)}", flush=True)
         args.json.write_text(json.dumps(report, indent=2))
 
+    if args.gluon_sets:
+        shipped = dict(warp_specialised_conv.TILES)
+        for change in filter(None, args.tiles.split(",")):
+            label, tile = change.split("=")
+            bp, bk, stages, resident = (int(v) for v in tile.split("/"))
+            [key] = [key for key in shipped if tile_label(key) == label]
+            shipped[key] = (bp, bk, stages, bool(resident))
+        report["tiles"] = {tile_label(key): tile for key, tile in shipped.items()}
+        for round_ in range(args.rounds):
+            for name in args.gluon_sets.split(","):
+                labels = {tile_label(key) for key in shipped} if name == "all" else set(name.split("+")) - {"none"}
+                warp_specialised_conv.TILES.clear()
+                warp_specialised_conv.TILES.update({k: t for k, t in shipped.items() if tile_label(k) in labels})
+                measure(f"gluon {name}" + (f" {round_ + 1}" if args.rounds > 1 else ""), fused_trunk, in_place=True)
+        return 0
     if args.before is not None:
         spec = importlib.util.spec_from_file_location("fused_trunk_before", args.before)
         before = importlib.util.module_from_spec(spec)

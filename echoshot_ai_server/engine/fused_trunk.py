@@ -212,7 +212,7 @@ conv3x3_tuned = triton.autotune(
 )(conv3x3_kernel)
 
 
-# On Hopper, conv5 and dense steps 2-3 run as warp-specialised Gluon kernels (warp_specialised_conv);
+# On Hopper, the dense blocks' layers run as warp-specialised Gluon kernels (warp_specialised_conv);
 # False: every layer in `conv3x3_kernel` (to compare them: bench/trunk_variants.py).
 WARP_SPECIALISED = True
 _ws_failed: set = set()  # specialisations of the Gluon kernel that did not compile: the Triton kernel serves them
@@ -390,7 +390,8 @@ class PackedConv:
         `sums_in` it adds the partial sums that `out` holds before it overwrites them. With `project`,
         `out` takes the per-tap shares of that next convolution (`TapShares.buffer`) instead."""
         shuffle = self.phases > 1
-        if self._warp_specialised(src, out, frame, lrelu, res1, scale, res2, grow, sums_in, shuffle or project is not None):
+        if not shuffle and project is None and self._warp_specialised(
+                src, out, frame, lrelu=lrelu, res1=res1, scale=scale, res2=res2, grow=grow, sums_in=sums_in):
             return
         h, w = frame
         rows = src.shape[0]
@@ -436,18 +437,19 @@ class PackedConv:
             return
         conv3x3_kernel[grid](*args, **launch)
 
-    def _warp_specialised(self, src, out, frame, lrelu, res1, scale, res2, grow, sums_in, other_kind) -> bool:
+    def _warp_specialised(self, src, out, frame, *, lrelu, res1, scale, res2, grow, sums_in) -> bool:
         """Launch (or record) this convolution in the warp-specialised Gluon kernel where one serves it;
         returns whether it did."""
-        if not WARP_SPECIALISED or other_kind or self.cout2 or res2 is not None:
+        if not WARP_SPECIALISED:
             return False
-        tile = warp_specialised_conv.tile_for(self.cin, self.cout, bias=self.has_bias, lrelu=lrelu, grow=grow,
-                                              sums_in=sums_in, residuals=int(res1 is not None))
-        key = (self.cin, self.cout, tile)
+        kind = warp_specialised_conv.kind_of(bias=self.has_bias, lrelu=lrelu, grow=grow, sums_in=sums_in,
+                                             residuals=(res1 is not None) + (res2 is not None))
+        tile = warp_specialised_conv.TILES.get((self.cin, self.cout, kind))
+        key = (self.cin, self.cout, kind, tile)
         if tile is None or key in _ws_failed or not warp_specialised_conv.available(src.device):
             return False
-        grid, args, constants = warp_specialised_conv.launch_args(
-            src, self.weight, self.bias, out, out if sums_in else res1, frame, tile, scale=scale, grow=grow)
+        grid, args, constants = warp_specialised_conv.launch_args(src, self.weight, self.bias, out, frame, tile, kind,
+                                                                  res1=res1, scale=scale, grow=grow)
         kernel = warp_specialised_conv.conv3x3_ws_kernel
         if _recorded is not None:
             _recorded.append((kernel, grid, args, constants))
