@@ -99,3 +99,61 @@ def test_the_layer_kinds(layer, expected):
 
 def test_off_the_gpu_they_are_not_available():
     assert not warp_specialised_conv.available(torch.device("cpu"))
+
+
+def test_a_forward_pass_makes_each_descriptor_once():
+    buffer = torch.zeros(1000, 192, dtype=torch.float16)
+    make = warp_specialised_conv.descriptor
+    assert make(buffer[:, 64:], (128, 64)) is not make(buffer[:, 64:], (128, 64))  # outside: made each time
+    with warp_specialised_conv.descriptors_reused():
+        first = make(buffer[:, 64:], (128, 64))
+        assert make(buffer[:, 64:], (128, 64)) is first  # another view of the same columns
+        assert make(buffer[:, 64:], (128, 32)) is not first  # another block
+        assert make(buffer[:, 64:128], (128, 64)) is not first  # another shape
+        assert make(buffer.view(2000, 96)[:, 32:], (128, 64)).strides != first.strides  # other strides
+    assert make(buffer[:, 64:], (128, 64)) is not first  # and none kept after it
+
+
+def test_launches_after_the_first_go_straight_to_the_compiled_kernel(monkeypatch):
+    """The first launch of a specialisation through Triton's JIT; the next ones to the kernel it
+    compiled, with every parameter in the kernel's order (constexprs included, as the JIT passes them)."""
+    real = warp_specialised_conv.conv3x3_ws_kernel
+    through_jit, launched = [], []
+
+    class Compiled:
+        function, packed_metadata = "function", "metadata"
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+        def run(self, *args):
+            launched.append(args)
+
+    class Kernel:  # the JIT's interface: kernel[grid](*args, **constants) returns the compiled kernel
+        params = real.params
+
+        def __getitem__(self, grid):
+            return lambda *args, **constants: through_jit.append((grid, args, constants)) or Compiled()
+
+    class Driver:
+        class active:
+            get_current_stream = staticmethod(lambda device: 7)
+
+    monkeypatch.setattr(warp_specialised_conv, "conv3x3_ws_kernel", Kernel())
+    monkeypatch.setattr(warp_specialised_conv, "driver", Driver)
+    monkeypatch.setattr(warp_specialised_conv, "_compiled", {})
+    monkeypatch.setattr(warp_specialised_conv, "_programs", lambda device: 132)
+    src = torch.zeros(1000, 192, dtype=torch.float16)
+    weight, bias = torch.zeros(9 * 32, 96, dtype=torch.float16), torch.zeros(96)
+    grid, args, constants = warp_specialised_conv.launch_args(
+        src[:, 64:96], weight, bias, src[:, 96:], (8, 98), warp_specialised_conv.TILES[(32, 96, "sums")], "sums",
+        grow=32)
+    for _ in range(3):
+        warp_specialised_conv.launch(grid, args, constants)
+    assert through_jit == [(grid, args, constants)]
+    assert len(launched) == 2
+    grid_and_stream, bound = launched[0][:7], launched[0][9:]
+    assert grid_and_stream == (grid[0], 1, 1, 7, "function", "metadata", None)
+    names = [p.name for p in real.params]
+    assert len(bound) == len(names)
+    assert dict(zip(names, bound)) == {**dict(zip(names, args)), **{k: v for k, v in constants.items() if k in names}}

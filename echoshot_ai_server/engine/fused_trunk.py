@@ -450,12 +450,11 @@ class PackedConv:
             return False
         grid, args, constants = warp_specialised_conv.launch_args(src, self.weight, self.bias, out, frame, tile, kind,
                                                                   res1=res1, scale=scale, grow=grow)
-        kernel = warp_specialised_conv.conv3x3_ws_kernel
         if _recorded is not None:
-            _recorded.append((kernel, grid, args, constants))
+            _recorded.append((warp_specialised_conv.conv3x3_ws_kernel, grid, args, constants))
             return True
         try:
-            kernel[grid](*args, **constants)
+            warp_specialised_conv.launch(grid, args, constants)
         except Exception:  # a Triton whose Gluon does not take this kernel: the Triton kernel is as exact
             log.warning("the warp-specialised kernel for %s does not compile here; the Triton kernel serves it",
                         key, exc_info=True)
@@ -654,6 +653,16 @@ class FusedRRDBNet(nn.Module):
         new = lambda channels: torch.empty((rows, channels), dtype=self.dtype, device=feat_padded.device)  # noqa: E731
         buffers = [new(feat + 4 * grow) for _ in range(4)]
         buffers[0][:, :feat] = feat_padded
+        with warp_specialised_conv.descriptors_reused():
+            current = self._blocks_on(buffers, frame)
+        out = new(feat)
+        self.conv_body(buffers[current][:, :feat], out, frame, res1=feat_padded, scale=1.0)
+        return out
+
+    def _blocks_on(self, buffers: list[torch.Tensor], frame: tuple[int, int]) -> int:
+        """The RRDBs over the four RDB buffers in turn, the first holding the trunk's input: returns
+        which holds their output."""
+        feat, grow = self.feat, self.grow
         current = 0
         for rdbs in self.blocks:
             rrdb_in = buffers[current]
@@ -669,9 +678,7 @@ class FusedRRDBNet(nn.Module):
                 else:  # the RRDB's residual too: ((conv * 0.2 + rdb3 input) * 0.2 + rrdb input)
                     conv5(buf, nxt[:, :feat], frame, res1=buf[:, :feat], scale=0.2, res2=rrdb_in[:, :feat], scale2=0.2)
             current = order[3]
-        out = new(feat)
-        self.conv_body(buffers[current][:, :feat], out, frame, res1=feat_padded, scale=1.0)
-        return out
+        return current
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape

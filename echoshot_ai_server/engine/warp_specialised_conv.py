@@ -20,10 +20,13 @@ and is what the tests run; the tests compile these for sm90, and `bench/gluon_co
 against it on a GPU.
 """
 
+import contextlib
 import functools
+import threading
 
 import torch
 import triton
+from triton.runtime import driver
 
 try:
     from triton.experimental import gluon
@@ -31,6 +34,7 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, \
         warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton import knobs
 except ImportError:  # a Triton without Gluon: the Triton kernel serves every layer
     gluon = None
 
@@ -288,9 +292,55 @@ def _programs(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# A thread's descriptors made so far while `descriptors_reused`, by (address, shape, strides, block);
+# each keeps its tensor alive, so that no other tensor takes that address meanwhile.
+_reused = threading.local()
+
+
+@contextlib.contextmanager
+def descriptors_reused():
+    """Within it (on this thread), the descriptor of a tensor view for a block shape is made once: a
+    forward pass makes the same few dozen about 30 times each, and making one costs more CPU than
+    launching with it."""
+    _reused.descriptors = {}
+    try:
+        yield
+    finally:
+        _reused.descriptors = None
+
+
 def descriptor(t: torch.Tensor, block: tuple[int, int]) -> "TensorDescriptor":
     """A host TMA descriptor of `t` for blocks of `block`, in the shared-memory layout the kernels expect."""
-    return TensorDescriptor.from_tensor(t, list(block), _layout(block, t.dtype))
+    made = getattr(_reused, "descriptors", None)
+    if made is None:
+        return TensorDescriptor.from_tensor(t, list(block), _layout(block, t.dtype))
+    key = (t.data_ptr(), t.shape, t.stride(), block)
+    if key not in made:
+        made[key] = TensorDescriptor.from_tensor(t, list(block), _layout(block, t.dtype))
+    return made[key]
+
+
+# Each specialisation once compiled, by (device, dtype, constants): later launches go straight to its
+# launcher. Triton's JIT binds, specialises and looks up every argument of every launch first, which
+# costs about as much CPU as the launch itself; at small frame sizes a forward pass's ~300 launches
+# take longer on the CPU than on the GPU (engine/graphs.py).
+_compiled: dict = {}
+
+
+def launch(grid: tuple[int], args: tuple, constants: dict) -> None:
+    """`conv3x3_ws_kernel[grid](*args, **constants)` (see `launch_args`)."""
+    base = args[0].base
+    key = (base.device.index, base.dtype, *constants.items())
+    compiled = _compiled.get(key)
+    if compiled is None:  # the first launch of a specialisation: through the JIT, which compiles it
+        _compiled[key] = conv3x3_ws_kernel[grid](*args, **constants)
+        return
+    # every parameter in order, the constexprs' values included, as the JIT passes them
+    bound = (*args, *(constants[p.name] for p in conv3x3_ws_kernel.params[len(args):]))
+    stream = driver.active.get_current_stream(base.device.index)
+    compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata,
+                 compiled.launch_metadata(grid, stream, *bound), knobs.runtime.launch_enter_hook,
+                 knobs.runtime.launch_exit_hook, *bound)
 
 
 def launch_args(src: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, frame: tuple[int, int],
