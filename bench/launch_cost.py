@@ -13,6 +13,7 @@ import cProfile
 import io
 import json
 import pstats
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,9 @@ def main() -> int:
     for order in ("tottime", "cumtime"):
         text = io.StringIO()
         pstats.Stats(profile, stream=text).sort_stats(order).print_stats(30)
-        report[f"by_{order}"] = text.getvalue().splitlines()
+        # file names relative to the package folders they are in (no machine's paths in the results)
+        lines = [re.sub(r"\S*/site-packages/|\S*/lib/python3\.\d+/", "", line) for line in text.getvalue().splitlines()]
+        report[f"by_{order}"] = [line.replace(f"{REPO}/", "") for line in lines]
     print(json.dumps({k: v for k, v in report.items() if not k.startswith("by_")}))
     print("\n".join(line[:200] for line in report["by_tottime"][:45]))
     args.json.write_text(json.dumps(report, indent=2))
