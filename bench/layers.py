@@ -132,6 +132,7 @@ def config_sweep(fused, size, only: set[str]) -> dict:
     of one tuning key (the up-sampling phases and conv_hr) are timed apart."""
     w, h = size
     rows = 4 * (h + 2) * (w + 2)
+    warp_specialised = fused_trunk.WARP_SPECIALISED
     fused_trunk.WARP_SPECIALISED = False  # the sweep is of the Triton kernel's tile shapes, for every layer
     runs = {name: run for name, run in layer_runs(fused, size).items()
             if run[0] is not None and (not only or name in only)}
@@ -186,7 +187,7 @@ def config_sweep(fused, size, only: set[str]) -> dict:
         print(f"{name:14s} shipped {row['shipped_us']:8.1f} / {row['shipped_us_again']:8.1f} µs  "
               f"best {best[0]:8.1f} µs "
               f"({best[1]}: {built[name, best[1]]})", flush=True)
-    fused_trunk.WARP_SPECIALISED = True
+    fused_trunk.WARP_SPECIALISED = warp_specialised
     return result
 
 

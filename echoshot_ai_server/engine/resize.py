@@ -1,6 +1,7 @@
 """OpenCV's Lanczos-4 downscale by two, on the device: as two strided convolutions (any device), or
 fused with the model output's rounding to levels in one Triton kernel (the GPU's x2 path)."""
 
+import functools
 import math
 
 import torch
@@ -28,11 +29,23 @@ def lanczos_half(images: torch.Tensor) -> torch.Tensor:
     stride of 2, edges replicated as OpenCV does. Float arithmetic: within 1 of OpenCV's uint8 result.
     """
     n, c, h, w = images.shape
-    taps = torch.tensor(lanczos4_weights(0.5), dtype=images.dtype, device=images.device)
+    taps = _half_taps(images.device, images.dtype)
     x = images.reshape(n * c, 1, h, w)
     x = F.conv2d(F.pad(x, (3, 4, 0, 0), mode="replicate"), taps.view(1, 1, 1, 8), stride=(1, 2))
     x = F.conv2d(F.pad(x, (0, 0, 3, 4), mode="replicate"), taps.view(1, 1, 8, 1), stride=(2, 1))
     return x.reshape(n, c, h // 2, w // 2)
+
+
+@functools.cache
+def _half_taps(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The 8 taps of a 2x downscale (made and copied to the device once)."""
+    return torch.tensor(lanczos4_weights(0.5), dtype=dtype, device=device)
+
+
+def levels(images: torch.Tensor, max_value: int) -> torch.Tensor:
+    """The model's output in [0, 1] as levels 0..max_value, float32, rounded as RealESRGANer rounds them
+    (a float32 `images` is made the levels in place)."""
+    return images.float().clamp_(0, 1).mul_(float(max_value)).round_()
 
 
 @triton.jit
@@ -80,15 +93,14 @@ def half_levels(images: torch.Tensor, max_value: int) -> torch.Tensor:
     (`half_levels_in_kernel`); elsewhere in torch's operations."""
     if images.is_cuda:
         return half_levels_in_kernel(images, max_value)
-    levels = images.float().clamp_(0, 1).mul_(float(max_value)).round_()
-    return lanczos_half(levels).round_().clamp_(0, max_value)
+    return lanczos_half(levels(images, max_value)).round_().clamp_(0, max_value)
 
 
 def half_levels_in_kernel(images: torch.Tensor, max_value: int) -> torch.Tensor:
     """`half_levels` in `half_levels_kernel` (on the GPU, or on the CPU in Triton's interpreter)."""
     n, c, h, w = images.shape
     out = torch.empty((n, c, h // 2, w // 2), dtype=torch.float32, device=images.device)
-    taps = torch.tensor(lanczos4_weights(0.5), dtype=torch.float32, device=images.device)
+    taps = _half_taps(images.device, torch.float32)
     grid = (n * c * (h // 2), triton.cdiv(w // 2, HALF_BLOCK))
     half_levels_kernel[grid](images, out, taps, h, w, h // 2, w // 2, *images.stride(), float(max_value),
                              BLOCK=HALF_BLOCK)

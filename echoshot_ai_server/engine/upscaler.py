@@ -25,7 +25,7 @@ from echoshot_ai_server.engine.colour import rgb_to_i420
 from echoshot_ai_server.engine.device import DeviceOutOfMemory, gpu_memory_budget, is_out_of_memory
 from echoshot_ai_server.engine.graphs import GRAPH_MAX_PIXELS, GraphedForward
 from echoshot_ai_server.engine.models import check_digest, load_model, read_state_dict
-from echoshot_ai_server.engine.resize import half_levels
+from echoshot_ai_server.engine.resize import half_levels, levels
 from echoshot_ai_server.engine.specs import Device, Engine, ModelSpec, TailCompile, scale_problem
 from echoshot_ai_server.engine.tiling import BYTES_PER_INPUT_PIXEL, plan_forward, tile_windows
 
@@ -339,7 +339,7 @@ class Upscaler:
             assert outscale * 2 == self.model_scale, "only x2 from the x4 model"
             out = half_levels(out, max_value)
         else:
-            out = out.float().clamp_(0, 1).mul_(float(max_value)).round_()
+            out = levels(out, max_value)
         if yuv_matrix is not None:
             return rgb_to_i420(out, yuv_matrix)
         out = out.to(torch.uint8 if max_value == 255 else torch.int32)

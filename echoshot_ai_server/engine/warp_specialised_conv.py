@@ -254,6 +254,16 @@ def _blocks(cout: int) -> tuple[int, int]:
     return first, cout - first
 
 
+def _descriptor_blocks(cout: int, tile: tuple[int, int, int, bool]) -> dict[str, tuple[int, int]]:
+    """The block shape of each of the kernel's descriptors, in its argument order (without a second
+    block of columns, that block's descriptors take the first's shape and go unused)."""
+    bp, bk = tile[:2]
+    cout1, cout2 = _blocks(cout)
+    second = cout2 or cout1
+    return {"x_desc": (bp, bk), "w_desc": (bk, cout1), "w2_desc": (bk, second), "res_desc": (bp, cout1),
+            "out_desc": (bp, cout1), "out2_desc": (bp, second)}
+
+
 def _constants(cin: int, cout: int, tile: tuple[int, int, int, bool], kind: str, grow: int) -> dict:
     bp, bk, stages, resident = tile
     cout1, cout2 = _blocks(cout)
@@ -266,18 +276,10 @@ def source_for(cin: int, cout: int, tile: tuple[int, int, int, bool], kind: str,
     """The kernel specialised for a layer, to compile without a GPU (`triton.compile(source, target=...)`)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    bp, bk = tile[:2]
-    cout1, cout2 = _blocks(cout)
-    second = cout2 or cout1
-    layout = gl.NVMMASharedLayout.get_default_for
-
-    def descriptor(block):
-        return f"tensordesc<fp16[{block[0]}, {block[1]}],{layout(block, gl.float16)!r}>"
-
-    signature = {"x_desc": descriptor([bp, bk]), "w_desc": descriptor([bk, cout1]), "w2_desc": descriptor([bk, second]),
-                 "res_desc": descriptor([bp, cout1]), "out_desc": descriptor([bp, cout1]),
-                 "out2_desc": descriptor([bp, second]), "bias_ptr": "*fp32", "rows": "i32", "frame_rows": "i32",
-                 "row_pitch": "i32", "H": "i32", "W": "i32", "scale": "fp32", "slope": "fp32"}
+    signature = {name: f"tensordesc<fp16[{block[0]}, {block[1]}],{_layout(block, torch.float16)!r}>"
+                 for name, block in _descriptor_blocks(cout, tile).items()}
+    signature.update({"bias_ptr": "*fp32", "rows": "i32", "frame_rows": "i32", "row_pitch": "i32", "H": "i32",
+                      "W": "i32", "scale": "fp32", "slope": "fp32"})
     constants = _constants(cin, cout, tile, kind, grow)
     return GluonASTSource(conv3x3_ws_kernel, {**signature, **{name: "constexpr" for name in constants}}, constants)
 
@@ -348,14 +350,11 @@ def launch_args(src: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out
                 scale: float = 1.0, slope: float = 0.2, grow: int = 0):
     """(grid, args, constants) of `conv3x3_ws_kernel` for one convolution of `kind` (see `TILES` and the
     kernel's docstring; a dense step's partial sums are read from `out`)."""
-    bp, bk = tile[:2]
     h, w = frame
     rows = src.shape[0]
-    cout1, cout2 = _blocks(out.shape[1])
-    second = cout2 or cout1
-    grid = (min(_programs(src.device), triton.cdiv(rows, bp)),)
-    res = out if res1 is None else res1
-    args = (descriptor(src, (bp, bk)), descriptor(weight, (bk, cout1)), descriptor(weight, (bk, second)),
-            descriptor(res, (bp, cout1)), descriptor(out, (bp, cout1)), descriptor(out, (bp, second)), bias, rows,
-            (h + 2) * (w + 2), w + 2, h, w, scale, slope)
+    grid = (min(_programs(src.device), triton.cdiv(rows, tile[0])),)
+    tensors = (src, weight, weight, out if res1 is None else res1, out, out)  # as `_descriptor_blocks` lists them
+    blocks = _descriptor_blocks(out.shape[1], tile).values()
+    args = (*(descriptor(t, block) for t, block in zip(tensors, blocks)), bias, rows, (h + 2) * (w + 2), w + 2, h, w,
+            scale, slope)
     return grid, args, dict(_constants(src.shape[1], out.shape[1], tile, kind, grow), num_warps=4)
